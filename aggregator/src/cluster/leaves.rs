@@ -1,0 +1,136 @@
+//! Leaf liveness, kept by the master aggregator.
+//!
+//! Heartbeat times stay in the master's memory; only transitions (online <-> offline) go
+//! through Raft. A new master gives every leaf a full timeout before judging it.
+
+use crate::error::{Error, Result};
+use crate::raft::RaftHandle;
+use crate::sql::exec::now_ms;
+use common::catalog::Command;
+use common::ids::LeafId;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+pub struct LeafMonitor {
+    raft: RaftHandle,
+    timeout: Duration,
+    last_seen: Mutex<HashMap<LeafId, Instant>>,
+}
+
+impl LeafMonitor {
+    pub fn new(raft: RaftHandle, timeout: Duration) -> Self {
+        Self {
+            raft,
+            timeout,
+            last_seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn seen(&self) -> std::sync::MutexGuard<'_, HashMap<LeafId, Instant>> {
+        self.last_seen.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a leaf (by address) and returns its id. Master only.
+    pub async fn register(&self, address: String) -> Result<LeafId> {
+        if !self.raft.is_leader() {
+            return Err(self.raft.not_leader());
+        }
+        let out = self
+            .raft
+            .propose(Command::RegisterLeaf {
+                address: address.clone(),
+                now_ms: now_ms(),
+            })
+            .await?;
+        let common::catalog::Output::Leaf(id) = out else {
+            return Err(Error::Corrupt("RegisterLeaf returned no id".into()));
+        };
+        self.seen().insert(id, Instant::now());
+        tracing::info!(leaf = %id, %address, "leaf registered");
+        Ok(id)
+    }
+
+    /// Records a heartbeat; a leaf that was offline is marked online again. Master only.
+    pub async fn heartbeat(&self, id: LeafId) -> Result<()> {
+        if !self.raft.is_leader() {
+            return Err(self.raft.not_leader());
+        }
+        let online = self
+            .raft
+            .read_catalog(|c| c.leaves.get(&id).map(|l| l.online))
+            .ok_or(common::Error::LeafNotFound { id: id.0 })?;
+        self.seen().insert(id, Instant::now());
+        if !online {
+            self.raft
+                .propose(Command::SetLeafOnline {
+                    id,
+                    online: true,
+                    now_ms: now_ms(),
+                })
+                .await?;
+            tracing::info!(leaf = %id, "leaf is back online");
+        }
+        Ok(())
+    }
+
+    /// Marks leaves offline when they stay silent past the timeout, while this node is master.
+    pub async fn run(&self, shutdown: CancellationToken) {
+        let mut ticker = tokio::time::interval(Duration::from_millis(100));
+        let mut was_leader = false;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            if !self.raft.is_leader() {
+                if was_leader {
+                    self.seen().clear();
+                }
+                was_leader = false;
+                continue;
+            }
+            let now = Instant::now();
+            let leaves: Vec<(LeafId, bool)> = self
+                .raft
+                .read_catalog(|c| c.leaves.values().map(|l| (l.id, l.online)).collect());
+            let silent: Vec<LeafId> = {
+                let mut seen = self.seen();
+                if !was_leader {
+                    // A new master has no heartbeat history: start every clock now.
+                    for (id, _) in &leaves {
+                        seen.insert(*id, now);
+                    }
+                }
+                leaves
+                    .iter()
+                    .filter(|(id, online)| {
+                        *online
+                            && seen
+                                .entry(*id)
+                                .or_insert(now)
+                                .elapsed()
+                                > self.timeout
+                    })
+                    .map(|(id, _)| *id)
+                    .collect()
+            };
+            was_leader = true;
+            for id in silent {
+                tracing::warn!(leaf = %id, timeout = ?self.timeout, "leaf lost: no heartbeat");
+                if let Err(e) = self
+                    .raft
+                    .propose(Command::SetLeafOnline {
+                        id,
+                        online: false,
+                        now_ms: now_ms(),
+                    })
+                    .await
+                {
+                    tracing::warn!(leaf = %id, "could not mark leaf offline: {e}");
+                }
+            }
+        }
+    }
+}

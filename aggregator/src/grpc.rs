@@ -1,0 +1,67 @@
+//! `AggregatorServiceImpl`: translates gRPC calls into calls on the Raft handle and the leaf
+//! monitor. No logic lives here.
+
+use crate::cluster::LeafMonitor;
+use crate::raft::RaftHandle;
+use common::ids::LeafId;
+use protobuf::Message as _;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+pub struct AggregatorServiceImpl {
+    pub raft: RaftHandle,
+    pub leaves: Arc<LeafMonitor>,
+    pub connections: Arc<AtomicUsize>,
+}
+
+#[tonic::async_trait]
+impl proto::aggregator_server::Aggregator for AggregatorServiceImpl {
+    async fn raft(
+        &self,
+        request: Request<proto::RaftMessage>,
+    ) -> Result<Response<proto::RaftAck>, Status> {
+        let msg = raft::eraftpb::Message::parse_from_bytes(&request.into_inner().message)
+            .map_err(|e| Status::invalid_argument(format!("bad raft message: {e}")))?;
+        self.raft.step(msg);
+        Ok(Response::new(proto::RaftAck {}))
+    }
+
+    async fn register_leaf(
+        &self,
+        request: Request<proto::RegisterLeafRequest>,
+    ) -> Result<Response<proto::RegisterLeafResponse>, Status> {
+        let address = request.into_inner().address;
+        crate::config::check_host_port(&address)
+            .map_err(|e| Status::invalid_argument(format!("leaf address '{address}': {e}")))?;
+        let id = self.leaves.register(address).await?;
+        Ok(Response::new(proto::RegisterLeafResponse { leaf_id: id.0 }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<proto::HeartbeatRequest>,
+    ) -> Result<Response<proto::HeartbeatResponse>, Status> {
+        let req = request.into_inner();
+        self.leaves.heartbeat(LeafId(req.leaf_id)).await?;
+        Ok(Response::new(proto::HeartbeatResponse {
+            leader_node_id: self.raft.node_id().0,
+        }))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<proto::StatusRequest>,
+    ) -> Result<Response<proto::StatusResponse>, Status> {
+        let st = self.raft.status();
+        Ok(Response::new(proto::StatusResponse {
+            node_id: st.node.0,
+            leader_node_id: st.leader.map_or(0, |l| l.0),
+            term: st.term,
+            applied_index: st.applied,
+            role: st.role.to_string(),
+            leader_address: self.raft.leader_address().unwrap_or_default(),
+            open_connections: self.connections.load(Ordering::Relaxed) as u64,
+        }))
+    }
+}

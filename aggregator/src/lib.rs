@@ -1,0 +1,127 @@
+//! The Shardline aggregator.
+//!
+//! - [`config`]: `AggregatorConfig` (flags, env, defaults, validation);
+//! - [`raft`]: the Raft group that replicates the catalog (raft-rs, sled);
+//! - [`cluster`]: leaf liveness on the master, probes of other aggregators;
+//! - [`sql`]: parsing and executing statements;
+//! - [`mysql`]: the MySQL wire protocol front door;
+//! - [`grpc`]: the gRPC service for aggregators and leaves;
+//! - [`error`]: the crate's error type.
+
+pub mod cluster;
+pub mod config;
+pub mod error;
+pub mod grpc;
+pub mod mysql;
+pub mod raft;
+pub mod sql;
+
+pub use config::AggregatorConfig;
+pub use error::{Error, Result};
+
+use common::catalog::Command;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Runs an aggregator on already-bound listeners until `shutdown` is cancelled (or the Raft
+/// store fails). Every task it spawns is awaited before it returns.
+pub async fn run(
+    config: AggregatorConfig,
+    grpc_listener: TcpListener,
+    mysql_listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    config.validate()?;
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+        anyhow::anyhow!("cannot create data directory {}: {e}", config.data_dir.display())
+    })?;
+    let tasks = TaskTracker::new();
+    let raft = raft::RaftHandle::start(&config, &tasks, shutdown.clone()).map_err(|e| {
+        anyhow::anyhow!("cannot open the raft store in {}: {e}", config.data_dir.display())
+    })?;
+    let engine = Arc::new(sql::SqlEngine::new(raft.clone()));
+    let leaves = Arc::new(cluster::LeafMonitor::new(
+        raft.clone(),
+        config.leaf_heartbeat_timeout(),
+    ));
+
+    let service = grpc::AggregatorServiceImpl {
+        raft: raft.clone(),
+        leaves: leaves.clone(),
+        connections: engine.connections.clone(),
+    };
+    let grpc_shutdown = shutdown.clone();
+    tasks.spawn(async move {
+        let server = proto::aggregator_server::AggregatorServer::new(service)
+            .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(proto::MAX_MESSAGE_BYTES);
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+        if let Err(e) = tonic::transport::Server::builder()
+            .add_service(server)
+            .serve_with_incoming_shutdown(incoming, grpc_shutdown.cancelled())
+            .await
+        {
+            tracing::error!("gRPC server failed: {e}");
+            grpc_shutdown.cancel();
+        }
+    });
+
+    tasks.spawn(mysql::serve(
+        mysql_listener,
+        engine.clone(),
+        Arc::new(config.root_password.clone()),
+        tasks.clone(),
+        shutdown.clone(),
+    ));
+
+    let monitor_shutdown = shutdown.clone();
+    tasks.spawn(async move { leaves.run(monitor_shutdown).await });
+
+    tasks.spawn(announce_mysql_address(
+        raft.clone(),
+        config.mysql_address(),
+        shutdown.clone(),
+    ));
+
+    tracing::info!(
+        node = config.node_id,
+        grpc = %config.grpc_listen,
+        mysql = %config.mysql_listen,
+        "aggregator started"
+    );
+    shutdown.cancelled().await;
+    tasks.close();
+    tasks.wait().await;
+    tracing::info!("aggregator stopped");
+    Ok(())
+}
+
+/// Records this aggregator's MySQL address in the catalog (for SHOW AGGREGATORS) once a
+/// master exists, and again whenever it is missing or different.
+async fn announce_mysql_address(
+    raft: raft::RaftHandle,
+    address: String,
+    shutdown: CancellationToken,
+) {
+    let me = raft.node_id();
+    loop {
+        let known = raft.read_catalog(|c| c.aggregators.get(&me) == Some(&address));
+        if !known && raft.status().leader.is_some() {
+            let cmd = Command::SetAggregatorAddress {
+                node: me,
+                mysql_address: address.clone(),
+            };
+            if let Err(e) = raft.propose(cmd).await {
+                tracing::debug!("announcing the MySQL address failed, will retry: {e}");
+            }
+        }
+        let wait = if known { 5000 } else { 300 };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
+        }
+    }
+}

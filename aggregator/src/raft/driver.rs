@@ -1,0 +1,305 @@
+//! The Raft driver: one task owns the `RawNode`, takes proposals and messages from a channel,
+//! ticks on an interval, and handles each `Ready` in raft-rs's documented order.
+
+use super::storage::SledStorage;
+use super::transport::Transport;
+use crate::error::{Error, Result};
+use common::catalog::{Catalog, Command, Output};
+use common::ids::NodeId;
+use raft::eraftpb::{Entry, EntryType, Message, Snapshot};
+use raft::{RawNode, SnapshotStatus, StateRole};
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+/// What the driver is asked to do.
+pub enum Input {
+    /// Propose a catalog command; the reply comes when it is applied here.
+    Propose {
+        command: Command,
+        reply: oneshot::Sender<Result<Output>>,
+    },
+    /// A Raft message from another aggregator.
+    Step(Message),
+    /// The transport could not reach a peer.
+    Unreachable { to: u64 },
+    /// A snapshot was (or failed to be) delivered to a peer.
+    SnapshotSent { to: u64, ok: bool },
+}
+
+/// This node's view of the Raft group, published after every `Ready`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RaftStatus {
+    pub node: NodeId,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    pub role: &'static str,
+    pub applied: u64,
+}
+
+impl RaftStatus {
+    pub fn is_leader(&self) -> bool {
+        self.leader == Some(self.node)
+    }
+}
+
+fn role_name(role: StateRole) -> &'static str {
+    match role {
+        StateRole::Leader => "Leader",
+        StateRole::Follower => "Follower",
+        StateRole::Candidate => "Candidate",
+        StateRole::PreCandidate => "PreCandidate",
+    }
+}
+
+pub struct Driver {
+    pub(super) me: NodeId,
+    pub(super) node: RawNode<SledStorage>,
+    pub(super) storage: SledStorage,
+    pub(super) transport: Transport,
+    pub(super) catalog: Arc<RwLock<Catalog>>,
+    pub(super) status: watch::Sender<RaftStatus>,
+    pub(super) pending: HashMap<u64, oneshot::Sender<Result<Output>>>,
+    pub(super) next_proposal: u64,
+    pub(super) applied: u64,
+    pub(super) snapshot_entries: u64,
+}
+
+/// Proposal context: the proposing node and a per-node proposal id.
+fn context(node: NodeId, id: u64) -> Vec<u8> {
+    let mut ctx = node.0.to_be_bytes().to_vec();
+    ctx.extend_from_slice(&id.to_be_bytes());
+    ctx
+}
+
+fn parse_context(ctx: &[u8]) -> Option<(NodeId, u64)> {
+    let node = u64::from_be_bytes(ctx.get(..8)?.try_into().ok()?);
+    let id = u64::from_be_bytes(ctx.get(8..16)?.try_into().ok()?);
+    Some((NodeId(node), id))
+}
+
+impl Driver {
+    pub async fn run(
+        mut self,
+        mut inputs: mpsc::Receiver<Input>,
+        tick: Duration,
+        shutdown: CancellationToken,
+    ) -> Result<()> {
+        let mut ticker = tokio::time::interval(tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.publish_status();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = ticker.tick() => {
+                    self.node.tick();
+                    self.pending.retain(|_, tx| !tx.is_closed());
+                }
+                input = inputs.recv() => {
+                    let Some(input) = input else { break };
+                    self.handle(input);
+                    // Take what else is queued so one Ready (one fsync) covers all of it.
+                    for _ in 0..1024 {
+                        match inputs.try_recv() {
+                            Ok(input) => self.handle(input),
+                            Err(_) => break,
+                        }
+                    }
+                }
+            }
+            if let Err(e) = self.on_ready().await {
+                tracing::error!("raft driver stopped: {e}");
+                self.fail_pending(|| Error::Storage(format!("raft driver stopped: {e}")));
+                return Err(e);
+            }
+        }
+        self.fail_pending(|| Error::Shutdown);
+        Ok(())
+    }
+
+    fn fail_pending(&mut self, err: impl Fn() -> Error) {
+        for (_, tx) in self.pending.drain() {
+            let _ = tx.send(Err(err()));
+        }
+    }
+
+    fn handle(&mut self, input: Input) {
+        match input {
+            Input::Propose { command, reply } => self.propose(command, reply),
+            Input::Step(msg) => {
+                if let Err(e) = self.node.step(msg) {
+                    tracing::debug!("raft step: {e}");
+                }
+            }
+            Input::Unreachable { to } => self.node.report_unreachable(to),
+            Input::SnapshotSent { to, ok } => {
+                let status = if ok {
+                    SnapshotStatus::Finish
+                } else {
+                    SnapshotStatus::Failure
+                };
+                self.node.report_snapshot(to, status);
+            }
+        }
+    }
+
+    fn propose(&mut self, command: Command, reply: oneshot::Sender<Result<Output>>) {
+        if self.node.raft.leader_id == raft::INVALID_ID {
+            let _ = reply.send(Err(Error::NoLeader));
+            return;
+        }
+        let data = match serde_json::to_vec(&command) {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = reply.send(Err(Error::Corrupt(format!("encode command: {e}"))));
+                return;
+            }
+        };
+        let id = self.next_proposal;
+        self.next_proposal = self.next_proposal.wrapping_add(1);
+        match self.node.propose(context(self.me, id), data) {
+            Ok(()) => {
+                self.pending.insert(id, reply);
+            }
+            Err(raft::Error::ProposalDropped) => {
+                let _ = reply.send(Err(Error::NoLeader));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e.into()));
+            }
+        }
+    }
+
+    async fn on_ready(&mut self) -> Result<()> {
+        if !self.node.has_ready() {
+            return Ok(());
+        }
+        let mut ready = self.node.ready();
+        if !ready.messages().is_empty() {
+            self.transport.send(ready.take_messages());
+        }
+        if !ready.snapshot().is_empty() {
+            let snapshot = ready.snapshot().clone();
+            self.storage.apply_snapshot(&snapshot)?;
+            self.restore(&snapshot)?;
+        }
+        self.apply_committed(ready.take_committed_entries());
+        let mut wrote = false;
+        if !ready.entries().is_empty() {
+            self.storage.append(ready.entries())?;
+            wrote = true;
+        }
+        if let Some(hs) = ready.hs() {
+            self.storage.set_hard_state(hs)?;
+            wrote = true;
+        }
+        if wrote || ready.must_sync() {
+            self.storage.sync().await?;
+        }
+        if !ready.persisted_messages().is_empty() {
+            self.transport.send(ready.take_persisted_messages());
+        }
+        let mut light = self.node.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            self.storage.set_commit(commit)?;
+        }
+        self.transport.send(light.take_messages());
+        self.apply_committed(light.take_committed_entries());
+        self.node.advance_apply();
+        self.maybe_snapshot()?;
+        self.publish_status();
+        Ok(())
+    }
+
+    fn restore(&mut self, snapshot: &Snapshot) -> Result<()> {
+        let catalog: Catalog = if snapshot.data.is_empty() {
+            Catalog::default()
+        } else {
+            serde_json::from_slice(&snapshot.data)
+                .map_err(|e| Error::Corrupt(format!("snapshot catalog: {e}")))?
+        };
+        *self.catalog.write().unwrap_or_else(|p| p.into_inner()) = catalog;
+        self.applied = snapshot.get_metadata().index;
+        tracing::info!(index = self.applied, "installed a catalog snapshot from the master");
+        Ok(())
+    }
+
+    fn apply_committed(&mut self, entries: Vec<Entry>) {
+        for entry in entries {
+            self.applied = entry.index;
+            if entry.data.is_empty() {
+                continue; // the no-op a new leader appends
+            }
+            if entry.get_entry_type() != EntryType::EntryNormal {
+                tracing::warn!(index = entry.index, "ignoring a membership change entry");
+                continue;
+            }
+            let result = match serde_json::from_slice::<Command>(&entry.data) {
+                Ok(command) => {
+                    tracing::debug!(index = entry.index, ?command, "apply");
+                    self.catalog
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .apply(command)
+                        .map_err(Error::from)
+                }
+                Err(e) => {
+                    tracing::error!(index = entry.index, "skipping undecodable command: {e}");
+                    Err(Error::Corrupt(format!("undecodable command: {e}")))
+                }
+            };
+            if let Some((node, id)) = parse_context(&entry.context) {
+                if node == self.me {
+                    if let Some(tx) = self.pending.remove(&id) {
+                        let _ = tx.send(result);
+                    }
+                }
+            }
+        }
+    }
+
+    fn maybe_snapshot(&mut self) -> Result<()> {
+        let since = self.applied.saturating_sub(self.storage.snapshot_index());
+        if since < self.snapshot_entries {
+            return Ok(());
+        }
+        let data = {
+            let catalog = self.catalog.read().unwrap_or_else(|p| p.into_inner());
+            serde_json::to_vec(&*catalog)
+                .map_err(|e| Error::Corrupt(format!("encode catalog: {e}")))?
+        };
+        self.storage.compact_to_snapshot(self.applied, data)?;
+        tracing::info!(index = self.applied, "took a catalog snapshot and compacted the raft log");
+        Ok(())
+    }
+
+    fn publish_status(&mut self) {
+        let st = self.node.status();
+        let leader = (st.ss.leader_id != raft::INVALID_ID).then_some(NodeId(st.ss.leader_id));
+        let next = RaftStatus {
+            node: self.me,
+            leader,
+            term: st.hs.term,
+            role: role_name(st.ss.raft_state),
+            applied: self.applied,
+        };
+        self.status.send_if_modified(|cur| {
+            if *cur == next {
+                return false;
+            }
+            if cur.leader != next.leader || cur.term != next.term {
+                match next.leader {
+                    Some(l) if l == self.me => {
+                        tracing::info!(term = next.term, "this aggregator is now the master")
+                    }
+                    Some(l) => tracing::info!(term = next.term, leader = %l, "following master"),
+                    None => tracing::info!(term = next.term, "no master aggregator"),
+                }
+            }
+            *cur = next;
+            true
+        });
+    }
+}

@@ -1,0 +1,130 @@
+//! Outbound Raft messages: one queue and one sending task per peer, so a slow or dead peer
+//! never blocks the driver. Messages that cannot be queued or sent are dropped; Raft retries.
+
+use super::driver::Input;
+use common::ids::NodeId;
+use proto::aggregator_client::AggregatorClient;
+use protobuf::Message as _;
+use raft::eraftpb::{Message, MessageType};
+use std::collections::HashMap;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::Channel;
+
+const QUEUE: usize = 4096;
+
+/// Senders to every other aggregator.
+pub struct Transport {
+    peers: HashMap<u64, mpsc::Sender<Message>>,
+}
+
+impl Transport {
+    /// Starts one sender task per peer (other than `me`). Unreachable peers and snapshot
+    /// outcomes are reported back to the driver through `feedback`.
+    pub fn start(
+        me: NodeId,
+        peers: &std::collections::BTreeMap<NodeId, String>,
+        feedback: mpsc::Sender<Input>,
+        tasks: &TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let mut senders = HashMap::new();
+        for (id, addr) in peers.iter().filter(|(id, _)| **id != me) {
+            let (tx, rx) = mpsc::channel(QUEUE);
+            senders.insert(id.0, tx);
+            tasks.spawn(peer_loop(
+                *id,
+                addr.clone(),
+                rx,
+                feedback.clone(),
+                shutdown.clone(),
+            ));
+        }
+        Self { peers: senders }
+    }
+
+    /// Queues messages for their peers without waiting.
+    pub fn send(&self, msgs: Vec<Message>) {
+        for m in msgs {
+            if let Some(tx) = self.peers.get(&m.to) {
+                if tx.try_send(m).is_err() {
+                    tracing::debug!("raft queue to a peer is full; dropping a message");
+                }
+            }
+        }
+    }
+}
+
+fn channel(addr: &str) -> Option<Channel> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).ok()?;
+    Some(
+        endpoint
+            .connect_timeout(Duration::from_millis(500))
+            .timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .connect_lazy(),
+    )
+}
+
+async fn peer_loop(
+    id: NodeId,
+    addr: String,
+    mut rx: mpsc::Receiver<Message>,
+    feedback: mpsc::Sender<Input>,
+    shutdown: CancellationToken,
+) {
+    let Some(ch) = channel(&addr) else {
+        tracing::error!(peer = %id, %addr, "invalid peer address; raft messages to it are dropped");
+        return;
+    };
+    let mut client = AggregatorClient::new(ch)
+        .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(proto::MAX_MESSAGE_BYTES);
+    let mut was_down = false;
+    loop {
+        let msg = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            m = rx.recv() => match m { Some(m) => m, None => return },
+        };
+        let is_snapshot = msg.get_msg_type() == MessageType::MsgSnapshot;
+        let bytes = match msg.write_to_bytes() {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(peer = %id, "cannot encode raft message: {e}");
+                continue;
+            }
+        };
+        let result = client
+            .raft(proto::RaftMessage { message: bytes })
+            .await;
+        match result {
+            Ok(_) => {
+                if was_down {
+                    tracing::info!(peer = %id, %addr, "aggregator reachable again");
+                    was_down = false;
+                }
+                if is_snapshot {
+                    let _ = feedback.try_send(Input::SnapshotSent { to: id.0, ok: true });
+                }
+            }
+            Err(status) => {
+                if !was_down {
+                    tracing::warn!(peer = %id, %addr, "aggregator unreachable: {}", status.message());
+                    was_down = true;
+                }
+                let _ = feedback.try_send(Input::Unreachable { to: id.0 });
+                if is_snapshot {
+                    let _ = feedback.try_send(Input::SnapshotSent { to: id.0, ok: false });
+                }
+                // Drop what piled up while the peer was down; Raft will resend what matters.
+                while rx.try_recv().is_ok() {}
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
+        }
+    }
+}

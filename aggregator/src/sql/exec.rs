@@ -1,0 +1,436 @@
+//! Statement execution for one MySQL session.
+
+use super::eval::{eval, EvalContext};
+use super::parse::{parse, Assignment, Scope, Stmt};
+use super::result::{codes, Column, ColumnKind, QueryOutput, SqlError, Value};
+use crate::cluster::probe_aggregator;
+use crate::raft::RaftHandle;
+use common::catalog::{Command, RESERVED_DATABASES};
+use common::variables::{self, like_match, Access};
+use sqlparser::ast::{Expr, SelectItem, SetExpr};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Per-connection state.
+#[derive(Debug, Default)]
+pub struct Session {
+    pub connection_id: u32,
+    pub user: String,
+    pub database: Option<String>,
+    /// Session values of system variables (normalised).
+    pub variables: HashMap<String, String>,
+    /// `@name` user variables.
+    pub user_variables: HashMap<String, Value>,
+}
+
+/// Runs statements against the cluster. One per aggregator, shared by all sessions.
+pub struct SqlEngine {
+    raft: RaftHandle,
+    /// Open MySQL connections on this aggregator.
+    pub connections: Arc<AtomicUsize>,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn split_host_port(addr: &str) -> (String, Value) {
+    match addr.rsplit_once(':') {
+        Some((h, p)) => (
+            h.to_string(),
+            p.parse().map_or(Value::Null, Value::Int),
+        ),
+        None => (addr.to_string(), Value::Null),
+    }
+}
+
+struct Ctx<'a> {
+    engine: &'a SqlEngine,
+    session: &'a Session,
+}
+
+impl EvalContext for Ctx<'_> {
+    fn system_variable(&self, scope: Option<Scope>, name: &str) -> Result<Value, SqlError> {
+        let value = self.engine.variable_value(self.session, scope, name)?;
+        let def = variables::lookup(name)?;
+        Ok(match def.kind {
+            variables::Kind::Int { .. } => value.parse().map_or(Value::Text(value), Value::Int),
+            variables::Kind::Bool => Value::Int(i64::from(value == "ON")),
+            _ => Value::Text(value),
+        })
+    }
+
+    fn user_variable(&self, name: &str) -> Value {
+        self.session
+            .user_variables
+            .get(&name.to_ascii_lowercase())
+            .cloned()
+            .unwrap_or(Value::Null)
+    }
+
+    fn database(&self) -> Option<String> {
+        self.session.database.clone()
+    }
+
+    fn user(&self) -> String {
+        format!("{}@%", self.session.user)
+    }
+
+    fn connection_id(&self) -> u32 {
+        self.session.connection_id
+    }
+}
+
+impl SqlEngine {
+    pub fn new(raft: RaftHandle) -> Self {
+        Self {
+            raft,
+            connections: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    pub fn raft(&self) -> &RaftHandle {
+        &self.raft
+    }
+
+    /// Parses and runs one statement.
+    pub async fn execute(&self, session: &mut Session, sql: &str) -> Result<QueryOutput, SqlError> {
+        let stmt = parse(sql)?;
+        self.run(session, stmt).await
+    }
+
+    async fn run(&self, session: &mut Session, stmt: Stmt) -> Result<QueryOutput, SqlError> {
+        match stmt {
+            Stmt::CreateDatabase {
+                name,
+                if_not_exists,
+                partitions,
+            } => {
+                self.propose(Command::CreateDatabase {
+                    name,
+                    partitions,
+                    if_not_exists,
+                    now_ms: now_ms(),
+                })
+                .await?;
+                Ok(QueryOutput::Ok { affected_rows: 1 })
+            }
+            Stmt::DropDatabase { name, if_exists } => {
+                if RESERVED_DATABASES.contains(&name.to_ascii_lowercase().as_str()) {
+                    return Err(SqlError::new(
+                        codes::ACCESS_DENIED,
+                        format!("Access denied for user 'root'@'%' to database '{name}'"),
+                    ));
+                }
+                self.propose(Command::DropDatabase {
+                    name: name.clone(),
+                    if_exists,
+                })
+                .await?;
+                if session.database.as_deref() == Some(&name) {
+                    session.database = None;
+                }
+                Ok(QueryOutput::ok())
+            }
+            Stmt::Use { database } => {
+                self.use_database(session, &database)?;
+                Ok(QueryOutput::ok())
+            }
+            Stmt::Set(assignments) => {
+                for a in assignments {
+                    self.set(session, a).await?;
+                }
+                Ok(QueryOutput::ok())
+            }
+            Stmt::SetNames | Stmt::Transaction => Ok(QueryOutput::ok()),
+            Stmt::ShowDatabases { like } => {
+                let mut names: Vec<String> = RESERVED_DATABASES.iter().map(|s| s.to_string()).collect();
+                names.extend(self.raft.read_catalog(|c| c.databases.keys().cloned().collect::<Vec<_>>()));
+                let rows = names
+                    .into_iter()
+                    .filter(|n| like.as_deref().is_none_or(|p| like_match(p, n)))
+                    .map(|n| vec![Value::Text(n)])
+                    .collect();
+                Ok(QueryOutput::text_rows(&["Database"], rows))
+            }
+            Stmt::ShowTables { like: _ } => {
+                let db = session.database.clone().ok_or_else(no_database)?;
+                self.check_database(&db)?;
+                Ok(QueryOutput::text_rows(&[&format!("Tables_in_{db}")], vec![]))
+            }
+            Stmt::ShowVariables { scope, like } => {
+                let mut rows = Vec::new();
+                for def in variables::VARIABLES {
+                    if like.as_deref().is_some_and(|p| !like_match(p, def.name)) {
+                        continue;
+                    }
+                    let value = self.variable_value(session, Some(scope), def.name)?;
+                    rows.push(vec![Value::Text(def.name.into()), Value::Text(value)]);
+                }
+                Ok(QueryOutput::text_rows(&["Variable_name", "Value"], rows))
+            }
+            Stmt::ShowLeaves => Ok(self.show_leaves()),
+            Stmt::ShowAggregators => Ok(self.show_aggregators().await),
+            Stmt::ShowPartitions { database } => {
+                let db = database.or_else(|| session.database.clone()).ok_or_else(no_database)?;
+                self.show_partitions(&db)
+            }
+            Stmt::ShowWarnings => Ok(QueryOutput::text_rows(&["Level", "Code", "Message"], vec![])),
+            Stmt::Select(query) => self.select_constant(session, &query),
+        }
+    }
+
+    async fn propose(&self, command: Command) -> Result<common::catalog::Output, SqlError> {
+        Ok(self.raft.propose(command).await?)
+    }
+
+    fn check_database(&self, name: &str) -> Result<(), SqlError> {
+        let known = RESERVED_DATABASES.contains(&name.to_ascii_lowercase().as_str())
+            || self.raft.read_catalog(|c| c.databases.contains_key(name));
+        if known {
+            Ok(())
+        } else {
+            Err(SqlError::new(codes::BAD_DB, format!("Unknown database '{name}'")))
+        }
+    }
+
+    /// `USE db` and COM_INIT_DB.
+    pub fn use_database(&self, session: &mut Session, name: &str) -> Result<(), SqlError> {
+        let name = name.trim().trim_matches('`');
+        self.check_database(name)?;
+        session.database = Some(name.to_string());
+        Ok(())
+    }
+
+    /// A system variable's value as seen by `session` (`scope` None: session, then global).
+    fn variable_value(&self, session: &Session, scope: Option<Scope>, name: &str) -> Result<String, SqlError> {
+        let def = variables::lookup(name)?;
+        if scope != Some(Scope::Global) {
+            if let Some(v) = session.variables.get(def.name) {
+                return Ok(v.clone());
+            }
+        }
+        Ok(self
+            .raft
+            .read_catalog(|c| c.variable(def.name))
+            .unwrap_or_else(|| def.default.to_string()))
+    }
+
+    async fn set(&self, session: &mut Session, a: Assignment) -> Result<(), SqlError> {
+        if let Some(user) = a.name.strip_prefix('@') {
+            let v = eval(&a.value, &Ctx { engine: self, session })?;
+            session.user_variables.insert(user.to_ascii_lowercase(), v);
+            return Ok(());
+        }
+        let def = variables::lookup(&a.name)?;
+        if def.access == Access::ReadOnly {
+            return Err(common::Error::ReadOnlyVariable {
+                name: def.name.into(),
+            }
+            .into());
+        }
+        // Bare words (ON, OFF, DEFAULT, STRICT_ALL_TABLES) are values, not columns.
+        let raw = match &a.value {
+            Expr::Identifier(id) if !id.value.starts_with('@') => {
+                if id.value.eq_ignore_ascii_case("DEFAULT") {
+                    def.default.to_string()
+                } else {
+                    id.value.clone()
+                }
+            }
+            other => eval(other, &Ctx { engine: self, session })?
+                .to_text()
+                .ok_or_else(|| SqlError::new(
+                    codes::WRONG_VALUE_FOR_VAR,
+                    format!("Variable '{}' can't be set to the value of 'NULL'", def.name),
+                ))?,
+        };
+        let value = def.normalize(&raw)?;
+        match a.scope {
+            Scope::Global => {
+                self.propose(Command::SetVariable {
+                    name: def.name.to_string(),
+                    value,
+                })
+                .await?;
+            }
+            Scope::Session => {
+                if def.access == Access::Global {
+                    return Err(SqlError::new(
+                        codes::GLOBAL_VARIABLE,
+                        format!(
+                            "Variable '{}' is a GLOBAL variable and should be set with SET GLOBAL",
+                            def.name
+                        ),
+                    ));
+                }
+                session.variables.insert(def.name.to_string(), value);
+            }
+        }
+        Ok(())
+    }
+
+    fn select_constant(&self, session: &Session, query: &sqlparser::ast::Query) -> Result<QueryOutput, SqlError> {
+        let SetExpr::Select(select) = query.body.as_ref() else {
+            return Err(SqlError::unsupported("this form of SELECT"));
+        };
+        if !select.from.is_empty() || select.selection.is_some() {
+            return Err(SqlError::unsupported("SELECT from tables"));
+        }
+        let ctx = Ctx { engine: self, session };
+        let mut columns = Vec::new();
+        let mut row = Vec::new();
+        for item in &select.projection {
+            let (expr, name) = match item {
+                SelectItem::UnnamedExpr(e) => (e, e.to_string()),
+                SelectItem::ExprWithAlias { expr, alias } => (expr, alias.value.clone()),
+                other => return Err(SqlError::unsupported(format!("select item {other}"))),
+            };
+            let v = eval(expr, &ctx)?;
+            let kind = match &v {
+                Value::Int(_) => ColumnKind::BigInt,
+                Value::Double(_) => ColumnKind::Double,
+                Value::Text(_) => ColumnKind::Text,
+                Value::Null => ColumnKind::Null,
+            };
+            columns.push(Column { name, kind });
+            row.push(v);
+        }
+        Ok(QueryOutput::Rows {
+            columns,
+            rows: vec![row],
+        })
+    }
+
+    fn show_leaves(&self) -> QueryOutput {
+        let rows = self.raft.read_catalog(|c| {
+            c.leaves
+                .values()
+                .map(|l| {
+                    let (host, port) = split_host_port(&l.address);
+                    vec![
+                        Value::Text(host),
+                        port,
+                        Value::Int(1),
+                        Value::Null,
+                        Value::Null,
+                        Value::Text(if l.online { "online" } else { "offline" }.into()),
+                        Value::Int(l.id.0 as i64),
+                    ]
+                })
+                .collect()
+        });
+        QueryOutput::Rows {
+            columns: vec![
+                Column::text("Host"),
+                Column::bigint("Port"),
+                Column::bigint("Availability_Group"),
+                Column::text("Pair_Host"),
+                Column::bigint("Pair_Port"),
+                Column::text("State"),
+                Column::bigint("NodeId"),
+            ],
+            rows,
+        }
+    }
+
+    async fn show_aggregators(&self) -> QueryOutput {
+        let status = self.raft.status();
+        let me = self.raft.node_id();
+        let addresses = self.raft.read_catalog(|c| c.aggregators.clone());
+        let mut rows = Vec::new();
+        let probes = self.raft.peers().iter().map(|(id, grpc)| {
+            let id = *id;
+            let grpc = grpc.clone();
+            async move {
+                if id == me {
+                    (id, Some((self.connections.load(Ordering::Relaxed) as i64, 0.0)))
+                } else {
+                    (id, probe_aggregator(&grpc).await)
+                }
+            }
+        });
+        for (id, probe) in futures::future::join_all(probes).await {
+            let addr = addresses
+                .get(&id)
+                .cloned()
+                .unwrap_or_else(|| self.raft.peers()[&id].clone());
+            let (host, port) = split_host_port(&addr);
+            let (state, conns, rtt) = match probe {
+                Some((conns, rtt)) => ("online", Value::Int(conns), Value::Double(rtt)),
+                None => ("offline", Value::Null, Value::Null),
+            };
+            rows.push(vec![
+                Value::Text(host),
+                port,
+                Value::Text(state.into()),
+                conns,
+                rtt,
+                Value::Int(i64::from(status.leader == Some(id))),
+                Value::Int(id.0 as i64),
+            ]);
+        }
+        QueryOutput::Rows {
+            columns: vec![
+                Column::text("Host"),
+                Column::bigint("Port"),
+                Column::text("State"),
+                Column::bigint("Opened_Connections"),
+                Column {
+                    name: "Average_Roundtrip_Latency_ms".into(),
+                    kind: ColumnKind::Double,
+                },
+                Column::bigint("Master_Aggregator"),
+                Column::bigint("NodeId"),
+            ],
+            rows,
+        }
+    }
+
+    fn show_partitions(&self, db: &str) -> Result<QueryOutput, SqlError> {
+        let rows = self.raft.read_catalog(|c| {
+            c.databases.get(db).map(|d| {
+                d.partitions
+                    .iter()
+                    .map(|p| {
+                        let leaf = c.leaves.get(&p.leaf);
+                        let (host, port) = leaf.map_or((String::new(), Value::Null), |l| {
+                            split_host_port(&l.address)
+                        });
+                        let online = leaf.is_some_and(|l| l.online);
+                        vec![
+                            Value::Int(i64::from(p.ordinal)),
+                            Value::Text(host),
+                            port,
+                            Value::Text("Master".into()),
+                            Value::Int(0),
+                            Value::Int(i64::from(!online)),
+                            Value::Int(p.leaf.0 as i64),
+                        ]
+                    })
+                    .collect::<Vec<_>>()
+            })
+        });
+        let rows = rows.ok_or_else(|| SqlError::new(codes::BAD_DB, format!("Unknown database '{db}'")))?;
+        Ok(QueryOutput::Rows {
+            columns: vec![
+                Column::bigint("Ordinal"),
+                Column::text("Host"),
+                Column::bigint("Port"),
+                Column::text("Role"),
+                Column::bigint("Locked"),
+                Column::bigint("Is_Offline"),
+                Column::bigint("Leaf_Id"),
+            ],
+            rows,
+        })
+    }
+}
+
+fn no_database() -> SqlError {
+    SqlError::new(codes::NO_DB, "No database selected")
+}

@@ -1,0 +1,14 @@
+//! SQL: parsing (sqlparser-rs plus Shardline's own statements), evaluation and execution.
+//!
+//! - `parse`: text -> [`parse::Stmt`];
+//! - `eval`: constant expressions (`SELECT 1`, `@@vars`, `DATABASE()`);
+//! - `exec`: [`SqlEngine`], which runs a statement for a [`Session`];
+//! - `result`: result sets, values and MySQL errors.
+
+pub mod eval;
+pub mod exec;
+pub mod parse;
+pub mod result;
+
+pub use exec::{Session, SqlEngine};
+pub use result::{Column, ColumnKind, QueryOutput, SqlError, Value};

@@ -1,0 +1,166 @@
+//! What a statement returns: a result set or an OK, or a MySQL error.
+
+use std::fmt;
+
+/// A MySQL error: the numeric code clients switch on and a message that says what to fix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SqlError {
+    pub code: u16,
+    pub message: String,
+}
+
+/// MySQL error codes used by Shardline.
+pub mod codes {
+    pub const DB_CREATE_EXISTS: u16 = 1007;
+    pub const DB_DROP_EXISTS: u16 = 1008;
+    pub const ACCESS_DENIED: u16 = 1045;
+    pub const NO_DB: u16 = 1046;
+    pub const BAD_DB: u16 = 1049;
+    pub const PARSE: u16 = 1064;
+    pub const EMPTY_QUERY: u16 = 1065;
+    pub const UNKNOWN: u16 = 1105;
+    pub const UNKNOWN_SYSTEM_VARIABLE: u16 = 1193;
+    pub const LOCK_WAIT_TIMEOUT: u16 = 1205;
+    pub const WRONG_ARGUMENTS: u16 = 1210;
+    pub const GLOBAL_VARIABLE: u16 = 1229;
+    pub const WRONG_VALUE_FOR_VAR: u16 = 1231;
+    pub const NOT_SUPPORTED_YET: u16 = 1235;
+    pub const READ_ONLY_VARIABLE: u16 = 1238;
+}
+
+impl SqlError {
+    pub fn new(code: u16, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn parse(message: impl fmt::Display) -> Self {
+        Self::new(
+            codes::PARSE,
+            format!("You have an error in your SQL syntax: {message}"),
+        )
+    }
+
+    pub fn unsupported(what: impl fmt::Display) -> Self {
+        Self::new(
+            codes::NOT_SUPPORTED_YET,
+            format!("This version of Shardline doesn't yet support '{what}'"),
+        )
+    }
+}
+
+impl fmt::Display for SqlError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ERROR {}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for SqlError {}
+
+impl From<crate::error::Error> for SqlError {
+    fn from(e: crate::error::Error) -> Self {
+        use crate::error::Error as E;
+        use common::Error as C;
+        let code = match &e {
+            E::Catalog(c) => match c {
+                C::DatabaseExists { .. } => codes::DB_CREATE_EXISTS,
+                C::DatabaseNotFound { .. } => codes::DB_DROP_EXISTS,
+                C::UnknownVariable { .. } => codes::UNKNOWN_SYSTEM_VARIABLE,
+                C::InvalidVariableValue { .. } => codes::WRONG_VALUE_FOR_VAR,
+                C::ReadOnlyVariable { .. } => codes::READ_ONLY_VARIABLE,
+                C::InvalidPartitionCount { .. } => codes::WRONG_ARGUMENTS,
+                C::NoLeavesOnline { .. } | C::LeafNotFound { .. } => codes::UNKNOWN,
+            },
+            E::CommitTimeout(_) => codes::LOCK_WAIT_TIMEOUT,
+            _ => codes::UNKNOWN,
+        };
+        SqlError::new(code, e.to_string())
+    }
+}
+
+impl From<common::Error> for SqlError {
+    fn from(e: common::Error) -> Self {
+        crate::error::Error::Catalog(e).into()
+    }
+}
+
+/// One value of a result row.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Null,
+    Int(i64),
+    Double(f64),
+    Text(String),
+}
+
+impl Value {
+    /// The value as text, as `SET` stores it and the text protocol shows it.
+    pub fn to_text(&self) -> Option<String> {
+        match self {
+            Value::Null => None,
+            Value::Int(i) => Some(i.to_string()),
+            Value::Double(d) => Some(d.to_string()),
+            Value::Text(s) => Some(s.clone()),
+        }
+    }
+}
+
+/// The MySQL type a result column is sent as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColumnKind {
+    BigInt,
+    Double,
+    Text,
+    Null,
+}
+
+/// A result column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Column {
+    pub name: String,
+    pub kind: ColumnKind,
+}
+
+impl Column {
+    pub fn text(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            kind: ColumnKind::Text,
+        }
+    }
+
+    pub fn bigint(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            kind: ColumnKind::BigInt,
+        }
+    }
+}
+
+/// The outcome of a statement.
+#[derive(Debug, Clone, PartialEq)]
+pub enum QueryOutput {
+    /// A result set.
+    Rows {
+        columns: Vec<Column>,
+        rows: Vec<Vec<Value>>,
+    },
+    /// An OK packet.
+    Ok { affected_rows: u64 },
+}
+
+impl QueryOutput {
+    pub fn ok() -> Self {
+        QueryOutput::Ok { affected_rows: 0 }
+    }
+
+    /// A result set of text columns.
+    pub fn text_rows(names: &[&str], rows: Vec<Vec<Value>>) -> Self {
+        QueryOutput::Rows {
+            columns: names.iter().map(|n| Column::text(*n)).collect(),
+            rows,
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Integration test harness lives in tests/it.

@@ -1,0 +1,94 @@
+//! A client for the master aggregator: starts from any configured aggregator, follows the
+//! leader hint on `UNAVAILABLE`, and moves on to the next address when one is unreachable.
+
+use proto::aggregator_client::AggregatorClient;
+use std::time::Duration;
+use tonic::transport::Channel;
+
+pub struct MasterClient {
+    addresses: Vec<String>,
+    next: usize,
+    current: Option<(String, AggregatorClient<Channel>)>,
+}
+
+/// Why a call to the master failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("no aggregator reachable: {0}")]
+    Unreachable(String),
+    #[error("{0}")]
+    Rejected(tonic::Status),
+}
+
+fn connect(addr: &str) -> Option<AggregatorClient<Channel>> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).ok()?;
+    Some(AggregatorClient::new(
+        endpoint
+            .connect_timeout(Duration::from_millis(500))
+            .timeout(Duration::from_secs(5))
+            .connect_lazy(),
+    ))
+}
+
+impl MasterClient {
+    pub fn new(addresses: Vec<String>) -> Self {
+        Self {
+            addresses,
+            next: 0,
+            current: None,
+        }
+    }
+
+    /// The aggregator currently talked to.
+    pub fn target(&self) -> Option<&str> {
+        self.current.as_ref().map(|(a, _)| a.as_str())
+    }
+
+    fn client(&mut self, addr: Option<String>) -> Option<AggregatorClient<Channel>> {
+        if let Some(addr) = addr {
+            self.current = connect(&addr).map(|c| (addr, c));
+        }
+        if self.current.is_none() {
+            let addr = self.addresses[self.next % self.addresses.len()].clone();
+            self.next += 1;
+            self.current = connect(&addr).map(|c| (addr, c));
+        }
+        self.current.as_ref().map(|(_, c)| c.clone())
+    }
+
+    /// Calls `f` on the master, following up to a few leader hints.
+    pub async fn call<T, F, Fut>(&mut self, mut f: F) -> Result<T, CallError>
+    where
+        F: FnMut(AggregatorClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let mut hint = None;
+        let mut last = String::from("no attempt");
+        for _ in 0..self.addresses.len() + 3 {
+            let Some(client) = self.client(hint.take()) else {
+                self.current = None;
+                continue;
+            };
+            match f(client).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(status) if status.code() == tonic::Code::Unavailable => {
+                    hint = status
+                        .metadata()
+                        .get(proto::LEADER_HINT_METADATA)
+                        .and_then(|v| v.to_str().ok())
+                        .map(String::from);
+                    last = format!(
+                        "{}: {}",
+                        self.target().unwrap_or("?"),
+                        status.message()
+                    );
+                    if hint.is_none() {
+                        self.current = None;
+                    }
+                }
+                Err(status) => return Err(CallError::Rejected(status)),
+            }
+        }
+        Err(CallError::Unreachable(last))
+    }
+}

@@ -1,0 +1,94 @@
+//! Registration with the cluster and heartbeats to the master aggregator.
+//!
+//! The leaf registers by its advertised address (the cluster gives a returning leaf its old
+//! id), then heartbeats every interval. Unreachable aggregators are retried with backoff and
+//! the reason is logged once per outage.
+
+use crate::client::{CallError, MasterClient};
+use crate::config::LeafConfig;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// The leaf's standing in the cluster.
+#[derive(Default)]
+pub struct Membership {
+    /// 0 until registered.
+    leaf_id: AtomicU64,
+}
+
+impl Membership {
+    pub fn leaf_id(&self) -> Option<u64> {
+        match self.leaf_id.load(Ordering::Relaxed) {
+            0 => None,
+            id => Some(id),
+        }
+    }
+}
+
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+pub async fn heartbeat_loop(
+    config: LeafConfig,
+    state: Arc<Membership>,
+    shutdown: CancellationToken,
+) {
+    let mut client = MasterClient::new(config.aggregator_addresses());
+    let address = config.advertise_address();
+    let interval = config.heartbeat_interval();
+    let mut backoff = interval;
+    let mut failing = false;
+    loop {
+        let result = match state.leaf_id() {
+            None => client
+                .call(|mut c| {
+                    let address = address.clone();
+                    async move { c.register_leaf(proto::RegisterLeafRequest { address }).await }
+                })
+                .await
+                .map(|r| {
+                    state.leaf_id.store(r.leaf_id, Ordering::Relaxed);
+                    tracing::info!(leaf_id = r.leaf_id, master = ?client.target(), "registered with the cluster");
+                }),
+            Some(id) => client
+                .call(|mut c| {
+                    let address = address.clone();
+                    async move {
+                        c.heartbeat(proto::HeartbeatRequest {
+                            leaf_id: id,
+                            address,
+                        })
+                        .await
+                    }
+                })
+                .await
+                .map(|_| ()),
+        };
+        match result {
+            Ok(()) => {
+                if failing {
+                    tracing::info!(master = ?client.target(), "reached the master aggregator again");
+                }
+                failing = false;
+                backoff = interval;
+            }
+            Err(CallError::Rejected(status)) if status.code() == tonic::Code::NotFound => {
+                tracing::warn!("the cluster does not know this leaf; registering again");
+                state.leaf_id.store(0, Ordering::Relaxed);
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!("cannot reach the master aggregator, retrying with backoff: {e}");
+                }
+                failing = true;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+        let wait = if failing { backoff } else { interval };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
