@@ -16,6 +16,12 @@ pub enum Error {
     CommitTimeout(std::time::Duration),
     #[error("the aggregator is shutting down")]
     Shutdown,
+    #[error("the master changed before the write was committed; it was not applied")]
+    ProposalLost,
+    #[error("forwarding the write to the master failed: {0}")]
+    Forward(String),
+    #[error("the master did not confirm the write ({0}); it may or may not have been applied")]
+    CommitUnknown(String),
     #[error(transparent)]
     Catalog(#[from] common::Error),
     #[error("raft: {0}")]
@@ -29,6 +35,16 @@ pub enum Error {
 impl From<sled::Error> for Error {
     fn from(e: sled::Error) -> Self {
         Error::Storage(e.to_string())
+    }
+}
+
+impl Error {
+    /// Whether the write certainly did not happen and may be tried again on the (new) master.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Error::NoLeader | Error::NotLeader { .. } | Error::ProposalLost | Error::Forward(_)
+        )
     }
 }
 
@@ -47,7 +63,12 @@ impl From<Error> for tonic::Status {
                 }
                 status
             }
-            Error::NoLeader | Error::CommitTimeout(_) | Error::Shutdown => {
+            Error::NoLeader
+            | Error::CommitTimeout(_)
+            | Error::Shutdown
+            | Error::ProposalLost
+            | Error::Forward(_)
+            | Error::CommitUnknown(_) => {
                 tonic::Status::unavailable(e.to_string())
             }
             Error::Catalog(common::Error::LeafNotFound { .. }) => {

@@ -27,6 +27,18 @@ impl proto::aggregator_server::Aggregator for AggregatorServiceImpl {
         Ok(Response::new(proto::RaftAck {}))
     }
 
+    async fn propose(
+        &self,
+        request: Request<proto::ProposeRequest>,
+    ) -> Result<Response<proto::ProposeResponse>, Status> {
+        let command: common::catalog::Command =
+            serde_json::from_slice(&request.into_inner().command)
+                .map_err(|e| Status::invalid_argument(format!("bad command: {e}")))?;
+        let (result, index) = self.raft.serve_forwarded(command).await?;
+        let result = serde_json::to_vec(&result).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(proto::ProposeResponse { result, index }))
+    }
+
     async fn register_leaf(
         &self,
         request: Request<proto::RegisterLeafRequest>,

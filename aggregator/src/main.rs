@@ -42,6 +42,7 @@ async fn main() -> ExitCode {
                 .unwrap_or_else(|_| "info,raft=warn,sled=warn,h2=warn,tower=warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if let Err(e) = config.validate() {
         eprintln!("aggregator: {e}");

@@ -12,6 +12,7 @@ async fn main() -> ExitCode {
                 .unwrap_or_else(|_| "info,sled=warn,h2=warn,tower=warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if let Err(e) = config.validate() {
         eprintln!("leaf: {e}");

@@ -61,7 +61,8 @@ pub struct Driver {
     pub(super) transport: Transport,
     pub(super) catalog: Arc<RwLock<Catalog>>,
     pub(super) status: watch::Sender<RaftStatus>,
-    pub(super) pending: HashMap<u64, oneshot::Sender<Result<Output>>>,
+    /// Proposals awaiting apply, by the log index they were appended at (leader only).
+    pub(super) pending: HashMap<u64, (u64, oneshot::Sender<Result<Output>>)>,
     pub(super) next_proposal: u64,
     pub(super) applied: u64,
     pub(super) snapshot_entries: u64,
@@ -95,7 +96,7 @@ impl Driver {
                 _ = shutdown.cancelled() => break,
                 _ = ticker.tick() => {
                     self.node.tick();
-                    self.pending.retain(|_, tx| !tx.is_closed());
+                    self.pending.retain(|_, (_, tx)| !tx.is_closed());
                 }
                 input = inputs.recv() => {
                     let Some(input) = input else { break };
@@ -120,7 +121,7 @@ impl Driver {
     }
 
     fn fail_pending(&mut self, err: impl Fn() -> Error) {
-        for (_, tx) in self.pending.drain() {
+        for (_, (_, tx)) in self.pending.drain() {
             let _ = tx.send(Err(err()));
         }
     }
@@ -146,8 +147,19 @@ impl Driver {
     }
 
     fn propose(&mut self, command: Command, reply: oneshot::Sender<Result<Output>>) {
-        if self.node.raft.leader_id == raft::INVALID_ID {
-            let _ = reply.send(Err(Error::NoLeader));
+        // Only the leader proposes: a proposal raft-rs forwarded to a leader that then died
+        // would vanish silently. Followers forward writes over gRPC instead (RaftHandle).
+        if self.node.raft.state != StateRole::Leader {
+            let leader = self.node.raft.leader_id;
+            let err = if leader == raft::INVALID_ID {
+                Error::NoLeader
+            } else {
+                Error::NotLeader {
+                    leader: NodeId(leader),
+                    address: None,
+                }
+            };
+            let _ = reply.send(Err(err));
             return;
         }
         let data = match serde_json::to_vec(&command) {
@@ -159,9 +171,13 @@ impl Driver {
         };
         let id = self.next_proposal;
         self.next_proposal = self.next_proposal.wrapping_add(1);
+        let index = self.node.raft.raft_log.last_index() + 1;
         match self.node.propose(context(self.me, id), data) {
+            Ok(()) if self.node.raft.raft_log.last_index() == index => {
+                self.pending.insert(index, (id, reply));
+            }
             Ok(()) => {
-                self.pending.insert(id, reply);
+                let _ = reply.send(Err(Error::ProposalLost));
             }
             Err(raft::Error::ProposalDropped) => {
                 let _ = reply.send(Err(Error::NoLeader));
@@ -222,6 +238,15 @@ impl Driver {
         };
         *self.catalog.write().unwrap_or_else(|p| p.into_inner()) = catalog;
         self.applied = snapshot.get_metadata().index;
+        // Proposals the snapshot covers can no longer be matched to their entries.
+        let covered: Vec<u64> = self.pending.keys().copied().filter(|i| *i <= self.applied).collect();
+        for index in covered {
+            if let Some((_, tx)) = self.pending.remove(&index) {
+                let _ = tx.send(Err(Error::CommitUnknown(
+                    "a snapshot replaced the log before the write was seen applied".into(),
+                )));
+            }
+        }
         tracing::info!(index = self.applied, "installed a catalog snapshot from the master");
         Ok(())
     }
@@ -230,7 +255,9 @@ impl Driver {
         for entry in entries {
             self.applied = entry.index;
             if entry.data.is_empty() {
-                continue; // the no-op a new leader appends
+                // The no-op a new leader appends: it replaced whatever was proposed here.
+                self.complete(entry.index, &entry.context, Err(Error::ProposalLost));
+                continue;
             }
             if entry.get_entry_type() != EntryType::EntryNormal {
                 tracing::warn!(index = entry.index, "ignoring a membership change entry");
@@ -250,14 +277,18 @@ impl Driver {
                     Err(Error::Corrupt(format!("undecodable command: {e}")))
                 }
             };
-            if let Some((node, id)) = parse_context(&entry.context) {
-                if node == self.me {
-                    if let Some(tx) = self.pending.remove(&id) {
-                        let _ = tx.send(result);
-                    }
-                }
-            }
+            self.complete(entry.index, &entry.context, result);
         }
+    }
+
+    /// Answers the proposal appended at `index`, if this node made one. Another entry at that
+    /// index means a new leader overwrote ours: it was certainly not applied.
+    fn complete(&mut self, index: u64, context: &[u8], result: Result<Output>) {
+        let Some((id, tx)) = self.pending.remove(&index) else {
+            return;
+        };
+        let ours = parse_context(context) == Some((self.me, id));
+        let _ = tx.send(if ours { result } else { Err(Error::ProposalLost) });
     }
 
     fn maybe_snapshot(&mut self) -> Result<()> {

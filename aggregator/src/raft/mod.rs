@@ -25,6 +25,8 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use proto::aggregator_client::AggregatorClient;
+use tonic::transport::Channel;
 
 /// A cheap, clonable handle on this node's Raft group member.
 #[derive(Clone)]
@@ -39,6 +41,8 @@ struct Inner {
     status: watch::Receiver<RaftStatus>,
     catalog: Arc<RwLock<Catalog>>,
     commit_timeout: Duration,
+    /// gRPC clients to other aggregators, for forwarded writes.
+    clients: std::sync::Mutex<HashMap<NodeId, AggregatorClient<Channel>>>,
 }
 
 impl RaftHandle {
@@ -116,6 +120,7 @@ impl RaftHandle {
                 status: status_rx,
                 catalog,
                 commit_timeout: config.commit_timeout(),
+                clients: Default::default(),
             }),
         })
     }
@@ -164,20 +169,114 @@ impl RaftHandle {
         f(&self.inner.catalog.read().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// Proposes a command (raft-rs forwards it to the leader if this node is a follower) and
-    /// waits until it is applied on this node, so the caller reads its own write.
+    /// Commits a command through the master and waits until this node has applied it too,
+    /// so the caller reads its own write. On a follower the write is forwarded over gRPC.
+    /// While there is no master (an election) or the master changes under a write that was
+    /// certainly not applied, it waits and tries again, up to the commit timeout.
     pub async fn propose(&self, command: Command) -> Result<Output> {
+        let deadline = tokio::time::Instant::now() + self.inner.commit_timeout;
+        let mut status = self.inner.status.clone();
+        loop {
+            let leader = status.borrow_and_update().leader;
+            let attempt = match leader {
+                None => Err(Error::NoLeader),
+                Some(l) if l == self.inner.me => self.propose_local(command.clone(), deadline).await,
+                Some(l) => self.forward(l, &command, deadline).await,
+            };
+            match attempt {
+                Err(e) if e.is_retryable() && tokio::time::Instant::now() < deadline => {
+                    tracing::debug!("write will be retried: {e}");
+                    // Wait for news of the group (a new leader), but poll as well.
+                    let _ = tokio::time::timeout_at(
+                        deadline.min(tokio::time::Instant::now() + Duration::from_millis(100)),
+                        status.changed(),
+                    )
+                    .await;
+                }
+                Err(e) if e.is_retryable() => {
+                    return Err(Error::CommitTimeout(self.inner.commit_timeout))
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Proposes on this node, which must be the leader; waits for the entry to be applied.
+    pub async fn propose_local(&self, command: Command, deadline: tokio::time::Instant) -> Result<Output> {
         let (tx, rx) = oneshot::channel();
         self.inner
             .inputs
             .send(Input::Propose { command, reply: tx })
             .await
             .map_err(|_| Error::Shutdown)?;
-        match tokio::time::timeout(self.inner.commit_timeout, rx).await {
+        match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(Error::Shutdown),
             Err(_) => Err(Error::CommitTimeout(self.inner.commit_timeout)),
         }
+    }
+
+    /// Sends a write to the master and waits until this node has applied it as well.
+    async fn forward(&self, leader: NodeId, command: &Command, deadline: tokio::time::Instant) -> Result<Output> {
+        let addr = self
+            .inner
+            .peers
+            .get(&leader)
+            .ok_or_else(|| Error::Forward(format!("unknown master {leader}")))?;
+        let mut client = self.client(leader, addr)?;
+        let bytes = serde_json::to_vec(command).map_err(|e| Error::Corrupt(e.to_string()))?;
+        let call = client.propose(proto::ProposeRequest { command: bytes });
+        let response = match tokio::time::timeout_at(deadline, call).await {
+            Err(_) => return Err(Error::CommitTimeout(self.inner.commit_timeout)),
+            Ok(Err(status)) => {
+                return Err(match status.code() {
+                    // The master refused before doing anything (not master any more, no
+                    // leader, write lost to a leader change) or could not be reached at all.
+                    tonic::Code::Unavailable => Error::Forward(status.message().to_string()),
+                    _ => Error::CommitUnknown(status.message().to_string()),
+                })
+            }
+            Ok(Ok(r)) => r.into_inner(),
+        };
+        let result: std::result::Result<Output, common::Error> =
+            serde_json::from_slice(&response.result)
+                .map_err(|e| Error::Corrupt(format!("forwarded result: {e}")))?;
+        let mut status = self.inner.status.clone();
+        let _ = tokio::time::timeout_at(
+            deadline,
+            status.wait_for(|s| s.applied >= response.index),
+        )
+        .await;
+        Ok(result?)
+    }
+
+    fn client(&self, id: NodeId, addr: &str) -> Result<AggregatorClient<Channel>> {
+        let mut clients = self.inner.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = clients.get(&id) {
+            return Ok(c.clone());
+        }
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| Error::Forward(format!("bad master address {addr}: {e}")))?
+            .connect_timeout(Duration::from_millis(500))
+            .tcp_nodelay(true);
+        let client = AggregatorClient::new(endpoint.connect_lazy());
+        clients.insert(id, client.clone());
+        Ok(client)
+    }
+
+    /// Serves a write forwarded by a follower: this node must be the master.
+    /// Returns the deterministic result and the index it was applied at.
+    pub async fn serve_forwarded(&self, command: Command) -> Result<(std::result::Result<Output, common::Error>, u64)> {
+        if !self.is_leader() {
+            return Err(self.not_leader());
+        }
+        let deadline = tokio::time::Instant::now() + self.inner.commit_timeout;
+        let result = match self.propose_local(command, deadline).await {
+            Ok(out) => Ok(out),
+            Err(Error::Catalog(e)) => Err(e),
+            Err(e) => return Err(e),
+        };
+        Ok((result, self.status().applied))
     }
 
     /// Hands a Raft message from a peer to the driver (dropped if the driver is overloaded).

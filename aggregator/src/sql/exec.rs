@@ -361,7 +361,11 @@ impl SqlEngine {
                 .unwrap_or_else(|| self.raft.peers()[&id].clone());
             let (host, port) = split_host_port(&addr);
             let (state, conns, rtt) = match probe {
-                Some((conns, rtt)) => ("online", Value::Int(conns), Value::Double(rtt)),
+                Some((conns, rtt)) => (
+                    "online",
+                    Value::Int(conns),
+                    Value::Double((rtt * 1000.0).round() / 1000.0),
+                ),
                 None => ("offline", Value::Null, Value::Null),
             };
             rows.push(vec![

@@ -1,0 +1,24 @@
+# Shared settings of the local-cluster scripts. Sourced, not run.
+# Every setting can be overridden from the environment.
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+AGGREGATORS="${AGGREGATORS:-3}"
+LEAVES="${LEAVES:-2}"
+DATA_DIR="${DATA_DIR:-$REPO_ROOT/.shardline}"
+MYSQL_PORT="${MYSQL_PORT:-3306}"
+AGG_GRPC_PORT="${AGG_GRPC_PORT:-7101}"   # aggregator i listens on AGG_GRPC_PORT+i-1
+LEAF_PORT="${LEAF_PORT:-7201}"           # leaf i listens on LEAF_PORT+i-1
+PROFILE="${PROFILE:-release}"            # cargo profile built when BIN_DIR is not given
+BIN_DIR="${BIN_DIR:-}"
+READY_TIMEOUT="${READY_TIMEOUT:-90}"
+PID_DIR="$DATA_DIR/pids"
+LOG_DIR="$DATA_DIR/logs"
+
+pid_alive() { # pidfile
+  [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
+}
+
+mysql_q() { # port sql...
+  local port="$1"; shift
+  MYSQL_PWD="${SHARDLINE_ROOT_PASSWORD:-}" mariadb -h127.0.0.1 -P"$port" -uroot --batch --skip-column-names \
+    --connect-timeout=2 -e "$*" 2>/dev/null
+}

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Starts (or completes) a local Shardline cluster: AGGREGATORS aggregators and LEAVES leaves as
+# background processes, data under DATA_DIR, the first aggregator's MySQL port at MYSQL_PORT.
+# Nodes already running (by PID file) are left alone, so running it again brings back
+# killed nodes; after down.sh it restarts the same cluster with its data.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+if ! command -v mariadb >/dev/null 2>&1; then
+  echo "up.sh: the mariadb client is needed (apt-get install mariadb-client)" >&2
+  exit 1
+fi
+if [ -z "$BIN_DIR" ]; then
+  echo "== building aggregator and leaf ($PROFILE)"
+  (cd "$REPO_ROOT" && cargo build --profile "$PROFILE" -p aggregator -p leaf --bins)
+  dir="$PROFILE"; [ "$PROFILE" = dev ] && dir=debug
+  BIN_DIR="$REPO_ROOT/target/$dir"
+fi
+mkdir -p "$PID_DIR" "$LOG_DIR"
+
+peers=""
+agg_grpc=""
+for i in $(seq 1 "$AGGREGATORS"); do
+  peers+="${peers:+,}$i=127.0.0.1:$((AGG_GRPC_PORT + i - 1))"
+  agg_grpc+="${agg_grpc:+,}127.0.0.1:$((AGG_GRPC_PORT + i - 1))"
+done
+
+start() { # name pidfile cmd...
+  local name="$1" pidfile="$2"; shift 2
+  if pid_alive "$pidfile"; then
+    echo "   $name already running (pid $(cat "$pidfile"))"
+    return
+  fi
+  nohup "$@" >>"$LOG_DIR/$name.log" 2>&1 &
+  echo $! >"$pidfile"
+  echo "   $name started (pid $!, log $LOG_DIR/$name.log)"
+}
+
+echo "== starting $AGGREGATORS aggregator(s) and $LEAVES leaf/leaves under $DATA_DIR"
+for i in $(seq 1 "$AGGREGATORS"); do
+  start "aggregator-$i" "$PID_DIR/aggregator-$i.pid" "$BIN_DIR/aggregator" \
+    --node-id "$i" --peers "$peers" \
+    --grpc-listen "127.0.0.1:$((AGG_GRPC_PORT + i - 1))" \
+    --mysql-listen "127.0.0.1:$((MYSQL_PORT + i - 1))" \
+    --data-dir "$DATA_DIR/aggregator-$i"
+done
+for i in $(seq 1 "$LEAVES"); do
+  start "leaf-$i" "$PID_DIR/leaf-$i.pid" "$BIN_DIR/leaf" \
+    --listen "127.0.0.1:$((LEAF_PORT + i - 1))" \
+    --aggregators "$agg_grpc" \
+    --data-dir "$DATA_DIR/leaf-$i"
+done
+
+echo "== waiting for a master aggregator and $LEAVES online leaves"
+deadline=$((SECONDS + READY_TIMEOUT))
+while :; do
+  masters=$(mysql_q "$MYSQL_PORT" "SHOW AGGREGATORS" | awk -F'\t' '$6 == 1' | wc -l || true)
+  online=$(mysql_q "$MYSQL_PORT" "SHOW LEAVES" | awk -F'\t' '$6 == "online"' | wc -l || true)
+  if [ "$masters" = 1 ] && [ "$online" -ge "$LEAVES" ]; then
+    break
+  fi
+  if [ $SECONDS -ge $deadline ]; then
+    echo "up.sh: cluster not ready after ${READY_TIMEOUT}s (masters=$masters, online leaves=$online); see $LOG_DIR" >&2
+    exit 1
+  fi
+  sleep 0.5
+done
+mysql_q "$MYSQL_PORT" "SHOW AGGREGATORS" | awk -F'\t' '{printf "   aggregator %s at %s:%s %s%s\n", $7, $1, $2, $3, ($6==1?" (master)":"")}'
+mysql_q "$MYSQL_PORT" "SHOW LEAVES" | awk -F'\t' '{printf "   leaf %s at %s:%s %s\n", $7, $1, $2, $6}'
+echo "== ready. Connect with:"
+echo "   mariadb -h127.0.0.1 -P$MYSQL_PORT -uroot"
+echo "   stop with deploy/local/down.sh; kill one node with: kill -9 \$(cat $PID_DIR/leaf-1.pid)"
