@@ -40,11 +40,20 @@ pub struct AggregatorConfig {
     pub data_dir: PathBuf,
 
     /// Password of the MySQL user `root`. Empty (the default) allows a password-less login.
-    #[arg(long, env = "SHARDLINE_ROOT_PASSWORD", default_value = "", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "SHARDLINE_ROOT_PASSWORD",
+        default_value = "",
+        hide_env_values = true
+    )]
     pub root_password: String,
 
     /// A leaf silent for this long is marked offline.
-    #[arg(long, env = "SHARDLINE_LEAF_HEARTBEAT_TIMEOUT_MS", default_value_t = 2000)]
+    #[arg(
+        long,
+        env = "SHARDLINE_LEAF_HEARTBEAT_TIMEOUT_MS",
+        default_value_t = 2000
+    )]
     pub leaf_heartbeat_timeout_ms: u64,
 
     /// Raft tick. Elections start after 10-20 ticks without a leader; heartbeats go every tick.
@@ -92,12 +101,21 @@ impl AggregatorConfig {
             peers.insert(NodeId(self.node_id), self.grpc_address());
             return Ok(peers);
         }
-        for item in self.peers.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        for item in self
+            .peers
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
             let (id, addr) = item.split_once('=').ok_or_else(|| {
-                ConfigError(format!("peer '{item}' in --peers must look like ID=HOST:PORT"))
+                ConfigError(format!(
+                    "peer '{item}' in --peers must look like ID=HOST:PORT"
+                ))
             })?;
             let id: u64 = id.trim().parse().map_err(|_| {
-                ConfigError(format!("peer id '{id}' in --peers is not a positive integer"))
+                ConfigError(format!(
+                    "peer id '{id}' in --peers is not a positive integer"
+                ))
             })?;
             if id == 0 {
                 return Err(ConfigError("peer id 0 in --peers is reserved".into()));
@@ -106,7 +124,9 @@ impl AggregatorConfig {
             check_host_port(addr)
                 .map_err(|e| ConfigError(format!("peer {id} address '{addr}': {e}")))?;
             if peers.insert(NodeId(id), addr.to_string()).is_some() {
-                return Err(ConfigError(format!("peer id {id} appears twice in --peers")));
+                return Err(ConfigError(format!(
+                    "peer id {id} appears twice in --peers"
+                )));
             }
         }
         if !peers.contains_key(&NodeId(self.node_id)) {
@@ -136,7 +156,9 @@ impl AggregatorConfig {
             ));
         }
         if self.raft_snapshot_entries < 2 {
-            return Err(ConfigError("--raft-snapshot-entries must be at least 2".into()));
+            return Err(ConfigError(
+                "--raft-snapshot-entries must be at least 2".into(),
+            ));
         }
         Ok(())
     }
@@ -187,7 +209,11 @@ mod tests {
             assert!(c.validate().is_err(), "{bad} should be rejected");
         }
         let c = cfg(&["--node-id", "4", "--peers", "1=a:1,2=b:2"]);
-        assert!(c.validate().unwrap_err().to_string().contains("not in --peers"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("not in --peers"));
         let single = cfg(&["--grpc-listen", "127.0.0.1:9"]);
         assert_eq!(single.peer_map().unwrap()[&NodeId(1)], "127.0.0.1:9");
     }

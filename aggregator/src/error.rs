@@ -12,7 +12,9 @@ pub enum Error {
         leader: NodeId,
         address: Option<String>,
     },
-    #[error("the write was not committed within {0:?}; the cluster may be electing a new master, retry")]
+    #[error(
+        "the write was not committed within {0:?}; the cluster may be electing a new master, retry"
+    )]
     CommitTimeout(std::time::Duration),
     #[error("the aggregator is shutting down")]
     Shutdown,
@@ -68,9 +70,7 @@ impl From<Error> for tonic::Status {
             | Error::Shutdown
             | Error::ProposalLost
             | Error::Forward(_)
-            | Error::CommitUnknown(_) => {
-                tonic::Status::unavailable(e.to_string())
-            }
+            | Error::CommitUnknown(_) => tonic::Status::unavailable(e.to_string()),
             Error::Catalog(common::Error::LeafNotFound { .. }) => {
                 tonic::Status::not_found(e.to_string())
             }

@@ -13,6 +13,7 @@ pub struct AggregatorServiceImpl {
     pub raft: RaftHandle,
     pub leaves: Arc<LeafMonitor>,
     pub connections: Arc<AtomicUsize>,
+    pub mysql_address: String,
 }
 
 #[tonic::async_trait]
@@ -74,6 +75,7 @@ impl proto::aggregator_server::Aggregator for AggregatorServiceImpl {
             role: st.role.to_string(),
             leader_address: self.raft.leader_address().unwrap_or_default(),
             open_connections: self.connections.load(Ordering::Relaxed) as u64,
+            mysql_address: self.mysql_address.clone(),
         }))
     }
 }

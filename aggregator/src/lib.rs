@@ -36,13 +36,19 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     config.validate()?;
     std::fs::create_dir_all(&config.data_dir).map_err(|e| {
-        anyhow::anyhow!("cannot create data directory {}: {e}", config.data_dir.display())
+        anyhow::anyhow!(
+            "cannot create data directory {}: {e}",
+            config.data_dir.display()
+        )
     })?;
     let tasks = TaskTracker::new();
     let raft = raft::RaftHandle::start(&config, &tasks, shutdown.clone()).map_err(|e| {
-        anyhow::anyhow!("cannot open the raft store in {}: {e}", config.data_dir.display())
+        anyhow::anyhow!(
+            "cannot open the raft store in {}: {e}",
+            config.data_dir.display()
+        )
     })?;
-    let engine = Arc::new(sql::SqlEngine::new(raft.clone()));
+    let engine = Arc::new(sql::SqlEngine::new(raft.clone(), config.mysql_address()));
     let leaves = Arc::new(cluster::LeafMonitor::new(
         raft.clone(),
         config.leaf_heartbeat_timeout(),
@@ -52,6 +58,7 @@ pub async fn run(
         raft: raft.clone(),
         leaves: leaves.clone(),
         connections: engine.connections.clone(),
+        mysql_address: config.mysql_address(),
     };
     let grpc_shutdown = shutdown.clone();
     tasks.spawn(async move {
@@ -95,6 +102,9 @@ pub async fn run(
     shutdown.cancelled().await;
     tasks.close();
     tasks.wait().await;
+    if raft.failed() {
+        anyhow::bail!("stopped because the raft driver failed (see the log above)");
+    }
     tracing::info!("aggregator stopped");
     Ok(())
 }
@@ -108,14 +118,15 @@ async fn announce_mysql_address(
 ) {
     let me = raft.node_id();
     loop {
-        let known = raft.read_catalog(|c| c.aggregators.get(&me) == Some(&address));
+        let mut known = raft.read_catalog(|c| c.aggregators.get(&me) == Some(&address));
         if !known && raft.status().leader.is_some() {
             let cmd = Command::SetAggregatorAddress {
                 node: me,
                 mysql_address: address.clone(),
             };
-            if let Err(e) = raft.propose(cmd).await {
-                tracing::debug!("announcing the MySQL address failed, will retry: {e}");
+            match raft.propose(cmd).await {
+                Ok(_) => known = true,
+                Err(e) => tracing::debug!("announcing the MySQL address failed, will retry: {e}"),
             }
         }
         let wait = if known { 5000 } else { 300 };

@@ -274,7 +274,11 @@ mod tests {
     fn database_placement_round_robins_over_online_leaves() {
         let mut c = with_leaves(2);
         c.apply(create("d", None)).unwrap();
-        let leaves: Vec<u64> = c.databases["d"].partitions.iter().map(|p| p.leaf.0).collect();
+        let leaves: Vec<u64> = c.databases["d"]
+            .partitions
+            .iter()
+            .map(|p| p.leaf.0)
+            .collect();
         assert_eq!(leaves, vec![1, 2, 1, 2]);
         c.apply(Command::SetLeafOnline {
             id: LeafId(2),
@@ -283,16 +287,25 @@ mod tests {
         })
         .unwrap();
         c.apply(create("e", Some(3))).unwrap();
-        assert!(c.databases["e"].partitions.iter().all(|p| p.leaf == LeafId(1)));
+        assert!(c.databases["e"]
+            .partitions
+            .iter()
+            .all(|p| p.leaf == LeafId(1)));
     }
 
     #[test]
     fn database_errors() {
         let mut c = Catalog::default();
-        assert!(matches!(c.apply(create("d", None)), Err(Error::NoLeavesOnline { .. })));
+        assert!(matches!(
+            c.apply(create("d", None)),
+            Err(Error::NoLeavesOnline { .. })
+        ));
         let mut c = with_leaves(1);
         c.apply(create("d", Some(1))).unwrap();
-        assert!(matches!(c.apply(create("d", None)), Err(Error::DatabaseExists { .. })));
+        assert!(matches!(
+            c.apply(create("d", None)),
+            Err(Error::DatabaseExists { .. })
+        ));
         assert!(matches!(
             c.apply(create("information_schema", None)),
             Err(Error::DatabaseExists { .. })

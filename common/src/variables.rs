@@ -63,33 +63,108 @@ pub const FEATURE_FLAGS: &[&str] = &["kafka_connect_enabled"];
 pub const VARIABLES: &[VariableDef] = &[
     def("autocommit", "ON", Kind::Bool, Access::Both),
     def("character_set_client", "utf8mb4", Kind::Str, Access::Both),
-    def("character_set_connection", "utf8mb4", Kind::Str, Access::Both),
+    def(
+        "character_set_connection",
+        "utf8mb4",
+        Kind::Str,
+        Access::Both,
+    ),
     def("character_set_database", "utf8mb4", Kind::Str, Access::Both),
     def("character_set_results", "utf8mb4", Kind::Str, Access::Both),
     def("character_set_server", "utf8mb4", Kind::Str, Access::Both),
-    def("collation_connection", "utf8mb4_bin", Kind::Str, Access::Both),
+    def(
+        "collation_connection",
+        "utf8mb4_bin",
+        Kind::Str,
+        Access::Both,
+    ),
     def("collation_database", "utf8mb4_bin", Kind::Str, Access::Both),
     def("collation_server", "utf8mb4_bin", Kind::Str, Access::Both),
-    def("default_partitions_per_leaf", "2", int(1, 64), Access::Global),
-    def("experimental_features_config", "", Kind::FeatureFlags, Access::Global),
-    def("interactive_timeout", "28800", int(1, 31_536_000), Access::Both),
+    def(
+        "default_partitions_per_leaf",
+        "2",
+        int(1, 64),
+        Access::Global,
+    ),
+    def(
+        "experimental_features_config",
+        "",
+        Kind::FeatureFlags,
+        Access::Global,
+    ),
+    def(
+        "interactive_timeout",
+        "28800",
+        int(1, 31_536_000),
+        Access::Both,
+    ),
     def("lower_case_table_names", "0", int(0, 2), Access::ReadOnly),
-    def("max_allowed_packet", "67108864", int(1024, 1_073_741_824), Access::ReadOnly),
+    def(
+        "max_allowed_packet",
+        "67108864",
+        int(1024, 1_073_741_824),
+        Access::ReadOnly,
+    ),
     def("net_write_timeout", "60", int(1, 31_536_000), Access::Both),
-    def("pipelines_batch_interval", "2500", int(0, 3_600_000), Access::Global),
-    def("pipelines_batches_metadata_to_keep", "1000", int(1, 1_000_000), Access::Global),
-    def("pipelines_extractor_batch_size", "1000", int(1, 1_000_000), Access::Global),
-    def("pipelines_extractor_max_batch_interval_ms", "500", int(1, 3_600_000), Access::Global),
-    def("pipelines_max_retries_per_batch_partition", "4", int(0, 1000), Access::Global),
+    def(
+        "pipelines_batch_interval",
+        "2500",
+        int(0, 3_600_000),
+        Access::Global,
+    ),
+    def(
+        "pipelines_batches_metadata_to_keep",
+        "1000",
+        int(1, 1_000_000),
+        Access::Global,
+    ),
+    def(
+        "pipelines_extractor_batch_size",
+        "1000",
+        int(1, 1_000_000),
+        Access::Global,
+    ),
+    def(
+        "pipelines_extractor_max_batch_interval_ms",
+        "500",
+        int(1, 3_600_000),
+        Access::Global,
+    ),
+    def(
+        "pipelines_max_retries_per_batch_partition",
+        "4",
+        int(0, 1000),
+        Access::Global,
+    ),
     def("pipelines_stop_on_error", "ON", Kind::Bool, Access::Global),
-    def("sql_mode", "STRICT_ALL_TABLES,NO_AUTO_CREATE_USER", Kind::Str, Access::Both),
-    def("sql_select_limit", "18446744073709551615", Kind::Str, Access::Both),
+    def(
+        "sql_mode",
+        "STRICT_ALL_TABLES,NO_AUTO_CREATE_USER",
+        Kind::Str,
+        Access::Both,
+    ),
+    def(
+        "sql_select_limit",
+        "18446744073709551615",
+        Kind::Str,
+        Access::Both,
+    ),
     def("system_time_zone", "UTC", Kind::Str, Access::ReadOnly),
     def("time_zone", "SYSTEM", Kind::Str, Access::Both),
-    def("transaction_isolation", "READ-COMMITTED", Kind::Str, Access::Both),
+    def(
+        "transaction_isolation",
+        "READ-COMMITTED",
+        Kind::Str,
+        Access::Both,
+    ),
     def("tx_isolation", "READ-COMMITTED", Kind::Str, Access::Both),
     def("version", SERVER_VERSION, Kind::Str, Access::ReadOnly),
-    def("version_comment", VERSION_COMMENT, Kind::Str, Access::ReadOnly),
+    def(
+        "version_comment",
+        VERSION_COMMENT,
+        Kind::Str,
+        Access::ReadOnly,
+    ),
     def("wait_timeout", "28800", int(1, 31_536_000), Access::Both),
 ];
 
@@ -193,7 +268,12 @@ mod tests {
             assert!(w[0].name < w[1].name, "{} before {}", w[0].name, w[1].name);
         }
         for v in VARIABLES {
-            assert_eq!(v.normalize(v.default).as_deref(), Ok(v.default), "{}", v.name);
+            assert_eq!(
+                v.normalize(v.default).as_deref(),
+                Ok(v.default),
+                "{}",
+                v.name
+            );
         }
     }
 
@@ -211,8 +291,14 @@ mod tests {
         assert!(v.normalize("kafka_connect_enabled").is_err());
         assert!(v.normalize("warp_drive=true").is_err());
         assert!(v.normalize("kafka_connect_enabled=maybe").is_err());
-        assert!(feature_enabled("kafka_connect_enabled=true", "kafka_connect_enabled"));
-        assert!(!feature_enabled("kafka_connect_enabled=false", "kafka_connect_enabled"));
+        assert!(feature_enabled(
+            "kafka_connect_enabled=true",
+            "kafka_connect_enabled"
+        ));
+        assert!(!feature_enabled(
+            "kafka_connect_enabled=false",
+            "kafka_connect_enabled"
+        ));
         assert!(!feature_enabled("", "kafka_connect_enabled"));
     }
 
@@ -231,7 +317,10 @@ mod tests {
 
     #[test]
     fn like() {
-        assert!(like_match("experimental_features_config", "experimental_features_config"));
+        assert!(like_match(
+            "experimental_features_config",
+            "experimental_features_config"
+        ));
         assert!(like_match("pipelines%", "pipelines_batch_interval"));
         assert!(like_match("%BATCH%", "pipelines_batch_interval"));
         assert!(like_match("a_c", "abc"));

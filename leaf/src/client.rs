@@ -77,11 +77,7 @@ impl MasterClient {
                         .get(proto::LEADER_HINT_METADATA)
                         .and_then(|v| v.to_str().ok())
                         .map(String::from);
-                    last = format!(
-                        "{}: {}",
-                        self.target().unwrap_or("?"),
-                        status.message()
-                    );
+                    last = format!("{}: {}", self.target().unwrap_or("?"), status.message());
                     if hint.is_none() {
                         self.current = None;
                     }

@@ -49,7 +49,9 @@ fn check_host_port(addr: &str) -> Result<(), String> {
 
 impl LeafConfig {
     pub fn advertise_address(&self) -> String {
-        self.advertise.clone().unwrap_or_else(|| self.listen.clone())
+        self.advertise
+            .clone()
+            .unwrap_or_else(|| self.listen.clone())
     }
 
     pub fn aggregator_addresses(&self) -> Vec<String> {
@@ -83,7 +85,9 @@ impl LeafConfig {
             ));
         }
         if self.heartbeat_interval_ms == 0 {
-            return Err(ConfigError("--heartbeat-interval-ms must be positive".into()));
+            return Err(ConfigError(
+                "--heartbeat-interval-ms must be positive".into(),
+            ));
         }
         Ok(())
     }
@@ -103,7 +107,10 @@ mod tests {
             vec!["leaf", "--aggregators", "nohost"],
             vec!["leaf", "--listen", "127.0.0.1:0"],
         ] {
-            assert!(LeafConfig::parse_from(bad.clone()).validate().is_err(), "{bad:?}");
+            assert!(
+                LeafConfig::parse_from(bad.clone()).validate().is_err(),
+                "{bad:?}"
+            );
         }
     }
 }

@@ -25,13 +25,19 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     config.validate()?;
     std::fs::create_dir_all(&config.data_dir).map_err(|e| {
-        anyhow::anyhow!("cannot create data directory {}: {e}", config.data_dir.display())
+        anyhow::anyhow!(
+            "cannot create data directory {}: {e}",
+            config.data_dir.display()
+        )
     })?;
     let store = sled::Config::new()
         .path(config.data_dir.join("store"))
         .open()
         .map_err(|e| {
-            anyhow::anyhow!("cannot open the partition store in {}: {e}", config.data_dir.display())
+            anyhow::anyhow!(
+                "cannot open the partition store in {}: {e}",
+                config.data_dir.display()
+            )
         })?;
     let tasks = TaskTracker::new();
     let state = Arc::new(membership::Membership::default());

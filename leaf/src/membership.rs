@@ -79,7 +79,9 @@ pub async fn heartbeat_loop(
             }
             Err(e) => {
                 if !failing {
-                    tracing::warn!("cannot reach the master aggregator, retrying with backoff: {e}");
+                    tracing::warn!(
+                        "cannot reach the master aggregator, retrying with backoff: {e}"
+                    );
                 }
                 failing = true;
                 backoff = (backoff * 2).min(MAX_BACKOFF);

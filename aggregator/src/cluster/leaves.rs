@@ -106,12 +106,7 @@ impl LeafMonitor {
                 leaves
                     .iter()
                     .filter(|(id, online)| {
-                        *online
-                            && seen
-                                .entry(*id)
-                                .or_insert(now)
-                                .elapsed()
-                                > self.timeout
+                        *online && seen.entry(*id).or_insert(now).elapsed() > self.timeout
                     })
                     .map(|(id, _)| *id)
                     .collect()

@@ -7,9 +7,16 @@ pub use leaves::LeafMonitor;
 
 use std::time::{Duration, Instant};
 
-/// Asks another aggregator for its status. Returns its open MySQL connections and the round
-/// trip in milliseconds, or `None` if it did not answer within a short deadline.
-pub async fn probe_aggregator(grpc_address: &str) -> Option<(i64, f64)> {
+/// What a live aggregator says about itself.
+pub struct Probe {
+    pub open_connections: i64,
+    pub round_trip_ms: f64,
+    pub mysql_address: String,
+}
+
+/// Asks another aggregator for its status, or `None` if it did not answer within a short
+/// deadline.
+pub async fn probe_aggregator(grpc_address: &str) -> Option<Probe> {
     let start = Instant::now();
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{grpc_address}"))
         .ok()?
@@ -27,8 +34,9 @@ pub async fn probe_aggregator(grpc_address: &str) -> Option<(i64, f64)> {
     let status = tokio::time::timeout(Duration::from_millis(800), call)
         .await
         .ok()??;
-    Some((
-        status.open_connections as i64,
-        start.elapsed().as_secs_f64() * 1000.0,
-    ))
+    Some(Probe {
+        open_connections: status.open_connections as i64,
+        round_trip_ms: start.elapsed().as_secs_f64() * 1000.0,
+        mysql_address: status.mysql_address,
+    })
 }

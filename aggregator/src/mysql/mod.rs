@@ -4,9 +4,8 @@
 use crate::sql::{ColumnKind, QueryOutput, Session, SqlEngine, SqlError, Value};
 use async_trait::async_trait;
 use opensrv_mysql::{
-    AsyncMysqlIntermediary, AsyncMysqlShim, Column, ColumnFlags, ColumnType, ErrorKind,
-    InitWriter, IntermediaryOptions, OkResponse, ParamParser, QueryResultWriter,
-    StatementMetaWriter,
+    AsyncMysqlIntermediary, AsyncMysqlShim, Column, ColumnFlags, ColumnType, ErrorKind, InitWriter,
+    IntermediaryOptions, OkResponse, ParamParser, QueryResultWriter, StatementMetaWriter,
 };
 use rand::Rng;
 use sha1::{Digest, Sha1};
@@ -235,7 +234,10 @@ impl<W: AsyncWrite + Send + Unpin + 'static> AsyncMysqlShim<W> for Shim {
         results: QueryResultWriter<'a, W>,
     ) -> io::Result<()> {
         results
-            .error(ErrorKind::ER_UNKNOWN_STMT_HANDLER, b"Unknown prepared statement handler")
+            .error(
+                ErrorKind::ER_UNKNOWN_STMT_HANDLER,
+                b"Unknown prepared statement handler",
+            )
             .await
     }
 
@@ -257,7 +259,11 @@ impl<W: AsyncWrite + Send + Unpin + 'static> AsyncMysqlShim<W> for Shim {
         }
     }
 
-    async fn on_init<'a>(&'a mut self, database: &'a str, writer: InitWriter<'a, W>) -> io::Result<()> {
+    async fn on_init<'a>(
+        &'a mut self,
+        database: &'a str,
+        writer: InitWriter<'a, W>,
+    ) -> io::Result<()> {
         match self.engine.use_database(&mut self.session, database) {
             Ok(()) => writer.ok().await,
             Err(e) => writer.error(error_kind(&e), e.message.as_bytes()).await,

@@ -6,7 +6,7 @@ use super::transport::Transport;
 use crate::error::{Error, Result};
 use common::catalog::{Catalog, Command, Output};
 use common::ids::NodeId;
-use raft::eraftpb::{Entry, EntryType, Message, Snapshot};
+use raft::eraftpb::{Entry, EntryType, Message, MessageType, Snapshot};
 use raft::{RawNode, SnapshotStatus, StateRole};
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -129,7 +129,22 @@ impl Driver {
     fn handle(&mut self, input: Input) {
         match input {
             Input::Propose { command, reply } => self.propose(command, reply),
-            Input::Step(msg) => {
+            Input::Step(mut msg) => {
+                // A member that lost its data (wiped disk) comes back with an empty log while
+                // the leader still remembers its old progress and sends a commit index beyond
+                // it, which raft-rs treats as a fatal invariant breach. Clamp it: the leader
+                // then learns the real position from the reply and sends a snapshot.
+                if msg.get_msg_type() == MessageType::MsgHeartbeat {
+                    let last = self.node.raft.raft_log.last_index();
+                    if msg.commit > last {
+                        tracing::debug!(
+                            commit = msg.commit,
+                            last,
+                            "clamping heartbeat commit to our log"
+                        );
+                        msg.commit = last;
+                    }
+                }
                 if let Err(e) = self.node.step(msg) {
                     tracing::debug!("raft step: {e}");
                 }
@@ -239,7 +254,12 @@ impl Driver {
         *self.catalog.write().unwrap_or_else(|p| p.into_inner()) = catalog;
         self.applied = snapshot.get_metadata().index;
         // Proposals the snapshot covers can no longer be matched to their entries.
-        let covered: Vec<u64> = self.pending.keys().copied().filter(|i| *i <= self.applied).collect();
+        let covered: Vec<u64> = self
+            .pending
+            .keys()
+            .copied()
+            .filter(|i| *i <= self.applied)
+            .collect();
         for index in covered {
             if let Some((_, tx)) = self.pending.remove(&index) {
                 let _ = tx.send(Err(Error::CommitUnknown(
@@ -247,7 +267,10 @@ impl Driver {
                 )));
             }
         }
-        tracing::info!(index = self.applied, "installed a catalog snapshot from the master");
+        tracing::info!(
+            index = self.applied,
+            "installed a catalog snapshot from the master"
+        );
         Ok(())
     }
 
@@ -288,7 +311,11 @@ impl Driver {
             return;
         };
         let ours = parse_context(context) == Some((self.me, id));
-        let _ = tx.send(if ours { result } else { Err(Error::ProposalLost) });
+        let _ = tx.send(if ours {
+            result
+        } else {
+            Err(Error::ProposalLost)
+        });
     }
 
     fn maybe_snapshot(&mut self) -> Result<()> {
@@ -302,7 +329,10 @@ impl Driver {
                 .map_err(|e| Error::Corrupt(format!("encode catalog: {e}")))?
         };
         self.storage.compact_to_snapshot(self.applied, data)?;
-        tracing::info!(index = self.applied, "took a catalog snapshot and compacted the raft log");
+        tracing::info!(
+            index = self.applied,
+            "took a catalog snapshot and compacted the raft log"
+        );
         Ok(())
     }
 

@@ -18,15 +18,15 @@ use crate::error::{Error, Result};
 use common::catalog::{Catalog, Command, Output};
 use common::ids::NodeId;
 use driver::{Driver, Input};
-use transport::Transport;
+use proto::aggregator_client::AggregatorClient;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use proto::aggregator_client::AggregatorClient;
 use tonic::transport::Channel;
+use transport::Transport;
 
 /// A cheap, clonable handle on this node's Raft group member.
 #[derive(Clone)]
@@ -43,6 +43,8 @@ struct Inner {
     commit_timeout: Duration,
     /// gRPC clients to other aggregators, for forwarded writes.
     clients: std::sync::Mutex<HashMap<NodeId, AggregatorClient<Channel>>>,
+    /// Set when the driver stopped on an error: the node must exit non-zero.
+    failed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl RaftHandle {
@@ -106,11 +108,19 @@ impl RaftHandle {
         };
         let tick = config.raft_tick();
         let driver_shutdown = shutdown.clone();
+        let driver_task = tokio::spawn(driver.run(inputs_rx, tick, driver_shutdown));
+        let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let failed_flag = failed.clone();
         tasks.spawn(async move {
-            if driver.run(inputs_rx, tick, driver_shutdown).await.is_err() {
-                // The store failed: this node can no longer take part safely.
-                shutdown.cancel();
-            }
+            let outcome = match driver_task.await {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => e.to_string(),
+                Err(join) => format!("raft driver crashed: {join}"),
+            };
+            // This node can no longer take part safely: stop it, loudly.
+            tracing::error!("stopping the aggregator: {outcome}");
+            failed_flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            shutdown.cancel();
         });
         Ok(Self {
             inner: Arc::new(Inner {
@@ -121,8 +131,14 @@ impl RaftHandle {
                 catalog,
                 commit_timeout: config.commit_timeout(),
                 clients: Default::default(),
+                failed,
             }),
         })
+    }
+
+    /// Whether the Raft driver stopped on an error.
+    pub fn failed(&self) -> bool {
+        self.inner.failed.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn node_id(&self) -> NodeId {
@@ -180,7 +196,9 @@ impl RaftHandle {
             let leader = status.borrow_and_update().leader;
             let attempt = match leader {
                 None => Err(Error::NoLeader),
-                Some(l) if l == self.inner.me => self.propose_local(command.clone(), deadline).await,
+                Some(l) if l == self.inner.me => {
+                    self.propose_local(command.clone(), deadline).await
+                }
                 Some(l) => self.forward(l, &command, deadline).await,
             };
             match attempt {
@@ -202,7 +220,11 @@ impl RaftHandle {
     }
 
     /// Proposes on this node, which must be the leader; waits for the entry to be applied.
-    pub async fn propose_local(&self, command: Command, deadline: tokio::time::Instant) -> Result<Output> {
+    pub async fn propose_local(
+        &self,
+        command: Command,
+        deadline: tokio::time::Instant,
+    ) -> Result<Output> {
         let (tx, rx) = oneshot::channel();
         self.inner
             .inputs
@@ -217,7 +239,12 @@ impl RaftHandle {
     }
 
     /// Sends a write to the master and waits until this node has applied it as well.
-    async fn forward(&self, leader: NodeId, command: &Command, deadline: tokio::time::Instant) -> Result<Output> {
+    async fn forward(
+        &self,
+        leader: NodeId,
+        command: &Command,
+        deadline: tokio::time::Instant,
+    ) -> Result<Output> {
         let addr = self
             .inner
             .peers
@@ -234,7 +261,7 @@ impl RaftHandle {
                     // leader, write lost to a leader change) or could not be reached at all.
                     tonic::Code::Unavailable => Error::Forward(status.message().to_string()),
                     _ => Error::CommitUnknown(status.message().to_string()),
-                })
+                });
             }
             Ok(Ok(r)) => r.into_inner(),
         };
@@ -242,11 +269,8 @@ impl RaftHandle {
             serde_json::from_slice(&response.result)
                 .map_err(|e| Error::Corrupt(format!("forwarded result: {e}")))?;
         let mut status = self.inner.status.clone();
-        let _ = tokio::time::timeout_at(
-            deadline,
-            status.wait_for(|s| s.applied >= response.index),
-        )
-        .await;
+        let _ = tokio::time::timeout_at(deadline, status.wait_for(|s| s.applied >= response.index))
+            .await;
         Ok(result?)
     }
 
@@ -266,7 +290,10 @@ impl RaftHandle {
 
     /// Serves a write forwarded by a follower: this node must be the master.
     /// Returns the deterministic result and the index it was applied at.
-    pub async fn serve_forwarded(&self, command: Command) -> Result<(std::result::Result<Output, common::Error>, u64)> {
+    pub async fn serve_forwarded(
+        &self,
+        command: Command,
+    ) -> Result<(std::result::Result<Output, common::Error>, u64)> {
         if !self.is_leader() {
             return Err(self.not_leader());
         }

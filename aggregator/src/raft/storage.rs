@@ -174,7 +174,8 @@ impl SledStorage {
         }
         self.log.clear()?;
         self.meta.insert(SNAPSHOT, encode(snapshot)?)?;
-        self.meta.insert(CONF_STATE, encode(meta.get_conf_state())?)?;
+        self.meta
+            .insert(CONF_STATE, encode(meta.get_conf_state())?)?;
         cached.hard_state.term = cached.hard_state.term.max(meta.term);
         cached.hard_state.commit = cached.hard_state.commit.max(meta.index);
         self.meta.insert(HARD_STATE, encode(&cached.hard_state)?)?;
@@ -309,7 +310,9 @@ mod tests {
         s.append(&[entry(3, 2)]).unwrap();
         assert_eq!(s.last_index().unwrap(), 3);
         assert_eq!(s.term(3).unwrap(), 2);
-        let got = s.entries(1, 4, None, GetEntriesContext::empty(false)).unwrap();
+        let got = s
+            .entries(1, 4, None, GetEntriesContext::empty(false))
+            .unwrap();
         assert_eq!(got.len(), 3);
         let limited = s.entries(1, 4, 1, GetEntriesContext::empty(false)).unwrap();
         assert_eq!(limited.len(), 1);
@@ -318,7 +321,9 @@ mod tests {
         assert_eq!(s.first_index().unwrap(), 3);
         assert_eq!(s.term(2).unwrap(), 1);
         assert!(s.term(1).is_err());
-        assert!(s.entries(2, 4, None, GetEntriesContext::empty(false)).is_err());
+        assert!(s
+            .entries(2, 4, None, GetEntriesContext::empty(false))
+            .is_err());
         assert_eq!(&s.snapshot(0, 2).unwrap().data[..], b"state");
 
         let mut hs = HardState::default();
@@ -343,7 +348,10 @@ mod tests {
         snap.mut_metadata().term = 3;
         snap.mut_metadata().mut_conf_state().set_voters(vec![1]);
         s.apply_snapshot(&snap).unwrap();
-        assert_eq!((s.first_index().unwrap(), s.last_index().unwrap()), (11, 10));
+        assert_eq!(
+            (s.first_index().unwrap(), s.last_index().unwrap()),
+            (11, 10)
+        );
         assert_eq!(s.initial_state().unwrap().hard_state.commit, 10);
         assert_eq!(s.log_len(), 0);
     }

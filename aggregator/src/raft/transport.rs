@@ -96,9 +96,7 @@ async fn peer_loop(
                 continue;
             }
         };
-        let result = client
-            .raft(proto::RaftMessage { message: bytes })
-            .await;
+        let result = client.raft(proto::RaftMessage { message: bytes }).await;
         match result {
             Ok(_) => {
                 if was_down {
@@ -116,7 +114,10 @@ async fn peer_loop(
                 }
                 let _ = feedback.try_send(Input::Unreachable { to: id.0 });
                 if is_snapshot {
-                    let _ = feedback.try_send(Input::SnapshotSent { to: id.0, ok: false });
+                    let _ = feedback.try_send(Input::SnapshotSent {
+                        to: id.0,
+                        ok: false,
+                    });
                 }
                 // Drop what piled up while the peer was down; Raft will resend what matters.
                 while rx.try_recv().is_ok() {}

@@ -3,9 +3,7 @@
 
 use super::parse::Scope;
 use super::result::{codes, SqlError, Value};
-use sqlparser::ast::{
-    BinaryOperator, Expr, FunctionArguments, UnaryOperator, Value as AstValue,
-};
+use sqlparser::ast::{BinaryOperator, Expr, FunctionArguments, UnaryOperator, Value as AstValue};
 
 /// What an expression may read from its session.
 pub trait EvalContext {
@@ -53,9 +51,7 @@ pub fn eval(expr: &Expr, ctx: &dyn EvalContext) -> Result<Value, SqlError> {
                 (op, _) => Err(SqlError::unsupported(format!("operator {op}"))),
             }
         }
-        Expr::BinaryOp { left, op, right } => {
-            arithmetic(op, eval(left, ctx)?, eval(right, ctx)?)
-        }
+        Expr::BinaryOp { left, op, right } => arithmetic(op, eval(left, ctx)?, eval(right, ctx)?),
         Expr::Function(f) => {
             let name = f.name.to_string().to_ascii_uppercase();
             let no_args = match &f.args {
@@ -64,7 +60,9 @@ pub fn eval(expr: &Expr, ctx: &dyn EvalContext) -> Result<Value, SqlError> {
                 FunctionArguments::Subquery(_) => false,
             };
             if !no_args {
-                return Err(SqlError::unsupported(format!("function {name} with arguments")));
+                return Err(SqlError::unsupported(format!(
+                    "function {name} with arguments"
+                )));
             }
             match name.as_str() {
                 "DATABASE" | "SCHEMA" => Ok(ctx.database().map_or(Value::Null, Value::Text)),
@@ -84,7 +82,11 @@ pub fn eval(expr: &Expr, ctx: &dyn EvalContext) -> Result<Value, SqlError> {
 }
 
 /// `@@x`, `@x`, or `None` for a plain identifier.
-fn variable(name: &str, scope: Option<Scope>, ctx: &dyn EvalContext) -> Option<Result<Value, SqlError>> {
+fn variable(
+    name: &str,
+    scope: Option<Scope>,
+    ctx: &dyn EvalContext,
+) -> Option<Result<Value, SqlError>> {
     if let Some(sys) = name.strip_prefix("@@") {
         Some(ctx.system_variable(scope, sys))
     } else if let Some(user) = name.strip_prefix('@') {
@@ -142,8 +144,16 @@ fn arithmetic(op: &BinaryOperator, l: Value, r: Value) -> Result<Value, SqlError
         if let Some(v) = out {
             return Ok(Value::Int(v));
         }
-        if !matches!(op, BinaryOperator::Divide) && matches!(op, BinaryOperator::Plus | BinaryOperator::Minus | BinaryOperator::Multiply) {
-            return Err(SqlError::new(1690, format!("BIGINT value is out of range in '{a} {op} {b}'")));
+        if !matches!(op, BinaryOperator::Divide)
+            && matches!(
+                op,
+                BinaryOperator::Plus | BinaryOperator::Minus | BinaryOperator::Multiply
+            )
+        {
+            return Err(SqlError::new(
+                1690,
+                format!("BIGINT value is out of range in '{a} {op} {b}'"),
+            ));
         }
     }
     let (Some(a), Some(b)) = (as_f64(&l), as_f64(&r)) else {
@@ -210,9 +220,18 @@ mod tests {
 
     #[test]
     fn session_lookups() {
-        assert_eq!(ev("@@version_comment").unwrap(), Value::Text("None:version_comment".into()));
-        assert_eq!(ev("@@global.x").unwrap(), Value::Text("Some(Global):x".into()));
-        assert_eq!(ev("@@session.x").unwrap(), Value::Text("Some(Session):x".into()));
+        assert_eq!(
+            ev("@@version_comment").unwrap(),
+            Value::Text("None:version_comment".into())
+        );
+        assert_eq!(
+            ev("@@global.x").unwrap(),
+            Value::Text("Some(Global):x".into())
+        );
+        assert_eq!(
+            ev("@@session.x").unwrap(),
+            Value::Text("Some(Session):x".into())
+        );
         assert_eq!(ev("DATABASE()").unwrap(), Value::Text("d".into()));
         assert_eq!(ev("connection_id()").unwrap(), Value::Int(7));
         assert_eq!(ev("nope()").unwrap_err().code, 1305);

@@ -3,7 +3,7 @@
 use super::eval::{eval, EvalContext};
 use super::parse::{parse, Assignment, Scope, Stmt};
 use super::result::{codes, Column, ColumnKind, QueryOutput, SqlError, Value};
-use crate::cluster::probe_aggregator;
+use crate::cluster::{probe_aggregator, Probe};
 use crate::raft::RaftHandle;
 use common::catalog::{Command, RESERVED_DATABASES};
 use common::variables::{self, like_match, Access};
@@ -30,6 +30,8 @@ pub struct SqlEngine {
     raft: RaftHandle,
     /// Open MySQL connections on this aggregator.
     pub connections: Arc<AtomicUsize>,
+    /// The MySQL address this aggregator serves at.
+    mysql_address: String,
 }
 
 pub fn now_ms() -> u64 {
@@ -40,10 +42,7 @@ pub fn now_ms() -> u64 {
 
 fn split_host_port(addr: &str) -> (String, Value) {
     match addr.rsplit_once(':') {
-        Some((h, p)) => (
-            h.to_string(),
-            p.parse().map_or(Value::Null, Value::Int),
-        ),
+        Some((h, p)) => (h.to_string(), p.parse().map_or(Value::Null, Value::Int)),
         None => (addr.to_string(), Value::Null),
     }
 }
@@ -86,10 +85,11 @@ impl EvalContext for Ctx<'_> {
 }
 
 impl SqlEngine {
-    pub fn new(raft: RaftHandle) -> Self {
+    pub fn new(raft: RaftHandle, mysql_address: String) -> Self {
         Self {
             raft,
             connections: Arc::new(AtomicUsize::new(0)),
+            mysql_address,
         }
     }
 
@@ -148,8 +148,12 @@ impl SqlEngine {
             }
             Stmt::SetNames | Stmt::Transaction => Ok(QueryOutput::ok()),
             Stmt::ShowDatabases { like } => {
-                let mut names: Vec<String> = RESERVED_DATABASES.iter().map(|s| s.to_string()).collect();
-                names.extend(self.raft.read_catalog(|c| c.databases.keys().cloned().collect::<Vec<_>>()));
+                let mut names: Vec<String> =
+                    RESERVED_DATABASES.iter().map(|s| s.to_string()).collect();
+                names.extend(
+                    self.raft
+                        .read_catalog(|c| c.databases.keys().cloned().collect::<Vec<_>>()),
+                );
                 let rows = names
                     .into_iter()
                     .filter(|n| like.as_deref().is_none_or(|p| like_match(p, n)))
@@ -160,7 +164,10 @@ impl SqlEngine {
             Stmt::ShowTables { like: _ } => {
                 let db = session.database.clone().ok_or_else(no_database)?;
                 self.check_database(&db)?;
-                Ok(QueryOutput::text_rows(&[&format!("Tables_in_{db}")], vec![]))
+                Ok(QueryOutput::text_rows(
+                    &[&format!("Tables_in_{db}")],
+                    vec![],
+                ))
             }
             Stmt::ShowVariables { scope, like } => {
                 let mut rows = Vec::new();
@@ -176,10 +183,15 @@ impl SqlEngine {
             Stmt::ShowLeaves => Ok(self.show_leaves()),
             Stmt::ShowAggregators => Ok(self.show_aggregators().await),
             Stmt::ShowPartitions { database } => {
-                let db = database.or_else(|| session.database.clone()).ok_or_else(no_database)?;
+                let db = database
+                    .or_else(|| session.database.clone())
+                    .ok_or_else(no_database)?;
                 self.show_partitions(&db)
             }
-            Stmt::ShowWarnings => Ok(QueryOutput::text_rows(&["Level", "Code", "Message"], vec![])),
+            Stmt::ShowWarnings => Ok(QueryOutput::text_rows(
+                &["Level", "Code", "Message"],
+                vec![],
+            )),
             Stmt::Select(query) => self.select_constant(session, &query),
         }
     }
@@ -194,7 +206,10 @@ impl SqlEngine {
         if known {
             Ok(())
         } else {
-            Err(SqlError::new(codes::BAD_DB, format!("Unknown database '{name}'")))
+            Err(SqlError::new(
+                codes::BAD_DB,
+                format!("Unknown database '{name}'"),
+            ))
         }
     }
 
@@ -207,7 +222,12 @@ impl SqlEngine {
     }
 
     /// A system variable's value as seen by `session` (`scope` None: session, then global).
-    fn variable_value(&self, session: &Session, scope: Option<Scope>, name: &str) -> Result<String, SqlError> {
+    fn variable_value(
+        &self,
+        session: &Session,
+        scope: Option<Scope>,
+        name: &str,
+    ) -> Result<String, SqlError> {
         let def = variables::lookup(name)?;
         if scope != Some(Scope::Global) {
             if let Some(v) = session.variables.get(def.name) {
@@ -222,7 +242,13 @@ impl SqlEngine {
 
     async fn set(&self, session: &mut Session, a: Assignment) -> Result<(), SqlError> {
         if let Some(user) = a.name.strip_prefix('@') {
-            let v = eval(&a.value, &Ctx { engine: self, session })?;
+            let v = eval(
+                &a.value,
+                &Ctx {
+                    engine: self,
+                    session,
+                },
+            )?;
             session.user_variables.insert(user.to_ascii_lowercase(), v);
             return Ok(());
         }
@@ -242,12 +268,23 @@ impl SqlEngine {
                     id.value.clone()
                 }
             }
-            other => eval(other, &Ctx { engine: self, session })?
-                .to_text()
-                .ok_or_else(|| SqlError::new(
+            other => eval(
+                other,
+                &Ctx {
+                    engine: self,
+                    session,
+                },
+            )?
+            .to_text()
+            .ok_or_else(|| {
+                SqlError::new(
                     codes::WRONG_VALUE_FOR_VAR,
-                    format!("Variable '{}' can't be set to the value of 'NULL'", def.name),
-                ))?,
+                    format!(
+                        "Variable '{}' can't be set to the value of 'NULL'",
+                        def.name
+                    ),
+                )
+            })?,
         };
         let value = def.normalize(&raw)?;
         match a.scope {
@@ -274,14 +311,21 @@ impl SqlEngine {
         Ok(())
     }
 
-    fn select_constant(&self, session: &Session, query: &sqlparser::ast::Query) -> Result<QueryOutput, SqlError> {
+    fn select_constant(
+        &self,
+        session: &Session,
+        query: &sqlparser::ast::Query,
+    ) -> Result<QueryOutput, SqlError> {
         let SetExpr::Select(select) = query.body.as_ref() else {
             return Err(SqlError::unsupported("this form of SELECT"));
         };
         if !select.from.is_empty() || select.selection.is_some() {
             return Err(SqlError::unsupported("SELECT from tables"));
         }
-        let ctx = Ctx { engine: self, session };
+        let ctx = Ctx {
+            engine: self,
+            session,
+        };
         let mut columns = Vec::new();
         let mut row = Vec::new();
         for item in &select.projection {
@@ -348,23 +392,29 @@ impl SqlEngine {
             let grpc = grpc.clone();
             async move {
                 if id == me {
-                    (id, Some((self.connections.load(Ordering::Relaxed) as i64, 0.0)))
+                    let probe = Probe {
+                        open_connections: self.connections.load(Ordering::Relaxed) as i64,
+                        round_trip_ms: 0.0,
+                        mysql_address: self.mysql_address.clone(),
+                    };
+                    (id, Some(probe))
                 } else {
                     (id, probe_aggregator(&grpc).await)
                 }
             }
         });
         for (id, probe) in futures::future::join_all(probes).await {
-            let addr = addresses
-                .get(&id)
-                .cloned()
-                .unwrap_or_else(|| self.raft.peers()[&id].clone());
-            let (host, port) = split_host_port(&addr);
+            // A live node says where it serves; the catalog remembers it for a down one.
+            let (host, port) = match (&probe, addresses.get(&id)) {
+                (Some(p), _) => split_host_port(&p.mysql_address),
+                (None, Some(addr)) => split_host_port(addr),
+                (None, None) => (split_host_port(&self.raft.peers()[&id]).0, Value::Null),
+            };
             let (state, conns, rtt) = match probe {
-                Some((conns, rtt)) => (
+                Some(p) => (
                     "online",
-                    Value::Int(conns),
-                    Value::Double((rtt * 1000.0).round() / 1000.0),
+                    Value::Int(p.open_connections),
+                    Value::Double((p.round_trip_ms * 1000.0).round() / 1000.0),
                 ),
                 None => ("offline", Value::Null, Value::Null),
             };
@@ -419,7 +469,8 @@ impl SqlEngine {
                     .collect::<Vec<_>>()
             })
         });
-        let rows = rows.ok_or_else(|| SqlError::new(codes::BAD_DB, format!("Unknown database '{db}'")))?;
+        let rows =
+            rows.ok_or_else(|| SqlError::new(codes::BAD_DB, format!("Unknown database '{db}'")))?;
         Ok(QueryOutput::Rows {
             columns: vec![
                 Column::bigint("Ordinal"),

@@ -72,7 +72,10 @@ fn word_is(tok: &Token, word: &str) -> bool {
 pub fn parse(sql: &str) -> Result<Stmt, SqlError> {
     let trimmed = sql.trim().trim_end_matches(';').trim();
     if trimmed.is_empty() {
-        return Err(SqlError::new(super::result::codes::EMPTY_QUERY, "Query was empty"));
+        return Err(SqlError::new(
+            super::result::codes::EMPTY_QUERY,
+            "Query was empty",
+        ));
     }
     let dialect = MySqlDialect {};
     let mut p = Parser::new(&dialect)
@@ -93,7 +96,9 @@ type Parsed = Result<Result<Stmt, SqlError>, ParserError>;
 fn parse_stmt(p: &mut Parser, sql: &str) -> Parsed {
     let first = p.peek_token().token;
     if p.parse_keyword(Keyword::CREATE) {
-        if p.parse_one_of_keywords(&[Keyword::DATABASE, Keyword::SCHEMA]).is_some() {
+        if p.parse_one_of_keywords(&[Keyword::DATABASE, Keyword::SCHEMA])
+            .is_some()
+        {
             let if_not_exists = p.parse_keywords(&[Keyword::IF, Keyword::NOT, Keyword::EXISTS]);
             let name = p.parse_identifier()?.value;
             let partitions = if p.parse_keyword(Keyword::PARTITIONS) {
@@ -113,7 +118,9 @@ fn parse_stmt(p: &mut Parser, sql: &str) -> Parsed {
         return unsupported_or_error(sql);
     }
     if p.parse_keyword(Keyword::DROP) {
-        if p.parse_one_of_keywords(&[Keyword::DATABASE, Keyword::SCHEMA]).is_some() {
+        if p.parse_one_of_keywords(&[Keyword::DATABASE, Keyword::SCHEMA])
+            .is_some()
+        {
             let if_exists = p.parse_keywords(&[Keyword::IF, Keyword::EXISTS]);
             let name = p.parse_identifier()?.value;
             return Ok(Ok(Stmt::DropDatabase { name, if_exists }));
@@ -137,8 +144,7 @@ fn parse_stmt(p: &mut Parser, sql: &str) -> Parsed {
         let _ = p.parse_keyword(Keyword::WORK);
         return Ok(Ok(Stmt::Transaction));
     }
-    if matches!(&first, Token::Word(w) if w.keyword == Keyword::SELECT) || first == Token::LParen
-    {
+    if matches!(&first, Token::Word(w) if w.keyword == Keyword::SELECT) || first == Token::LParen {
         return match p.parse_statement()? {
             Statement::Query(q) => Ok(Ok(Stmt::Select(q))),
             other => Ok(Err(SqlError::unsupported(kind_of(&other)))),
@@ -194,7 +200,9 @@ fn parse_show(p: &mut Parser, sql: &str) -> Parsed {
     if scope.is_some() {
         return p.expected("VARIABLES", p.peek_token());
     }
-    if p.parse_one_of_keywords(&[Keyword::DATABASES, Keyword::SCHEMAS]).is_some() {
+    if p.parse_one_of_keywords(&[Keyword::DATABASES, Keyword::SCHEMAS])
+        .is_some()
+    {
         return Ok(Ok(Stmt::ShowDatabases {
             like: parse_like(p)?,
         }));
@@ -241,14 +249,11 @@ fn parse_set(p: &mut Parser) -> Result<Stmt, ParserError> {
     }
     let mut assignments = Vec::new();
     loop {
-        let mut scope = match p.parse_one_of_keywords(&[
-            Keyword::GLOBAL,
-            Keyword::SESSION,
-            Keyword::LOCAL,
-        ]) {
-            Some(Keyword::GLOBAL) => Scope::Global,
-            _ => Scope::Session,
-        };
+        let mut scope =
+            match p.parse_one_of_keywords(&[Keyword::GLOBAL, Keyword::SESSION, Keyword::LOCAL]) {
+                Some(Keyword::GLOBAL) => Scope::Global,
+                _ => Scope::Session,
+            };
         let tok = p.next_token();
         let Token::Word(w) = &tok.token else {
             return p.expected("a variable name", tok);
@@ -256,7 +261,9 @@ fn parse_set(p: &mut Parser) -> Result<Stmt, ParserError> {
         let mut name = w.value.clone();
         if let Some(rest) = name.strip_prefix("@@") {
             let rest = rest.to_ascii_lowercase();
-            if matches!(rest.as_str(), "global" | "session" | "local") && p.consume_token(&Token::Period) {
+            if matches!(rest.as_str(), "global" | "session" | "local")
+                && p.consume_token(&Token::Period)
+            {
                 scope = if rest == "global" {
                     Scope::Global
                 } else {
@@ -300,7 +307,12 @@ mod tests {
                 if_exists: true
             }
         );
-        assert_eq!(parse("use d").unwrap(), Stmt::Use { database: "d".into() });
+        assert_eq!(
+            parse("use d").unwrap(),
+            Stmt::Use {
+                database: "d".into()
+            }
+        );
         assert!(parse("CREATE DATABASE").is_err());
         assert!(parse("CREATE DATABASE d PARTITIONS x").is_err());
     }
@@ -322,9 +334,16 @@ mod tests {
         let got: Vec<_> = a.iter().map(|a| (a.scope, a.name.as_str())).collect();
         assert_eq!(
             got,
-            vec![(Scope::Global, "x"), (Scope::Session, "y"), (Scope::Session, "autocommit")]
+            vec![
+                (Scope::Global, "x"),
+                (Scope::Session, "y"),
+                (Scope::Session, "autocommit")
+            ]
         );
-        assert_eq!(parse("SET NAMES utf8mb4 COLLATE utf8mb4_bin").unwrap(), Stmt::SetNames);
+        assert_eq!(
+            parse("SET NAMES utf8mb4 COLLATE utf8mb4_bin").unwrap(),
+            Stmt::SetNames
+        );
         assert_eq!(parse("set names 'utf8'").unwrap(), Stmt::SetNames);
         assert!(parse("SET x").is_err());
     }
@@ -353,18 +372,30 @@ mod tests {
                 database: Some("d".into())
             }
         );
-        assert_eq!(parse("SHOW DATABASES").unwrap(), Stmt::ShowDatabases { like: None });
+        assert_eq!(
+            parse("SHOW DATABASES").unwrap(),
+            Stmt::ShowDatabases { like: None }
+        );
         assert!(parse("SHOW GLOBAL LEAVES").is_err());
     }
 
     #[test]
     fn errors_and_unsupported() {
-        assert_eq!(parse("SELEC 1").unwrap_err().code, super::super::result::codes::PARSE);
-        assert_eq!(parse("   ").unwrap_err().code, super::super::result::codes::EMPTY_QUERY);
+        assert_eq!(
+            parse("SELEC 1").unwrap_err().code,
+            super::super::result::codes::PARSE
+        );
+        assert_eq!(
+            parse("   ").unwrap_err().code,
+            super::super::result::codes::EMPTY_QUERY
+        );
         let e = parse("CREATE TABLE t (a INT)").unwrap_err();
         assert_eq!(e.code, super::super::result::codes::NOT_SUPPORTED_YET);
         assert!(e.message.contains("CREATE TABLE"), "{}", e.message);
         assert!(parse("SELECT 1 garbage garbage").is_err());
-        assert!(matches!(parse("select @@version_comment limit 1").unwrap(), Stmt::Select(_)));
+        assert!(matches!(
+            parse("select @@version_comment limit 1").unwrap(),
+            Stmt::Select(_)
+        ));
     }
 }

@@ -1,1 +1,6 @@
-fn main(){}
+//! End-to-end tests against real `aggregator` and `leaf` processes.
+//! Build the binaries first: `cargo build --bins` (the README's test command does).
+
+mod bad_input;
+mod cluster;
+mod harness;

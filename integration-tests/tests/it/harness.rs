@@ -1,0 +1,356 @@
+//! Test harness: real `aggregator` and `leaf` processes on loopback ports, driven by the real
+//! `mariadb` command-line client. Every wait has a deadline; processes are killed by the PID
+//! we started, and all of them are killed when the cluster is dropped.
+
+use anyhow::{bail, Context, Result};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Directory holding the built `aggregator` and `leaf` binaries.
+pub fn bin_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("SHARDLINE_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    // target/<profile>/deps/it-<hash> -> target/<profile>
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
+}
+
+fn binary(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} not found: build the binaries first (cargo build --bins) or set SHARDLINE_BIN_DIR",
+        path.display()
+    );
+    path
+}
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Polls `f` until it returns `Some` or the deadline passes.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The outcome of a statement run with the `mariadb` client.
+#[derive(Debug)]
+pub struct Output {
+    pub rows: Vec<Vec<String>>,
+}
+
+/// Runs SQL with the real `mariadb` client (batch mode, no column names).
+pub fn mysql(port: u16, password: &str, sql: &str) -> Result<Output> {
+    let out = Command::new("mariadb")
+        .args([
+            "-h127.0.0.1",
+            &format!("-P{port}"),
+            "-uroot",
+            "--batch",
+            "--skip-column-names",
+        ])
+        .arg("--connect-timeout=3")
+        .args(["-e", sql])
+        .env("MYSQL_PWD", password)
+        .stdin(Stdio::null())
+        .output()
+        .context("running the mariadb client (apt-get install mariadb-client)")?;
+    if !out.status.success() {
+        bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let rows = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.split('\t').map(String::from).collect())
+        .collect();
+    Ok(Output { rows })
+}
+
+/// One node process and how to start it again.
+pub struct Node {
+    pub name: String,
+    args: Vec<String>,
+    program: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Node {
+    fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new(&self.program)
+            .args(&self.args)
+            .env("RUST_LOG", "info,raft=warn,sled=warn,h2=warn,tower=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.name))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            signal(c.id(), "TERM")?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while c.try_wait()?.is_none() {
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    bail!("{} did not stop within 10s of SIGTERM", self.name);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn start(&mut self) -> Result<()> {
+        if self.is_running() {
+            return Ok(());
+        }
+        self.spawn()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        let i = self
+            .args
+            .iter()
+            .position(|a| a == "--data-dir")
+            .expect("data dir arg");
+        PathBuf::from(&self.args[i + 1])
+    }
+}
+
+/// Sends a signal by name (`TERM`, `STOP`, `CONT`) with `kill(1)`.
+pub fn signal(pid: u32, sig: &str) -> Result<()> {
+    let st = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()?;
+    if !st.success() {
+        bail!("kill -{sig} {pid} failed");
+    }
+    Ok(())
+}
+
+/// How to build a cluster.
+#[derive(Clone)]
+pub struct ClusterSpec {
+    pub aggregators: usize,
+    pub leaves: usize,
+    pub password: String,
+    /// Extra flags for every aggregator.
+    pub aggregator_args: Vec<String>,
+}
+
+impl Default for ClusterSpec {
+    fn default() -> Self {
+        Self {
+            aggregators: 3,
+            leaves: 2,
+            password: String::new(),
+            aggregator_args: vec![],
+        }
+    }
+}
+
+/// A running cluster of real processes in a temporary directory.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub aggregators: Vec<Node>,
+    pub leaves: Vec<Node>,
+    pub mysql_ports: Vec<u16>,
+    pub password: String,
+}
+
+impl Cluster {
+    pub fn start(spec: ClusterSpec) -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("shardline-it-").tempdir()?;
+        let grpc: Vec<u16> = (0..spec.aggregators).map(|_| free_port()).collect();
+        let mysql_ports: Vec<u16> = (0..spec.aggregators).map(|_| free_port()).collect();
+        let peers = grpc
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let agg_addrs = grpc
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut aggregators = Vec::new();
+        for i in 0..spec.aggregators {
+            let name = format!("aggregator-{}", i + 1);
+            let mut args: Vec<String> = vec![
+                "--node-id".into(),
+                (i + 1).to_string(),
+                "--peers".into(),
+                peers.clone(),
+                "--grpc-listen".into(),
+                format!("127.0.0.1:{}", grpc[i]),
+                "--mysql-listen".into(),
+                format!("127.0.0.1:{}", mysql_ports[i]),
+                "--data-dir".into(),
+                dir.path().join(&name).to_string_lossy().into(),
+                "--root-password".into(),
+                spec.password.clone(),
+            ];
+            args.extend(spec.aggregator_args.iter().cloned());
+            aggregators.push(Node {
+                log: dir.path().join(format!("{name}.log")),
+                name,
+                args,
+                program: binary("aggregator"),
+                child: None,
+            });
+        }
+        let mut leaves = Vec::new();
+        for i in 0..spec.leaves {
+            let name = format!("leaf-{}", i + 1);
+            let args: Vec<String> = vec![
+                "--listen".into(),
+                format!("127.0.0.1:{}", free_port()),
+                "--aggregators".into(),
+                agg_addrs.clone(),
+                "--data-dir".into(),
+                dir.path().join(&name).to_string_lossy().into(),
+            ];
+            leaves.push(Node {
+                log: dir.path().join(format!("{name}.log")),
+                name,
+                args,
+                program: binary("leaf"),
+                child: None,
+            });
+        }
+        let mut cluster = Self {
+            dir,
+            aggregators,
+            leaves,
+            mysql_ports,
+            password: spec.password,
+        };
+        for n in cluster
+            .aggregators
+            .iter_mut()
+            .chain(cluster.leaves.iter_mut())
+        {
+            n.spawn()?;
+        }
+        Ok(cluster)
+    }
+
+    /// Runs SQL on aggregator `i` (0-based).
+    pub fn sql(&self, i: usize, sql: &str) -> Result<Output> {
+        mysql(self.mysql_ports[i], &self.password, sql)
+    }
+
+    /// `SHOW AGGREGATORS` on aggregator `i`: the master's node id, if any.
+    pub fn master_seen_by(&self, i: usize) -> Option<usize> {
+        let out = self.sql(i, "SHOW AGGREGATORS").ok()?;
+        out.rows
+            .iter()
+            .find(|r| r.get(5).map(String::as_str) == Some("1"))
+            .and_then(|r| r.get(6)?.parse().ok())
+    }
+
+    /// Waits until every running aggregator names the same master, and returns its index.
+    pub fn wait_for_master(&mut self, timeout: Duration) -> Result<usize> {
+        let running: Vec<usize> = (0..self.aggregators.len())
+            .filter(|i| self.aggregators[*i].is_running())
+            .collect();
+        let this = &*self;
+        wait_for(
+            "a master agreed on by every running aggregator",
+            timeout,
+            || {
+                let seen: Vec<Option<usize>> =
+                    running.iter().map(|i| this.master_seen_by(*i)).collect();
+                let first = seen.first().copied().flatten()?;
+                (seen.iter().all(|s| *s == Some(first)) && running.contains(&(first - 1)))
+                    .then_some(first - 1)
+            },
+        )
+    }
+
+    /// Leaf states from `SHOW LEAVES` on aggregator `i`: (port, state).
+    pub fn leaf_states(&self, i: usize) -> Result<Vec<(String, String)>> {
+        Ok(self
+            .sql(i, "SHOW LEAVES")?
+            .rows
+            .into_iter()
+            .map(|r| (r[1].clone(), r[5].clone()))
+            .collect())
+    }
+
+    pub fn wait_for_leaves_online(&self, via: usize, n: usize, timeout: Duration) -> Result<()> {
+        wait_for(&format!("{n} online leaves"), timeout, || {
+            let states = self.leaf_states(via).ok()?;
+            (states.iter().filter(|(_, s)| s == "online").count() == n).then_some(())
+        })
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for n in self.aggregators.iter_mut().chain(self.leaves.iter_mut()) {
+            n.kill();
+        }
+        if std::thread::panicking() || std::env::var_os("SHARDLINE_IT_KEEP").is_some() {
+            // Keep the logs of a failed test for inspection.
+            let path = self.dir.path().to_path_buf();
+            eprintln!("test failed; node logs kept in {}", path.display());
+            for n in self.aggregators.iter().chain(self.leaves.iter()) {
+                let text = n.log_text();
+                let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                eprintln!("--- {} (last lines)", n.name);
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+            let _ = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir")).keep();
+        }
+    }
+}
