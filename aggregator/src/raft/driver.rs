@@ -19,7 +19,7 @@ pub enum Input {
     /// Propose a catalog command; the reply comes when it is applied here.
     Propose {
         command: Command,
-        reply: oneshot::Sender<Result<Output>>,
+        reply: Reply,
     },
     /// A Raft message from another aggregator.
     Step(Message),
@@ -28,6 +28,9 @@ pub enum Input {
     /// A snapshot was (or failed to be) delivered to a peer.
     SnapshotSent { to: u64, ok: bool },
 }
+
+/// Answers a proposal: its output and the log index it was applied at.
+pub type Reply = oneshot::Sender<Result<(Output, u64)>>;
 
 /// This node's view of the Raft group, published after every `Ready`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,7 +65,7 @@ pub struct Driver {
     pub(super) catalog: Arc<RwLock<Catalog>>,
     pub(super) status: watch::Sender<RaftStatus>,
     /// Proposals awaiting apply, by the log index they were appended at (leader only).
-    pub(super) pending: HashMap<u64, (u64, oneshot::Sender<Result<Output>>)>,
+    pub(super) pending: HashMap<u64, (u64, Reply)>,
     pub(super) next_proposal: u64,
     pub(super) applied: u64,
     pub(super) snapshot_entries: u64,
@@ -161,7 +164,7 @@ impl Driver {
         }
     }
 
-    fn propose(&mut self, command: Command, reply: oneshot::Sender<Result<Output>>) {
+    fn propose(&mut self, command: Command, reply: Reply) {
         // Only the leader proposes: a proposal raft-rs forwarded to a leader that then died
         // would vanish silently. Followers forward writes over gRPC instead (RaftHandle).
         if self.node.raft.state != StateRole::Leader {
@@ -312,7 +315,7 @@ impl Driver {
         };
         let ours = parse_context(context) == Some((self.me, id));
         let _ = tx.send(if ours {
-            result
+            result.map(|out| (out, index))
         } else {
             Err(Error::ProposalLost)
         });

@@ -197,7 +197,9 @@ impl RaftHandle {
             let attempt = match leader {
                 None => Err(Error::NoLeader),
                 Some(l) if l == self.inner.me => {
-                    self.propose_local(command.clone(), deadline).await
+                    self.propose_local(command.clone(), deadline)
+                        .await
+                        .map(|(out, _)| out)
                 }
                 Some(l) => self.forward(l, &command, deadline).await,
             };
@@ -219,12 +221,13 @@ impl RaftHandle {
         }
     }
 
-    /// Proposes on this node, which must be the leader; waits for the entry to be applied.
+    /// Proposes on this node, which must be the leader; waits for the entry to be applied and
+    /// returns its output and log index.
     pub async fn propose_local(
         &self,
         command: Command,
         deadline: tokio::time::Instant,
-    ) -> Result<Output> {
+    ) -> Result<(Output, u64)> {
         let (tx, rx) = oneshot::channel();
         self.inner
             .inputs
@@ -298,12 +301,12 @@ impl RaftHandle {
             return Err(self.not_leader());
         }
         let deadline = tokio::time::Instant::now() + self.inner.commit_timeout;
-        let result = match self.propose_local(command, deadline).await {
-            Ok(out) => Ok(out),
-            Err(Error::Catalog(e)) => Err(e),
-            Err(e) => return Err(e),
-        };
-        Ok((result, self.status().applied))
+        match self.propose_local(command, deadline).await {
+            Ok((out, index)) => Ok((Ok(out), index)),
+            // A deterministic refusal changed nothing: there is nothing to wait for.
+            Err(Error::Catalog(e)) => Ok((Err(e), 0)),
+            Err(e) => Err(e),
+        }
     }
 
     /// Hands a Raft message from a peer to the driver (dropped if the driver is overloaded).

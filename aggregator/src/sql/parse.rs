@@ -232,7 +232,10 @@ fn parse_show(p: &mut Parser, sql: &str) -> Parsed {
             return Ok(Ok(stmt));
         }
     }
-    unsupported_or_error(sql)
+    Err(ParserError::ParserError(format!(
+        "unknown SHOW statement '{}'",
+        sql.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    )))
 }
 
 fn parse_set(p: &mut Parser) -> Result<Stmt, ParserError> {

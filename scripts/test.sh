@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The test command: installs what is missing, builds the debug binaries once, runs the Rust
+# unit and integration tests (real processes), then the Python client tests (pymysql and the
+# mariadb CLI against a cluster started by deploy/local/up.sh).
+set -euo pipefail
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO_ROOT"
+
+bash scripts/setup.sh
+echo "== cargo build (debug: binaries and tests)"
+cargo build --workspace --bins --tests --locked
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo test"
+cargo test --workspace --locked
+echo "== python client tests"
+SHARDLINE_BIN_DIR="$REPO_ROOT/target/debug" "$REPO_ROOT/.venv/bin/python" -m pytest -q integration-tests/python
