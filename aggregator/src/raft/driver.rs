@@ -17,10 +17,7 @@ use tokio_util::sync::CancellationToken;
 /// What the driver is asked to do.
 pub enum Input {
     /// Propose a catalog command; the reply comes when it is applied here.
-    Propose {
-        command: Command,
-        reply: Reply,
-    },
+    Propose { command: Command, reply: Reply },
     /// A Raft message from another aggregator.
     Step(Message),
     /// The transport could not reach a peer.

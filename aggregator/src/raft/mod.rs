@@ -196,11 +196,10 @@ impl RaftHandle {
             let leader = status.borrow_and_update().leader;
             let attempt = match leader {
                 None => Err(Error::NoLeader),
-                Some(l) if l == self.inner.me => {
-                    self.propose_local(command.clone(), deadline)
-                        .await
-                        .map(|(out, _)| out)
-                }
+                Some(l) if l == self.inner.me => self
+                    .propose_local(command.clone(), deadline)
+                    .await
+                    .map(|(out, _)| out),
                 Some(l) => self.forward(l, &command, deadline).await,
             };
             match attempt {

@@ -292,11 +292,12 @@ mod tests {
     use raft::Storage;
 
     fn entry(index: u64, term: u64) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = term;
-        e.data = vec![index as u8].into();
-        e
+        Entry {
+            index,
+            term,
+            data: vec![index as u8].into(),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -326,9 +327,11 @@ mod tests {
             .is_err());
         assert_eq!(&s.snapshot(0, 2).unwrap().data[..], b"state");
 
-        let mut hs = HardState::default();
-        hs.term = 2;
-        hs.commit = 3;
+        let hs = HardState {
+            term: 2,
+            commit: 3,
+            ..Default::default()
+        };
         s.set_hard_state(&hs).unwrap();
         drop(s);
         let s = SledStorage::open(dir.path(), &[9]).unwrap();

@@ -88,12 +88,10 @@ fn variable(
     ctx: &dyn EvalContext,
 ) -> Option<Result<Value, SqlError>> {
     if let Some(sys) = name.strip_prefix("@@") {
-        Some(ctx.system_variable(scope, sys))
-    } else if let Some(user) = name.strip_prefix('@') {
-        Some(Ok(ctx.user_variable(user)))
-    } else {
-        None
+        return Some(ctx.system_variable(scope, sys));
     }
+    name.strip_prefix('@')
+        .map(|user| Ok(ctx.user_variable(user)))
 }
 
 fn literal(v: &AstValue) -> Result<Value, SqlError> {
