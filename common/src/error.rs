@@ -26,8 +26,37 @@ pub enum Error {
     },
     #[error("Variable '{name}' is a read only variable")]
     ReadOnlyVariable { name: String },
+    #[error("Unknown database '{name}'")]
+    UnknownDatabase { name: String },
     #[error("Unknown leaf {id}")]
     LeafNotFound { id: u64 },
+    #[error("Pipeline '{name}' already exists")]
+    PipelineExists { name: String },
+    #[error("Pipeline '{name}' doesn't exist")]
+    PipelineNotFound { name: String },
+    #[error("Pipeline '{name}' is already running")]
+    PipelineRunning { name: String },
+    #[error("Pipeline '{name}' is not running")]
+    PipelineNotRunning { name: String },
+    #[error("Pipeline '{name}': {reason}")]
+    InvalidPipeline { name: String, reason: String },
+    #[error("Pipeline '{pipeline}' has no task {task}")]
+    TaskNotFound { pipeline: String, task: u32 },
+    #[error("Pipeline '{pipeline}' task {task}: epoch {epoch} is stale (current {current}); the task moved")]
+    StaleEpoch {
+        pipeline: String,
+        task: u32,
+        epoch: u64,
+        current: u64,
+    },
+    #[error("Pipeline '{pipeline}': the committed offset of {key} changed under the batch")]
+    OffsetConflict { pipeline: String, key: String },
+    #[error("Table '{database}.{name}' already exists")]
+    TableExists { database: String, name: String },
+    #[error("Table '{database}.{name}' doesn't exist")]
+    TableNotFound { database: String, name: String },
+    #[error("Kafka Connect pipelines are disabled; enable them with SET GLOBAL experimental_features_config = \"kafka_connect_enabled=true\"")]
+    FeatureDisabled,
 }
 
 /// Result with the catalog [`enum@Error`].

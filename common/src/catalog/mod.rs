@@ -4,14 +4,21 @@
 //! It changes only by [`Catalog::apply`] of a committed [`Command`], which is deterministic:
 //! every replica applying the same log reaches the same state (times come in the command).
 
+pub mod pipelines;
+pub mod tables;
+
 use crate::error::{Error, Result};
 use crate::ids::{LeafId, NodeId};
 use crate::variables;
+use pipelines::{BatchCommit, Pipeline, PipelineChange, PipelineDef, PipelineError, PipelineState};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use tables::Table;
 
 /// Names that no user database may take.
 pub const RESERVED_DATABASES: &[&str] = &["information_schema"];
+/// The feature flag that gates Kafka Connect pipelines.
+pub const KAFKA_CONNECT_FLAG: &str = "kafka_connect_enabled";
 /// The most partitions one database may have.
 pub const MAX_PARTITIONS: u32 = 1024;
 
@@ -39,6 +46,8 @@ pub struct Database {
     pub name: String,
     pub partitions: Vec<Partition>,
     pub created_ms: u64,
+    #[serde(default)]
+    pub tables: BTreeMap<String, Table>,
 }
 
 /// The replicated catalog.
@@ -51,6 +60,10 @@ pub struct Catalog {
     pub next_leaf_id: u64,
     /// MySQL address (`host:port`) each aggregator serves clients at.
     pub aggregators: BTreeMap<NodeId, String>,
+    #[serde(default)]
+    pub pipelines: BTreeMap<u64, Pipeline>,
+    #[serde(default)]
+    pub next_pipeline_id: u64,
 }
 
 /// A change to the catalog, proposed through Raft.
@@ -87,6 +100,72 @@ pub enum Command {
         node: NodeId,
         mysql_address: String,
     },
+    CreateTable {
+        table: Table,
+        if_not_exists: bool,
+    },
+    DropTable {
+        database: String,
+        name: String,
+        if_exists: bool,
+    },
+    CreatePipeline {
+        def: PipelineDef,
+        or_replace: bool,
+        if_not_exists: bool,
+        now_ms: u64,
+    },
+    StartPipeline {
+        database: String,
+        name: String,
+        /// One config per task, from the connector (`task_configs`).
+        tasks: Vec<BTreeMap<String, String>>,
+        if_not_running: bool,
+        now_ms: u64,
+    },
+    StopPipeline {
+        database: String,
+        name: String,
+        if_running: bool,
+        now_ms: u64,
+    },
+    DropPipeline {
+        database: String,
+        name: String,
+        if_exists: bool,
+    },
+    AlterPipeline {
+        database: String,
+        name: String,
+        change: PipelineChange,
+        now_ms: u64,
+    },
+    /// The scheduler (re)assigns a task; the task gets a new epoch.
+    AssignTask {
+        pipeline_id: u64,
+        task_id: u32,
+        leaf: Option<LeafId>,
+    },
+    CommitBatch(BatchCommit),
+    /// Ends an epoch so none of its batches can commit any more (batch recovery).
+    FenceTask {
+        pipeline_id: u64,
+        task_id: u32,
+        epoch: u64,
+    },
+    /// A task failed; `fatal` once its retries are exhausted.
+    PipelineFailure {
+        pipeline_id: u64,
+        task_id: u32,
+        epoch: u64,
+        error: PipelineError,
+        fatal: bool,
+        now_ms: u64,
+    },
+    ClearPipelineErrors {
+        database: String,
+        name: Option<String>,
+    },
 }
 
 /// What applying a command produced.
@@ -98,6 +177,12 @@ pub enum Output {
     Unchanged,
     /// The id of a registered leaf.
     Leaf(LeafId),
+    /// The BATCH_ID of a committed batch.
+    Batch(u64),
+    /// The epoch a task was assigned.
+    Epoch(u64),
+    /// The id of a created pipeline.
+    Pipeline(u64),
 }
 
 impl Catalog {
@@ -162,12 +247,14 @@ impl Catalog {
                         name,
                         partitions,
                         created_ms: now_ms,
+                        tables: BTreeMap::new(),
                     },
                 );
                 Ok(Output::Done)
             }
             Command::DropDatabase { name, if_exists } => {
                 if self.databases.remove(&name).is_some() {
+                    self.pipelines.retain(|_, p| p.database != name);
                     Ok(Output::Done)
                 } else if if_exists {
                     Ok(Output::Unchanged)
@@ -218,7 +305,262 @@ impl Catalog {
                 self.aggregators.insert(node, mysql_address);
                 Ok(Output::Done)
             }
+            Command::CreateTable {
+                table,
+                if_not_exists,
+            } => {
+                let db = self.database_mut(&table.database)?;
+                if db.tables.contains_key(&table.name) {
+                    return if if_not_exists {
+                        Ok(Output::Unchanged)
+                    } else {
+                        Err(Error::TableExists {
+                            database: table.database,
+                            name: table.name,
+                        })
+                    };
+                }
+                db.tables.insert(table.name.clone(), table);
+                Ok(Output::Done)
+            }
+            Command::DropTable {
+                database,
+                name,
+                if_exists,
+            } => {
+                if let Some(p) = self
+                    .pipelines
+                    .values()
+                    .find(|p| p.database == database && p.table == name)
+                {
+                    return Err(Error::InvalidPipeline {
+                        name: p.name.clone(),
+                        reason: format!("loads table '{name}'; drop the pipeline first"),
+                    });
+                }
+                let db = self.database_mut(&database)?;
+                match db.tables.remove(&name) {
+                    Some(_) => Ok(Output::Done),
+                    None if if_exists => Ok(Output::Unchanged),
+                    None => Err(Error::TableNotFound { database, name }),
+                }
+            }
+            Command::CreatePipeline {
+                def,
+                or_replace,
+                if_not_exists,
+                now_ms,
+            } => self.create_pipeline(def, or_replace, if_not_exists, now_ms),
+            Command::StartPipeline {
+                database,
+                name,
+                tasks,
+                if_not_running,
+                now_ms,
+            } => {
+                if !self.feature_enabled(KAFKA_CONNECT_FLAG) {
+                    return Err(Error::FeatureDisabled);
+                }
+                let p = self.pipeline_mut(&database, &name)?;
+                Ok(if p.start(tasks, if_not_running, now_ms)? {
+                    Output::Done
+                } else {
+                    Output::Unchanged
+                })
+            }
+            Command::StopPipeline {
+                database,
+                name,
+                if_running,
+                now_ms,
+            } => {
+                let p = self.pipeline_mut(&database, &name)?;
+                if p.state != PipelineState::Running {
+                    return if if_running || p.state == PipelineState::Error {
+                        p.stop(PipelineState::Stopped, now_ms);
+                        Ok(Output::Unchanged)
+                    } else {
+                        Err(Error::PipelineNotRunning { name })
+                    };
+                }
+                p.stop(PipelineState::Stopped, now_ms);
+                Ok(Output::Done)
+            }
+            Command::DropPipeline {
+                database,
+                name,
+                if_exists,
+            } => match self.pipeline_id(&database, &name) {
+                Ok(id) => {
+                    self.pipelines.remove(&id);
+                    Ok(Output::Done)
+                }
+                Err(_) if if_exists => Ok(Output::Unchanged),
+                Err(e) => Err(e),
+            },
+            Command::AlterPipeline {
+                database,
+                name,
+                change,
+                now_ms,
+            } => {
+                self.pipeline_mut(&database, &name)?.alter(change, now_ms)?;
+                Ok(Output::Done)
+            }
+            Command::AssignTask {
+                pipeline_id,
+                task_id,
+                leaf,
+            } => Ok(Output::Epoch(
+                self.pipeline_by_id(pipeline_id)?.assign(task_id, leaf)?,
+            )),
+            Command::CommitBatch(batch) => {
+                let keep = self.variable_u32("pipelines_batches_metadata_to_keep") as usize;
+                Ok(Output::Batch(
+                    self.pipeline_by_id(batch.pipeline_id)?
+                        .commit(batch, keep)?,
+                ))
+            }
+            Command::FenceTask {
+                pipeline_id,
+                task_id,
+                epoch,
+            } => Ok(if self.pipeline_by_id(pipeline_id)?.fence(task_id, epoch) {
+                Output::Done
+            } else {
+                Output::Unchanged
+            }),
+            Command::PipelineFailure {
+                pipeline_id,
+                task_id,
+                epoch,
+                error,
+                fatal,
+                now_ms,
+            } => {
+                let global_stop = self.variable("pipelines_stop_on_error").as_deref() == Some("ON");
+                let p = self.pipeline_by_id(pipeline_id)?;
+                let current = p
+                    .tasks
+                    .iter()
+                    .any(|t| t.task_id == task_id && t.epoch == epoch);
+                p.record_error(error);
+                if !(fatal && current && p.state == PipelineState::Running) {
+                    return Ok(Output::Unchanged);
+                }
+                if p.stop_on_error.unwrap_or(global_stop) {
+                    p.stop(PipelineState::Error, now_ms);
+                } else {
+                    p.skipped_batch_partitions += 1;
+                }
+                Ok(Output::Done)
+            }
+            Command::ClearPipelineErrors { database, name } => {
+                for p in self.pipelines.values_mut() {
+                    if p.database == database && name.as_ref().is_none_or(|n| *n == p.name) {
+                        p.errors.clear();
+                    }
+                }
+                Ok(Output::Done)
+            }
         }
+    }
+
+    fn create_pipeline(
+        &mut self,
+        def: PipelineDef,
+        or_replace: bool,
+        if_not_exists: bool,
+        now_ms: u64,
+    ) -> Result<Output> {
+        if !self.feature_enabled(KAFKA_CONNECT_FLAG) {
+            return Err(Error::FeatureDisabled);
+        }
+        let name = def.name.clone();
+        let existing = self.pipeline_id(&def.database, &def.name).ok();
+        if let Some(id) = existing {
+            if if_not_exists {
+                return Ok(Output::Unchanged);
+            }
+            if !or_replace {
+                return Err(Error::PipelineExists { name });
+            }
+            if self.pipelines[&id].state == PipelineState::Running {
+                return Err(Error::PipelineRunning { name });
+            }
+        }
+        let db = self.database_mut(&def.database)?;
+        match db.tables.get(&def.table) {
+            Some(t) => t
+                .check_static_schema()
+                .map_err(|reason| Error::InvalidPipeline {
+                    name: name.clone(),
+                    reason,
+                })?,
+            None if def.inferred => {
+                let t = Table::kafka_connect_static(&def.database, &def.table, now_ms);
+                db.tables.insert(def.table.clone(), t);
+            }
+            None => {
+                return Err(Error::TableNotFound {
+                    database: def.database.clone(),
+                    name: def.table.clone(),
+                })
+            }
+        }
+        if let Some(id) = existing {
+            if let Some(p) = self.pipelines.get_mut(&id) {
+                p.redefine(def, now_ms);
+            }
+            return Ok(Output::Pipeline(id));
+        }
+        self.next_pipeline_id += 1;
+        let id = self.next_pipeline_id;
+        self.pipelines.insert(id, Pipeline::new(id, def, now_ms));
+        Ok(Output::Pipeline(id))
+    }
+
+    fn database_mut(&mut self, name: &str) -> Result<&mut Database> {
+        self.databases
+            .get_mut(name)
+            .ok_or_else(|| Error::UnknownDatabase {
+                name: name.to_string(),
+            })
+    }
+
+    /// The id of a pipeline by database and name.
+    pub fn pipeline_id(&self, database: &str, name: &str) -> Result<u64> {
+        self.pipelines
+            .values()
+            .find(|p| p.database == database && p.name == name)
+            .map(|p| p.id)
+            .ok_or_else(|| Error::PipelineNotFound {
+                name: name.to_string(),
+            })
+    }
+
+    /// A pipeline by database and name.
+    pub fn pipeline(&self, database: &str, name: &str) -> Result<&Pipeline> {
+        let id = self.pipeline_id(database, name)?;
+        Ok(&self.pipelines[&id])
+    }
+
+    fn pipeline_mut(&mut self, database: &str, name: &str) -> Result<&mut Pipeline> {
+        let id = self.pipeline_id(database, name)?;
+        self.pipeline_by_id(id)
+    }
+
+    fn pipeline_by_id(&mut self, id: u64) -> Result<&mut Pipeline> {
+        self.pipelines
+            .get_mut(&id)
+            .ok_or_else(|| Error::PipelineNotFound {
+                name: format!("#{id}"),
+            })
+    }
+
+    /// A table by database and name.
+    pub fn table(&self, database: &str, name: &str) -> Option<&Table> {
+        self.databases.get(database)?.tables.get(name)
     }
 
     /// The global value of a variable: the user's, else the default. `None` if unknown.
@@ -232,7 +574,7 @@ impl Catalog {
         )
     }
 
-    fn variable_u32(&self, name: &str) -> u32 {
+    pub fn variable_u32(&self, name: &str) -> u32 {
         self.variable(name)
             .and_then(|v| v.parse().ok())
             .unwrap_or(1)

@@ -1,0 +1,578 @@
+//! Pipelines in the catalog: definition, state, tasks with fencing epochs, committed source
+//! offsets, and bounded histories of batches and errors.
+//!
+//! The exactly-once decisions live here, in [`super::Catalog::apply`]: a batch commits only
+//! if its task holds the current epoch of a running pipeline and the offsets it read from
+//! are still the committed ones (compare-and-set); a batch that already committed answers
+//! with its original id, so commits can be retried.
+
+use crate::error::{Error, Result};
+use crate::ids::LeafId;
+use serde::{Deserialize, Serialize};
+use serde_json::Value as Json;
+use std::collections::{BTreeMap, VecDeque};
+
+/// A pipeline's state as `information_schema.PIPELINES` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PipelineState {
+    Running,
+    Stopped,
+    Error,
+}
+
+impl PipelineState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PipelineState::Running => "Running",
+            PipelineState::Stopped => "Stopped",
+            PipelineState::Error => "Error",
+        }
+    }
+}
+
+/// Where a source partition without a committed offset starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StartOverride {
+    Earliest,
+    Latest,
+}
+
+/// One task of a running pipeline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Task {
+    pub task_id: u32,
+    /// The connector's configuration for this task (`SourceConnector::task_configs`).
+    pub config: BTreeMap<String, String>,
+    /// The leaf running it, if assigned.
+    pub leaf: Option<LeafId>,
+    /// Fencing token: grows with every (re)assignment; only the current epoch commits.
+    pub epoch: u64,
+    /// Last committed batch per epoch: (leaf-side sequence, BATCH_ID). Bounded.
+    pub committed: BTreeMap<u64, (u64, u64)>,
+}
+
+/// A committed source offset.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceOffset {
+    /// The connector's offset (`VALUE`), e.g. `{"sequenceNumber":"..."}`.
+    pub value: Json,
+    pub task_id: u32,
+    pub batch_id: u64,
+    /// The source partition has ended (a closed shard read to its end).
+    pub finished: bool,
+}
+
+/// One row of `PIPELINES_BATCHES_SUMMARY`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchSummary {
+    pub batch_id: u64,
+    pub task_id: u32,
+    pub succeeded: bool,
+    pub start_ms: u64,
+    pub extractor_wait_ms: u64,
+    pub batch_time_ms: u64,
+    pub rows: u64,
+    pub bytes: u64,
+    pub num_partitions: u32,
+}
+
+/// One row of `PIPELINES_ERRORS`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PipelineError {
+    pub error_id: u64,
+    pub unix_ms: u64,
+    /// `Error` or `Warning`.
+    pub error_type: String,
+    pub code: u16,
+    pub message: String,
+    pub batch_id: Option<u64>,
+    pub host: String,
+    pub port: Option<u16>,
+    pub partition: Option<String>,
+}
+
+/// A pipeline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pipeline {
+    pub id: u64,
+    pub database: String,
+    pub name: String,
+    /// The `KAFKACONNECT '<name>'` literal.
+    pub connector: String,
+    /// CONFIG as a JSON object. Holds secrets for some connectors: never show it unredacted.
+    pub config: serde_json::Map<String, Json>,
+    /// CREDENTIALS JSON text. Never shown.
+    pub credentials: String,
+    pub table: String,
+    pub inferred: bool,
+    pub batch_interval_ms: Option<u64>,
+    pub max_retries: Option<u32>,
+    pub stop_on_error: Option<bool>,
+    pub state: PipelineState,
+    pub created_ms: u64,
+    pub altered_ms: u64,
+    pub next_batch_id: u64,
+    pub next_epoch: u64,
+    pub skipped_batch_partitions: u64,
+    pub tasks: Vec<Task>,
+    /// Committed offsets by source partition (`KEY`, canonical JSON text).
+    pub offsets: BTreeMap<String, SourceOffset>,
+    pub start_override: Option<StartOverride>,
+    pub batches: VecDeque<BatchSummary>,
+    pub errors: VecDeque<PipelineError>,
+    pub next_error_id: u64,
+}
+
+/// How many errors a pipeline keeps.
+pub const ERRORS_TO_KEEP: usize = 1000;
+/// How many past epochs per task remember their last committed batch.
+const EPOCHS_TO_KEEP: usize = 8;
+
+/// The definition part of CREATE PIPELINE.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PipelineDef {
+    pub database: String,
+    pub name: String,
+    pub connector: String,
+    pub config: serde_json::Map<String, Json>,
+    pub credentials: String,
+    pub table: String,
+    pub inferred: bool,
+    pub batch_interval_ms: Option<u64>,
+    pub max_retries: Option<u32>,
+    pub stop_on_error: Option<bool>,
+}
+
+/// A change of ALTER PIPELINE.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PipelineChange {
+    /// Replace the committed offsets: `None` with an override (EARLIEST/LATEST), or the
+    /// given `(KEY, VALUE)` pairs.
+    Offsets {
+        start: Option<StartOverride>,
+        offsets: Vec<(String, Json)>,
+    },
+    BatchInterval(u64),
+    Config(serde_json::Map<String, Json>),
+    Credentials(String),
+    MaxRetries(u32),
+    StopOnError(bool),
+}
+
+/// An offset moved by a batch: from what the task read after, to the last record loaded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OffsetUpdate {
+    pub key: String,
+    pub from: Option<Json>,
+    pub to: Json,
+    pub finished: bool,
+}
+
+/// What a leaf reports about a prepared batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchCommit {
+    pub pipeline_id: u64,
+    pub task_id: u32,
+    pub epoch: u64,
+    pub seq: u64,
+    pub offsets: Vec<OffsetUpdate>,
+    pub start_ms: u64,
+    pub extractor_wait_ms: u64,
+    pub batch_time_ms: u64,
+    pub rows: u64,
+    pub bytes: u64,
+    pub num_partitions: u32,
+}
+
+impl Pipeline {
+    pub fn new(id: u64, def: PipelineDef, now_ms: u64) -> Self {
+        Pipeline {
+            id,
+            database: def.database,
+            name: def.name,
+            connector: def.connector,
+            config: def.config,
+            credentials: def.credentials,
+            table: def.table,
+            inferred: def.inferred,
+            batch_interval_ms: def.batch_interval_ms,
+            max_retries: def.max_retries,
+            stop_on_error: def.stop_on_error,
+            state: PipelineState::Stopped,
+            created_ms: now_ms,
+            altered_ms: now_ms,
+            next_batch_id: 1,
+            next_epoch: 1,
+            skipped_batch_partitions: 0,
+            tasks: vec![],
+            offsets: BTreeMap::new(),
+            start_override: None,
+            batches: VecDeque::new(),
+            errors: VecDeque::new(),
+            next_error_id: 1,
+        }
+    }
+
+    /// Replaces the definition (CREATE OR REPLACE), keeping offsets, history and id.
+    pub fn redefine(&mut self, def: PipelineDef, now_ms: u64) {
+        self.connector = def.connector;
+        self.config = def.config;
+        self.credentials = def.credentials;
+        self.table = def.table;
+        self.inferred = def.inferred;
+        self.batch_interval_ms = def.batch_interval_ms;
+        self.max_retries = def.max_retries;
+        self.stop_on_error = def.stop_on_error;
+        self.altered_ms = now_ms;
+    }
+
+    /// `connector.class` from CONFIG.
+    pub fn connector_class(&self) -> Option<&str> {
+        self.config.get("connector.class").and_then(Json::as_str)
+    }
+
+    fn task_mut(&mut self, task_id: u32) -> Result<&mut Task> {
+        let name = self.name.clone();
+        self.tasks
+            .iter_mut()
+            .find(|t| t.task_id == task_id)
+            .ok_or(Error::TaskNotFound {
+                pipeline: name,
+                task: task_id,
+            })
+    }
+
+    pub(super) fn start(
+        &mut self,
+        task_configs: Vec<BTreeMap<String, String>>,
+        if_not_running: bool,
+        now_ms: u64,
+    ) -> Result<bool> {
+        if self.state == PipelineState::Running {
+            return if if_not_running {
+                Ok(false)
+            } else {
+                Err(Error::PipelineRunning {
+                    name: self.name.clone(),
+                })
+            };
+        }
+        if task_configs.is_empty() {
+            return Err(Error::InvalidPipeline {
+                name: self.name.clone(),
+                reason: "the connector produced no tasks".into(),
+            });
+        }
+        self.tasks = task_configs
+            .into_iter()
+            .enumerate()
+            .map(|(i, config)| Task {
+                task_id: i as u32,
+                config,
+                leaf: None,
+                epoch: 0,
+                committed: BTreeMap::new(),
+            })
+            .collect();
+        self.state = PipelineState::Running;
+        self.altered_ms = now_ms;
+        Ok(true)
+    }
+
+    pub(super) fn stop(&mut self, state: PipelineState, now_ms: u64) {
+        self.state = state;
+        self.tasks.clear();
+        self.altered_ms = now_ms;
+    }
+
+    pub(super) fn assign(&mut self, task_id: u32, leaf: Option<LeafId>) -> Result<u64> {
+        if self.state != PipelineState::Running {
+            return Err(Error::PipelineNotRunning {
+                name: self.name.clone(),
+            });
+        }
+        let epoch = self.next_epoch;
+        let task = self.task_mut(task_id)?;
+        task.leaf = leaf;
+        task.epoch = epoch;
+        self.next_epoch += 1;
+        Ok(epoch)
+    }
+
+    /// Fences an epoch: if it is still current, the task is unassigned (a new epoch follows).
+    pub(super) fn fence(&mut self, task_id: u32, epoch: u64) -> bool {
+        match self.tasks.iter_mut().find(|t| t.task_id == task_id) {
+            Some(t) if t.epoch == epoch && epoch != 0 => {
+                // Epoch 0 never commits: the task waits for a new assignment.
+                t.leaf = None;
+                t.epoch = 0;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether a batch of a task's epoch committed, and with which BATCH_ID (0 when an older
+    /// batch of that epoch is asked about: it committed, but its id is no longer kept).
+    pub fn committed_batch(&self, task_id: u32, epoch: u64, seq: u64) -> Option<u64> {
+        let task = self.tasks.iter().find(|t| t.task_id == task_id)?;
+        match task.committed.get(&epoch) {
+            Some((last, batch_id)) if *last == seq => Some(*batch_id),
+            Some((last, _)) if *last > seq => Some(0),
+            _ => None,
+        }
+    }
+
+    pub(super) fn commit(&mut self, b: BatchCommit, keep: usize) -> Result<u64> {
+        if let Some(batch_id) = self.committed_batch(b.task_id, b.epoch, b.seq) {
+            return Ok(batch_id); // a retried commit: same answer
+        }
+        if self.state != PipelineState::Running {
+            return Err(Error::PipelineNotRunning {
+                name: self.name.clone(),
+            });
+        }
+        let name = self.name.clone();
+        let current = self.task_mut(b.task_id)?.epoch;
+        if current != b.epoch {
+            return Err(Error::StaleEpoch {
+                pipeline: name,
+                task: b.task_id,
+                epoch: b.epoch,
+                current,
+            });
+        }
+        for u in &b.offsets {
+            let committed = self.offsets.get(&u.key).map(|o| &o.value);
+            if committed != u.from.as_ref() {
+                return Err(Error::OffsetConflict {
+                    pipeline: name,
+                    key: u.key.clone(),
+                });
+            }
+        }
+        let batch_id = self.next_batch_id;
+        self.next_batch_id += 1;
+        for u in b.offsets {
+            self.offsets.insert(
+                u.key,
+                SourceOffset {
+                    value: u.to,
+                    task_id: b.task_id,
+                    batch_id,
+                    finished: u.finished,
+                },
+            );
+        }
+        let task = self.task_mut(b.task_id)?;
+        task.committed.insert(b.epoch, (b.seq, batch_id));
+        while task.committed.len() > EPOCHS_TO_KEEP {
+            task.committed.pop_first();
+        }
+        self.batches.push_back(BatchSummary {
+            batch_id,
+            task_id: b.task_id,
+            succeeded: true,
+            start_ms: b.start_ms,
+            extractor_wait_ms: b.extractor_wait_ms,
+            batch_time_ms: b.batch_time_ms,
+            rows: b.rows,
+            bytes: b.bytes,
+            num_partitions: b.num_partitions,
+        });
+        while self.batches.len() > keep.max(1) {
+            self.batches.pop_front();
+        }
+        Ok(batch_id)
+    }
+
+    pub(super) fn record_error(&mut self, mut e: PipelineError) {
+        e.error_id = self.next_error_id;
+        self.next_error_id += 1;
+        self.errors.push_back(e);
+        while self.errors.len() > ERRORS_TO_KEEP {
+            self.errors.pop_front();
+        }
+    }
+
+    pub(super) fn alter(&mut self, change: PipelineChange, now_ms: u64) -> Result<()> {
+        let needs_stop = matches!(
+            change,
+            PipelineChange::Offsets { .. }
+                | PipelineChange::Config(_)
+                | PipelineChange::Credentials(_)
+        );
+        if needs_stop && self.state == PipelineState::Running {
+            return Err(Error::PipelineRunning {
+                name: self.name.clone(),
+            });
+        }
+        match change {
+            PipelineChange::Offsets { start, offsets } => {
+                self.offsets.clear();
+                self.start_override = start;
+                for (key, value) in offsets {
+                    self.offsets.insert(
+                        key,
+                        SourceOffset {
+                            value,
+                            task_id: 0,
+                            batch_id: 0,
+                            finished: false,
+                        },
+                    );
+                }
+            }
+            PipelineChange::BatchInterval(ms) => self.batch_interval_ms = Some(ms),
+            PipelineChange::Config(c) => self.config = c,
+            PipelineChange::Credentials(c) => self.credentials = c,
+            PipelineChange::MaxRetries(n) => self.max_retries = Some(n),
+            PipelineChange::StopOnError(b) => self.stop_on_error = Some(b),
+        }
+        self.altered_ms = now_ms;
+        Ok(())
+    }
+}
+
+/// Keys of CONFIG whose values are secrets (redacted wherever CONFIG is shown).
+pub fn is_secret_key(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    [
+        "secret",
+        "password",
+        "token",
+        "access.key",
+        "access_key",
+        "credential",
+        "private",
+    ]
+    .iter()
+    .any(|s| k.contains(s))
+}
+
+/// CONFIG with secret values replaced.
+pub fn redacted_config(config: &serde_json::Map<String, Json>) -> serde_json::Map<String, Json> {
+    config
+        .iter()
+        .map(|(k, v)| {
+            let v = if is_secret_key(k) {
+                Json::String("<redacted>".into())
+            } else {
+                v.clone()
+            };
+            (k.clone(), v)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pipeline() -> Pipeline {
+        let def = PipelineDef {
+            database: "d".into(),
+            name: "p".into(),
+            connector: "kafka-connector".into(),
+            config: serde_json::json!({"connector.class": "x", "aws.secret.access.key": "S"})
+                .as_object()
+                .cloned()
+                .unwrap(),
+            credentials: "{}".into(),
+            table: "p".into(),
+            inferred: true,
+            batch_interval_ms: None,
+            max_retries: None,
+            stop_on_error: None,
+        };
+        let mut p = Pipeline::new(1, def, 0);
+        p.start(vec![BTreeMap::new(), BTreeMap::new()], false, 1)
+            .unwrap();
+        p
+    }
+
+    fn batch(task_id: u32, epoch: u64, seq: u64, from: Option<&str>, to: &str) -> BatchCommit {
+        BatchCommit {
+            pipeline_id: 1,
+            task_id,
+            epoch,
+            seq,
+            offsets: vec![OffsetUpdate {
+                key: r#"{"shardId":"s0"}"#.into(),
+                from: from.map(|f| serde_json::json!({"sequenceNumber": f})),
+                to: serde_json::json!({"sequenceNumber": to}),
+                finished: false,
+            }],
+            start_ms: 0,
+            extractor_wait_ms: 0,
+            batch_time_ms: 0,
+            rows: 1,
+            bytes: 1,
+            num_partitions: 1,
+        }
+    }
+
+    #[test]
+    fn commits_are_fenced_by_epoch_and_offsets() {
+        let mut p = pipeline();
+        let e1 = p.assign(0, Some(LeafId(1))).unwrap();
+        assert_eq!(p.commit(batch(0, e1, 1, None, "10"), 10).unwrap(), 1);
+        // Retrying the same commit answers the same BATCH_ID and changes nothing.
+        assert_eq!(p.commit(batch(0, e1, 1, None, "10"), 10).unwrap(), 1);
+        assert_eq!(p.next_batch_id, 2);
+        // A batch that read from an offset that is no longer committed is refused.
+        assert!(matches!(
+            p.commit(batch(0, e1, 2, Some("5"), "12"), 10),
+            Err(Error::OffsetConflict { .. })
+        ));
+        // The task moves: the old epoch can no longer commit.
+        let e2 = p.assign(0, Some(LeafId(2))).unwrap();
+        assert!(e2 > e1);
+        assert!(matches!(
+            p.commit(batch(0, e1, 2, Some("10"), "12"), 10),
+            Err(Error::StaleEpoch { .. })
+        ));
+        assert_eq!(p.commit(batch(0, e2, 1, Some("10"), "20"), 10).unwrap(), 2);
+        assert_eq!(
+            p.offsets[r#"{"shardId":"s0"}"#].value["sequenceNumber"],
+            "20"
+        );
+        // A stopped pipeline commits nothing new.
+        p.stop(PipelineState::Stopped, 5);
+        assert!(matches!(
+            p.commit(batch(0, e2, 2, Some("20"), "30"), 10),
+            Err(Error::PipelineNotRunning { .. })
+        ));
+    }
+
+    #[test]
+    fn fencing_unassigns_only_the_current_epoch() {
+        let mut p = pipeline();
+        let e1 = p.assign(1, Some(LeafId(1))).unwrap();
+        assert!(!p.fence(1, e1 + 7));
+        assert!(p.fence(1, e1));
+        assert_eq!(p.tasks[1].leaf, None);
+        assert!(matches!(
+            p.commit(batch(1, e1, 1, None, "1"), 10),
+            Err(Error::StaleEpoch { .. })
+        ));
+    }
+
+    #[test]
+    fn history_is_bounded_and_secrets_redacted() {
+        let mut p = pipeline();
+        let e = p.assign(0, Some(LeafId(1))).unwrap();
+        let mut from = None;
+        for i in 0..20u64 {
+            let to = i.to_string();
+            p.commit(batch(0, e, i + 1, from.as_deref(), &to), 5)
+                .unwrap();
+            from = Some(to);
+        }
+        assert_eq!(p.batches.len(), 5);
+        assert_eq!(p.batches.back().unwrap().batch_id, 20);
+        let r = redacted_config(&p.config);
+        assert_eq!(r["aws.secret.access.key"], "<redacted>");
+        assert_eq!(r["connector.class"], "x");
+    }
+}
