@@ -1,7 +1,7 @@
 //! `AggregatorServiceImpl`: translates gRPC calls into calls on the Raft handle and the leaf
 //! monitor. No logic lives here.
 
-use crate::cluster::LeafMonitor;
+use crate::cluster::{batches, LeafMonitor};
 use crate::raft::RaftHandle;
 use common::ids::LeafId;
 use protobuf::Message as _;
@@ -56,9 +56,12 @@ impl proto::aggregator_server::Aggregator for AggregatorServiceImpl {
         request: Request<proto::HeartbeatRequest>,
     ) -> Result<Response<proto::HeartbeatResponse>, Status> {
         let req = request.into_inner();
-        self.leaves.heartbeat(LeafId(req.leaf_id)).await?;
+        let leaf = LeafId(req.leaf_id);
+        self.leaves.heartbeat(leaf).await?;
+        let tasks = self.raft.read_catalog(|c| batches::assignments(c, leaf));
         Ok(Response::new(proto::HeartbeatResponse {
             leader_node_id: self.raft.node_id().0,
+            tasks,
         }))
     }
 
@@ -77,5 +80,47 @@ impl proto::aggregator_server::Aggregator for AggregatorServiceImpl {
             open_connections: self.connections.load(Ordering::Relaxed) as u64,
             mysql_address: self.mysql_address.clone(),
         }))
+    }
+
+    async fn commit_batch(
+        &self,
+        request: Request<proto::CommitBatchRequest>,
+    ) -> Result<Response<proto::CommitBatchResponse>, Status> {
+        let batch: common::catalog::pipelines::BatchCommit =
+            serde_json::from_slice(&request.into_inner().batch_json)
+                .map_err(|e| Status::invalid_argument(format!("bad batch: {e}")))?;
+        let resp = match batches::commit(&self.raft, batch).await? {
+            Ok(batch_id) => proto::CommitBatchResponse {
+                committed: true,
+                batch_id,
+                reason: String::new(),
+            },
+            Err(reason) => proto::CommitBatchResponse {
+                committed: false,
+                batch_id: 0,
+                reason,
+            },
+        };
+        Ok(Response::new(resp))
+    }
+
+    async fn resolve_batch(
+        &self,
+        request: Request<proto::ResolveBatchRequest>,
+    ) -> Result<Response<proto::ResolveBatchResponse>, Status> {
+        let r = request.into_inner();
+        let outcome = batches::resolve(&self.raft, r.pipeline_id, r.task_id, r.epoch, r.seq).await?;
+        Ok(Response::new(proto::ResolveBatchResponse {
+            committed: outcome.is_some(),
+            batch_id: outcome.unwrap_or(0),
+        }))
+    }
+
+    async fn report_task_error(
+        &self,
+        request: Request<proto::TaskErrorRequest>,
+    ) -> Result<Response<proto::TaskErrorResponse>, Status> {
+        batches::report_error(&self.raft, request.into_inner()).await?;
+        Ok(Response::new(proto::TaskErrorResponse {}))
     }
 }

@@ -87,6 +87,8 @@ pub async fn run(
     let monitor_shutdown = shutdown.clone();
     tasks.spawn(async move { leaves.run(monitor_shutdown).await });
 
+    tasks.spawn(cluster::scheduler::run(raft.clone(), shutdown.clone()));
+
     tasks.spawn(announce_mysql_address(
         raft.clone(),
         config.mysql_address(),

@@ -2,10 +2,12 @@
 //!
 //! - [`ids`]: newtype ids (`LeafId`, `NodeId`).
 //! - [`catalog`]: the Raft state machine — everything a restart must not lose.
+//! - [`connect`]: the connector API (Kafka Connect shaped), Avro, Kinesis and datagen.
 //! - [`variables`]: engine variables, their defaults and validation.
 //! - [`error`]: the catalog error type.
 
 pub mod catalog;
+pub mod connect;
 pub mod error;
 pub mod ids;
 pub mod variables;

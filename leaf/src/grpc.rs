@@ -1,11 +1,21 @@
 //! `LeafServiceImpl`: the leaf's gRPC service; translation only.
 
 use crate::membership::Membership;
+use crate::store::Store;
+use common::connect::{self, ConnectError, ConnectorConfig};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 pub struct LeafServiceImpl {
     pub membership: Arc<Membership>,
+    pub store: Store,
+}
+
+fn connect_status(e: ConnectError) -> Status {
+    match e {
+        ConnectError::Config(m) => Status::invalid_argument(m),
+        ConnectError::Source(m) => Status::unavailable(m),
+    }
 }
 
 #[tonic::async_trait]
@@ -19,5 +29,50 @@ impl proto::leaf_server::Leaf for LeafServiceImpl {
             leaf_id: id.unwrap_or(0),
             registered: id.is_some(),
         }))
+    }
+
+    async fn plan_tasks(
+        &self,
+        request: Request<proto::PlanTasksRequest>,
+    ) -> Result<Response<proto::PlanTasksResponse>, Status> {
+        let req = request.into_inner();
+        let config: ConnectorConfig = serde_json::from_str(&req.config_json)
+            .map_err(|e| Status::invalid_argument(format!("CONFIG is not a JSON object: {e}")))?;
+        let class = connect::required(&config, "connector.class").map_err(connect_status)?;
+        let connector = connect::connector(&class).map_err(connect_status)?;
+        connector.validate(&config).map_err(connect_status)?;
+        let tasks = connector
+            .task_configs(&config, req.max_tasks.max(1) as usize)
+            .await
+            .map_err(connect_status)?;
+        let task_configs_json = tasks
+            .iter()
+            .map(|t| serde_json::to_string(t).unwrap_or_default())
+            .collect();
+        Ok(Response::new(proto::PlanTasksResponse { task_configs_json }))
+    }
+
+    async fn scan(
+        &self,
+        request: Request<proto::ScanRequest>,
+    ) -> Result<Response<proto::ScanResponse>, Status> {
+        let req = request.into_inner();
+        let rows_json = self
+            .store
+            .scan(&req.database, &req.table)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(proto::ScanResponse { rows_json }))
+    }
+
+    async fn test_pipeline(
+        &self,
+        request: Request<proto::TestPipelineRequest>,
+    ) -> Result<Response<proto::TestPipelineResponse>, Status> {
+        let req = request.into_inner();
+        let rows_json =
+            crate::tasks::test_extract(&req.config_json, &req.offsets_json, req.limit.max(1) as usize)
+                .await
+                .map_err(Status::failed_precondition)?;
+        Ok(Response::new(proto::TestPipelineResponse { rows_json }))
     }
 }

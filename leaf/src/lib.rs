@@ -3,12 +3,16 @@
 //! - [`config`]: `LeafConfig` (flags, env, defaults, validation);
 //! - [`client`]: the client that finds and follows the master aggregator;
 //! - [`membership`]: registration and heartbeats;
-//! - [`grpc`]: the leaf's gRPC service.
+//! - [`grpc`]: the leaf's gRPC service (status, task planning, scans, TEST PIPELINE);
+//! - [`store`]: the sled partition store with prepared and committed batches;
+//! - [`tasks`]: connector tasks and their batch loop.
 
 pub mod client;
 pub mod config;
 pub mod grpc;
 pub mod membership;
+pub mod store;
+pub mod tasks;
 
 pub use config::LeafConfig;
 
@@ -30,20 +34,24 @@ pub async fn run(
             config.data_dir.display()
         )
     })?;
-    let store = sled::Config::new()
-        .path(config.data_dir.join("store"))
-        .open()
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot open the partition store in {}: {e}",
-                config.data_dir.display()
-            )
-        })?;
+    let store = store::Store::open(&config.data_dir.join("store")).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot open the partition store in {}: {e}",
+            config.data_dir.display()
+        )
+    })?;
     let tasks = TaskTracker::new();
     let state = Arc::new(membership::Membership::default());
-
+    let manager = Arc::new(tasks::TaskManager::new(
+        store.clone(),
+        config.aggregator_addresses(),
+        config.advertise_address(),
+        tasks.clone(),
+        shutdown.clone(),
+    ));
     let service = grpc::LeafServiceImpl {
         membership: state.clone(),
+        store: store.clone(),
     };
     let grpc_shutdown = shutdown.clone();
     tasks.spawn(async move {
@@ -60,13 +68,14 @@ pub async fn run(
     tasks.spawn(membership::heartbeat_loop(
         config.clone(),
         state,
+        manager,
         shutdown.clone(),
     ));
     tracing::info!(listen = %config.listen, advertise = %config.advertise_address(), "leaf started");
     shutdown.cancelled().await;
     tasks.close();
     tasks.wait().await;
-    store.flush_async().await?;
+    store.flush().await?;
     tracing::info!("leaf stopped");
     Ok(())
 }

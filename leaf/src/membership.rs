@@ -6,6 +6,7 @@
 
 use crate::client::{CallError, MasterClient};
 use crate::config::LeafConfig;
+use crate::tasks::TaskManager;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,6 +33,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 pub async fn heartbeat_loop(
     config: LeafConfig,
     state: Arc<Membership>,
+    tasks: Arc<TaskManager>,
     shutdown: CancellationToken,
 ) {
     let mut client = MasterClient::new(config.aggregator_addresses());
@@ -39,6 +41,7 @@ pub async fn heartbeat_loop(
     let interval = config.heartbeat_interval();
     let mut backoff = interval;
     let mut failing = false;
+    let mut recovered = false;
     loop {
         let result = match state.leaf_id() {
             None => client
@@ -50,6 +53,7 @@ pub async fn heartbeat_loop(
                 .map(|r| {
                     state.leaf_id.store(r.leaf_id, Ordering::Relaxed);
                     tracing::info!(leaf_id = r.leaf_id, master = ?client.target(), "registered with the cluster");
+                    None
                 }),
             Some(id) => client
                 .call(|mut c| {
@@ -63,7 +67,20 @@ pub async fn heartbeat_loop(
                     }
                 })
                 .await
-                .map(|_| ()),
+                .map(|r| Some(r.tasks)),
+        };
+        let result = match result {
+            Ok(Some(assignments)) => {
+                if !recovered {
+                    // Settle batches an earlier run left prepared before taking new work.
+                    tasks.recover().await;
+                    recovered = true;
+                }
+                tasks.reconcile(assignments).await;
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
         };
         match result {
             Ok(()) => {

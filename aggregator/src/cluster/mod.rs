@@ -1,7 +1,10 @@
 //! Cluster membership seen from the aggregators: leaf liveness (on the master) and probes of
 //! other aggregators.
 
+pub mod batches;
+pub mod leaf_client;
 mod leaves;
+pub mod scheduler;
 
 pub use leaves::LeafMonitor;
 

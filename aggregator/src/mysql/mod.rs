@@ -129,6 +129,8 @@ fn mysql_type(kind: ColumnKind) -> ColumnType {
         ColumnKind::BigInt => ColumnType::MYSQL_TYPE_LONGLONG,
         ColumnKind::Double => ColumnType::MYSQL_TYPE_DOUBLE,
         ColumnKind::Text => ColumnType::MYSQL_TYPE_VAR_STRING,
+        ColumnKind::Json => ColumnType::MYSQL_TYPE_JSON,
+        ColumnKind::Blob => ColumnType::MYSQL_TYPE_BLOB,
         ColumnKind::Null => ColumnType::MYSQL_TYPE_NULL,
     }
 }
@@ -164,6 +166,7 @@ async fn write_output<W: AsyncWrite + Send + Unpin>(
                         Value::Int(i) => w.write_col(i)?,
                         Value::Double(d) => w.write_col(d)?,
                         Value::Text(s) => w.write_col(s)?,
+                        Value::Bytes(b) => w.write_col(b)?,
                     }
                 }
                 w.end_row().await?;

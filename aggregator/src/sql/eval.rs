@@ -116,6 +116,7 @@ fn truthy(v: &Value) -> Option<bool> {
         Value::Int(i) => Some(*i != 0),
         Value::Double(d) => Some(*d != 0.0),
         Value::Text(s) => Some(s.trim().parse::<f64>().is_ok_and(|d| d != 0.0)),
+        Value::Bytes(_) => Some(false),
     }
 }
 
@@ -125,6 +126,7 @@ fn as_f64(v: &Value) -> Option<f64> {
         Value::Int(i) => Some(*i as f64),
         Value::Double(d) => Some(*d),
         Value::Text(s) => Some(s.trim().parse().unwrap_or(0.0)),
+        Value::Bytes(_) => Some(0.0),
     }
 }
 

@@ -161,13 +161,21 @@ impl SqlEngine {
                     .collect();
                 Ok(QueryOutput::text_rows(&["Database"], rows))
             }
-            Stmt::ShowTables { like: _ } => {
+            Stmt::ShowTables { like } => {
                 let db = session.database.clone().ok_or_else(no_database)?;
                 self.check_database(&db)?;
-                Ok(QueryOutput::text_rows(
-                    &[&format!("Tables_in_{db}")],
-                    vec![],
-                ))
+                let names: Vec<String> = self.raft.read_catalog(|c| {
+                    c.databases
+                        .get(&db)
+                        .map(|d| d.tables.keys().cloned().collect())
+                        .unwrap_or_default()
+                });
+                let rows = names
+                    .into_iter()
+                    .filter(|n| like.as_deref().is_none_or(|p| like_match(p, n)))
+                    .map(|n| vec![Value::Text(n)])
+                    .collect();
+                Ok(QueryOutput::text_rows(&[&format!("Tables_in_{db}")], rows))
             }
             Stmt::ShowVariables { scope, like } => {
                 let mut rows = Vec::new();
@@ -192,15 +200,26 @@ impl SqlEngine {
                 &["Level", "Code", "Message"],
                 vec![],
             )),
-            Stmt::Select(query) => self.select_constant(session, &query),
+            Stmt::Select(query) => {
+                let has_from = matches!(query.body.as_ref(), SetExpr::Select(s) if !s.from.is_empty());
+                if !has_from {
+                    match self.select_constant(session, &query) {
+                        Err(e) if e.code == codes::NOT_SUPPORTED_YET || e.code == 1305 => {}
+                        other => return other,
+                    }
+                }
+                let vars = self.variable_snapshot(session);
+                super::query::run(self, session, &query, vars).await
+            }
+            other => self.run_pipeline_stmt(session, other).await,
         }
     }
 
-    async fn propose(&self, command: Command) -> Result<common::catalog::Output, SqlError> {
+    pub(super) async fn propose(&self, command: Command) -> Result<common::catalog::Output, SqlError> {
         Ok(self.raft.propose(command).await?)
     }
 
-    fn check_database(&self, name: &str) -> Result<(), SqlError> {
+    pub(super) fn check_database(&self, name: &str) -> Result<(), SqlError> {
         let known = RESERVED_DATABASES.contains(&name.to_ascii_lowercase().as_str())
             || self.raft.read_catalog(|c| c.databases.contains_key(name));
         if known {
@@ -311,6 +330,24 @@ impl SqlEngine {
         Ok(())
     }
 
+    /// Every system variable as `session` sees it, for DataFusion's `@@` lookups.
+    fn variable_snapshot(&self, session: &Session) -> HashMap<String, datafusion::scalar::ScalarValue> {
+        use datafusion::scalar::ScalarValue;
+        let mut out = HashMap::new();
+        for def in variables::VARIABLES {
+            let Ok(v) = self.variable_value(session, None, def.name) else {
+                continue;
+            };
+            let value = match def.kind {
+                variables::Kind::Int { .. } => v.parse().map_or(ScalarValue::Utf8(Some(v.clone())), |i| ScalarValue::Int64(Some(i))),
+                variables::Kind::Bool => ScalarValue::Int64(Some(i64::from(v == "ON"))),
+                _ => ScalarValue::Utf8(Some(v)),
+            };
+            out.insert(def.name.to_string(), value);
+        }
+        out
+    }
+
     fn select_constant(
         &self,
         session: &Session,
@@ -340,6 +377,7 @@ impl SqlEngine {
                 Value::Double(_) => ColumnKind::Double,
                 Value::Text(_) => ColumnKind::Text,
                 Value::Null => ColumnKind::Null,
+                Value::Bytes(_) => ColumnKind::Blob,
             };
             columns.push(Column { name, kind });
             row.push(v);
@@ -486,6 +524,6 @@ impl SqlEngine {
     }
 }
 
-fn no_database() -> SqlError {
+pub(super) fn no_database() -> SqlError {
     SqlError::new(codes::NO_DB, "No database selected")
 }

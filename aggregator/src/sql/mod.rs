@@ -3,11 +3,17 @@
 //! - `parse`: text -> [`parse::Stmt`];
 //! - `eval`: constant expressions (`SELECT 1`, `@@vars`, `DATABASE()`);
 //! - `exec`: [`SqlEngine`], which runs a statement for a [`Session`];
+//! - `pipelines`: pipeline and table statements;
+//! - `query`: SELECT on DataFusion (leaf scans, information_schema);
+//! - `functions`: SingleStore's JSON and base64 functions;
 //! - `result`: result sets, values and MySQL errors.
 
 pub mod eval;
 pub mod exec;
+pub mod functions;
 pub mod parse;
+mod pipelines;
+pub mod query;
 pub mod result;
 
 pub use exec::{Session, SqlEngine};

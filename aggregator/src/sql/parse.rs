@@ -62,6 +62,275 @@ pub enum Stmt {
     /// `BEGIN`, `COMMIT`, `ROLLBACK`: every statement commits on its own.
     Transaction,
     Select(Box<Query>),
+    CreatePipeline(Box<CreatePipeline>),
+    StartPipeline {
+        /// `None`: START ALL PIPELINES (or FAILED ones).
+        name: Option<String>,
+        if_not_running: bool,
+        failed_only: bool,
+        /// `Some(limit)` for FOREGROUND [LIMIT n BATCHES].
+        foreground: Option<Option<u64>>,
+    },
+    StopPipeline {
+        /// `None`: STOP ALL PIPELINES.
+        name: Option<String>,
+        if_running: bool,
+    },
+    DropPipeline {
+        name: String,
+        if_exists: bool,
+    },
+    AlterPipeline {
+        name: String,
+        change: AlterPipeline,
+    },
+    TestPipeline {
+        name: String,
+        limit: Option<u64>,
+    },
+    ShowPipelines,
+    ShowCreatePipeline {
+        name: String,
+    },
+    ClearPipelineErrors,
+    ShowCreateTable {
+        name: String,
+    },
+    Describe {
+        name: String,
+    },
+    CreateTable(Box<sqlparser::ast::CreateTable>),
+    DropTable {
+        name: String,
+        if_exists: bool,
+    },
+}
+
+/// `CREATE [OR REPLACE] [INFERRED] PIPELINE ... AS LOAD DATA KAFKACONNECT ...`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CreatePipeline {
+    pub or_replace: bool,
+    pub inferred: bool,
+    pub if_not_exists: bool,
+    pub name: String,
+    pub source: String,
+    pub connector: String,
+    pub config: String,
+    pub credentials: Option<String>,
+    pub batch_interval: Option<u64>,
+    pub max_retries: Option<u64>,
+    pub stop_on_error: Option<bool>,
+    pub table: Option<String>,
+    pub format: Option<String>,
+}
+
+/// What `ALTER PIPELINE name SET ...` changes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AlterPipeline {
+    OffsetsEarliest,
+    OffsetsLatest,
+    OffsetsJson(String),
+    BatchInterval(u64),
+    Config(String),
+    Credentials(String),
+    MaxRetries(u64),
+    StopOnError(bool),
+}
+
+/// Consumes `word` (keyword or not) if it is next.
+fn eat(p: &mut Parser, word: &str) -> bool {
+    if word_is(&p.peek_token().token, word) {
+        p.next_token();
+        true
+    } else {
+        false
+    }
+}
+
+fn expect(p: &mut Parser, word: &str) -> Result<(), ParserError> {
+    if eat(p, word) {
+        Ok(())
+    } else {
+        p.expected(word, p.peek_token())
+    }
+}
+
+fn parse_on_off(p: &mut Parser) -> Result<bool, ParserError> {
+    if eat(p, "ON") || eat(p, "TRUE") {
+        Ok(true)
+    } else if eat(p, "OFF") || eat(p, "FALSE") {
+        Ok(false)
+    } else {
+        p.expected("ON or OFF", p.peek_token())
+    }
+}
+
+fn parse_create_pipeline(p: &mut Parser, or_replace: bool, inferred: bool) -> Result<Stmt, ParserError> {
+    let if_not_exists = p.parse_keywords(&[Keyword::IF, Keyword::NOT, Keyword::EXISTS]);
+    let name = p.parse_identifier()?.value;
+    expect(p, "AS")?;
+    expect(p, "LOAD")?;
+    expect(p, "DATA")?;
+    let source_tok = p.next_token();
+    let Token::Word(source) = &source_tok.token else {
+        return p.expected("a source type such as KAFKACONNECT", source_tok);
+    };
+    let source = source.value.to_ascii_uppercase();
+    let connector = p.parse_literal_string()?;
+    let mut c = CreatePipeline {
+        or_replace,
+        inferred,
+        if_not_exists,
+        name,
+        source,
+        connector,
+        config: String::new(),
+        credentials: None,
+        batch_interval: None,
+        max_retries: None,
+        stop_on_error: None,
+        table: None,
+        format: None,
+    };
+    let mut saw_config = false;
+    loop {
+        if eat(p, "CONFIG") {
+            c.config = p.parse_literal_string()?;
+            saw_config = true;
+        } else if eat(p, "CREDENTIALS") {
+            c.credentials = Some(p.parse_literal_string()?);
+        } else if eat(p, "BATCH_INTERVAL") {
+            c.batch_interval = Some(p.parse_literal_uint()?);
+        } else if eat(p, "MAX_RETRIES_PER_BATCH_PARTITION") {
+            c.max_retries = Some(p.parse_literal_uint()?);
+        } else if eat(p, "STOP_ON_ERROR") {
+            c.stop_on_error = Some(parse_on_off(p)?);
+        } else if eat(p, "INTO") {
+            expect(p, "TABLE")?;
+            c.table = Some(p.parse_identifier()?.value);
+        } else if eat(p, "FORMAT") {
+            let tok = p.next_token();
+            let Token::Word(w) = &tok.token else {
+                return p.expected("a format such as AVRO", tok);
+            };
+            c.format = Some(w.value.to_ascii_uppercase());
+        } else {
+            break;
+        }
+    }
+    if !saw_config {
+        return p.expected("CONFIG '<json>'", p.peek_token());
+    }
+    Ok(Stmt::CreatePipeline(Box::new(c)))
+}
+
+fn parse_pipeline_stmt(p: &mut Parser) -> Result<Option<Stmt>, ParserError> {
+    if eat(p, "START") {
+        let all = eat(p, "ALL");
+        let failed_only = !all && eat(p, "FAILED");
+        if all || failed_only {
+            expect(p, "PIPELINES")?;
+            return Ok(Some(Stmt::StartPipeline {
+                name: None,
+                if_not_running: true,
+                failed_only,
+                foreground: None,
+            }));
+        }
+        expect(p, "PIPELINE")?;
+        let if_not_running = if eat(p, "IF") {
+            expect(p, "NOT")?;
+            expect(p, "RUNNING")?;
+            true
+        } else {
+            false
+        };
+        let name = p.parse_identifier()?.value;
+        let foreground = if eat(p, "FOREGROUND") {
+            if eat(p, "LIMIT") {
+                let n = p.parse_literal_uint()?;
+                expect(p, "BATCHES")?;
+                Some(Some(n))
+            } else {
+                Some(None)
+            }
+        } else {
+            None
+        };
+        return Ok(Some(Stmt::StartPipeline {
+            name: Some(name),
+            if_not_running,
+            failed_only: false,
+            foreground,
+        }));
+    }
+    if eat(p, "STOP") {
+        if eat(p, "ALL") {
+            expect(p, "PIPELINES")?;
+            return Ok(Some(Stmt::StopPipeline {
+                name: None,
+                if_running: true,
+            }));
+        }
+        expect(p, "PIPELINE")?;
+        let if_running = if eat(p, "IF") {
+            expect(p, "RUNNING")?;
+            true
+        } else {
+            false
+        };
+        let name = p.parse_identifier()?.value;
+        return Ok(Some(Stmt::StopPipeline {
+            name: Some(name),
+            if_running,
+        }));
+    }
+    if eat(p, "TEST") {
+        expect(p, "PIPELINE")?;
+        let name = p.parse_identifier()?.value;
+        let limit = if eat(p, "LIMIT") {
+            Some(p.parse_literal_uint()?)
+        } else {
+            None
+        };
+        return Ok(Some(Stmt::TestPipeline { name, limit }));
+    }
+    if eat(p, "CLEAR") {
+        expect(p, "PIPELINE")?;
+        expect(p, "ERRORS")?;
+        return Ok(Some(Stmt::ClearPipelineErrors));
+    }
+    Ok(None)
+}
+
+fn parse_alter_pipeline(p: &mut Parser) -> Result<Stmt, ParserError> {
+    let name = p.parse_identifier()?.value;
+    expect(p, "SET")?;
+    let change = if eat(p, "OFFSETS") {
+        if eat(p, "EARLIEST") {
+            AlterPipeline::OffsetsEarliest
+        } else if eat(p, "LATEST") {
+            AlterPipeline::OffsetsLatest
+        } else {
+            AlterPipeline::OffsetsJson(p.parse_literal_string()?)
+        }
+    } else if eat(p, "BATCH_INTERVAL") {
+        AlterPipeline::BatchInterval(p.parse_literal_uint()?)
+    } else if eat(p, "CONFIG") {
+        AlterPipeline::Config(p.parse_literal_string()?)
+    } else if eat(p, "CREDENTIALS") {
+        AlterPipeline::Credentials(p.parse_literal_string()?)
+    } else if eat(p, "MAX_RETRIES_PER_BATCH_PARTITION") {
+        AlterPipeline::MaxRetries(p.parse_literal_uint()?)
+    } else if eat(p, "STOP_ON_ERROR") {
+        AlterPipeline::StopOnError(parse_on_off(p)?)
+    } else {
+        return p.expected(
+            "OFFSETS, BATCH_INTERVAL, CONFIG, CREDENTIALS, MAX_RETRIES_PER_BATCH_PARTITION or STOP_ON_ERROR",
+            p.peek_token(),
+        );
+    };
+    Ok(Stmt::AlterPipeline { name, change })
 }
 
 fn word_is(tok: &Token, word: &str) -> bool {
@@ -95,7 +364,35 @@ type Parsed = Result<Result<Stmt, SqlError>, ParserError>;
 
 fn parse_stmt(p: &mut Parser, sql: &str) -> Parsed {
     let first = p.peek_token().token;
+    if let Some(stmt) = parse_pipeline_stmt(p)? {
+        return Ok(Ok(stmt));
+    }
+    if eat(p, "ALTER") {
+        if eat(p, "PIPELINE") {
+            return parse_alter_pipeline(p).map(Ok);
+        }
+        return unsupported_or_error(sql);
+    }
+    if eat(p, "DESCRIBE") || eat(p, "DESC") {
+        return Ok(Ok(Stmt::Describe {
+            name: p.parse_identifier()?.value,
+        }));
+    }
     if p.parse_keyword(Keyword::CREATE) {
+        let or_replace = p.parse_keywords(&[Keyword::OR, Keyword::REPLACE]);
+        let inferred = eat(p, "INFERRED");
+        if eat(p, "PIPELINE") {
+            return parse_create_pipeline(p, or_replace, inferred).map(Ok);
+        }
+        if inferred || or_replace {
+            return p.expected("PIPELINE", p.peek_token());
+        }
+        if word_is(&p.peek_token().token, "TABLE") {
+            return match Parser::parse_sql(&MySqlDialect {}, sql)?.into_iter().next() {
+                Some(Statement::CreateTable(ct)) => Ok(Ok(Stmt::CreateTable(Box::new(ct)))),
+                _ => unsupported_or_error(sql),
+            };
+        }
         if p.parse_one_of_keywords(&[Keyword::DATABASE, Keyword::SCHEMA])
             .is_some()
         {
@@ -118,6 +415,16 @@ fn parse_stmt(p: &mut Parser, sql: &str) -> Parsed {
         return unsupported_or_error(sql);
     }
     if p.parse_keyword(Keyword::DROP) {
+        if eat(p, "PIPELINE") {
+            let if_exists = p.parse_keywords(&[Keyword::IF, Keyword::EXISTS]);
+            let name = p.parse_identifier()?.value;
+            return Ok(Ok(Stmt::DropPipeline { name, if_exists }));
+        }
+        if eat(p, "TABLE") {
+            let if_exists = p.parse_keywords(&[Keyword::IF, Keyword::EXISTS]);
+            let name = p.parse_identifier()?.value;
+            return Ok(Ok(Stmt::DropTable { name, if_exists }));
+        }
         if p.parse_one_of_keywords(&[Keyword::DATABASE, Keyword::SCHEMA])
             .is_some()
         {
@@ -206,6 +513,22 @@ fn parse_show(p: &mut Parser, sql: &str) -> Parsed {
         return Ok(Ok(Stmt::ShowDatabases {
             like: parse_like(p)?,
         }));
+    }
+    if eat(p, "PIPELINES") {
+        return Ok(Ok(Stmt::ShowPipelines));
+    }
+    if p.parse_keyword(Keyword::CREATE) {
+        if eat(p, "PIPELINE") {
+            let name = p.parse_identifier()?.value;
+            let _ = eat(p, "EXTENDED");
+            return Ok(Ok(Stmt::ShowCreatePipeline { name }));
+        }
+        if eat(p, "TABLE") {
+            return Ok(Ok(Stmt::ShowCreateTable {
+                name: p.parse_identifier()?.value,
+            }));
+        }
+        return p.expected("PIPELINE or TABLE", p.peek_token());
     }
     if p.parse_keyword(Keyword::TABLES) {
         return Ok(Ok(Stmt::ShowTables {

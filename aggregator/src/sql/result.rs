@@ -71,7 +71,13 @@ impl From<crate::error::Error> for SqlError {
                 C::InvalidVariableValue { .. } => codes::WRONG_VALUE_FOR_VAR,
                 C::ReadOnlyVariable { .. } => codes::READ_ONLY_VARIABLE,
                 C::InvalidPartitionCount { .. } => codes::WRONG_ARGUMENTS,
-                C::NoLeavesOnline { .. } | C::LeafNotFound { .. } => codes::UNKNOWN,
+                C::UnknownDatabase { .. } => codes::BAD_DB,
+                C::TableNotFound { .. } => 1146,
+                C::TableExists { .. } => 1050,
+                C::FeatureDisabled => 1149,
+                C::PipelineNotFound { .. } => 1932,
+                C::PipelineExists { .. } => 1933,
+                _ => codes::UNKNOWN,
             },
             E::CommitTimeout(_) => codes::LOCK_WAIT_TIMEOUT,
             _ => codes::UNKNOWN,
@@ -93,6 +99,7 @@ pub enum Value {
     Int(i64),
     Double(f64),
     Text(String),
+    Bytes(Vec<u8>),
 }
 
 impl Value {
@@ -103,6 +110,7 @@ impl Value {
             Value::Int(i) => Some(i.to_string()),
             Value::Double(d) => Some(d.to_string()),
             Value::Text(s) => Some(s.clone()),
+            Value::Bytes(b) => Some(String::from_utf8_lossy(b).into_owned()),
         }
     }
 }
@@ -113,6 +121,8 @@ pub enum ColumnKind {
     BigInt,
     Double,
     Text,
+    Json,
+    Blob,
     Null,
 }
 

@@ -1,0 +1,134 @@
+//! The master's side of the batch protocol: commit decisions (through Raft), resolution of
+//! prepared batches after a leaf restart, task failures, and the assignments a leaf runs.
+
+use crate::error::{Error, Result};
+use crate::raft::RaftHandle;
+use crate::sql::exec::now_ms;
+use common::catalog::pipelines::{BatchCommit, PipelineError, PipelineState};
+use common::catalog::{Catalog, Command, Output};
+use common::connect::avro::canonical_json;
+use common::ids::LeafId;
+use serde_json::json;
+
+/// Commits a batch. `Ok(Ok(batch_id))`: committed (now or by an earlier try);
+/// `Ok(Err(reason))`: refused for good; `Err`: outcome unknown, the leaf retries.
+pub async fn commit(raft: &RaftHandle, batch: BatchCommit) -> Result<Result<u64, String>> {
+    if !raft.is_leader() {
+        return Err(raft.not_leader());
+    }
+    match raft.propose(Command::CommitBatch(batch)).await {
+        Ok(Output::Batch(id)) => Ok(Ok(id)),
+        Ok(other) => Err(Error::Corrupt(format!("CommitBatch returned {other:?}"))),
+        Err(Error::Catalog(e)) => Ok(Err(e.to_string())),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether a prepared batch committed; the answer is final because the batch's epoch is
+/// fenced first (no batch of it can commit afterwards).
+pub async fn resolve(raft: &RaftHandle, pipeline_id: u64, task_id: u32, epoch: u64, seq: u64) -> Result<Option<u64>> {
+    if !raft.is_leader() {
+        return Err(raft.not_leader());
+    }
+    let committed = |raft: &RaftHandle| {
+        raft.read_catalog(|c| c.pipelines.get(&pipeline_id).map(|p| p.committed_batch(task_id, epoch, seq)))
+    };
+    match committed(raft) {
+        None => return Ok(None), // the pipeline is gone: its rows must go too
+        Some(Some(id)) => return Ok(Some(id)),
+        Some(None) => {}
+    }
+    match raft
+        .propose(Command::FenceTask {
+            pipeline_id,
+            task_id,
+            epoch,
+        })
+        .await
+    {
+        Ok(_) | Err(Error::Catalog(_)) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(committed(raft).flatten())
+}
+
+/// Records a task failure (fatal ones may move the pipeline to Error).
+pub async fn report_error(raft: &RaftHandle, req: proto::TaskErrorRequest) -> Result<()> {
+    if !raft.is_leader() {
+        return Err(raft.not_leader());
+    }
+    let batch_id = raft.read_catalog(|c| c.pipelines.get(&req.pipeline_id).map(|p| p.next_batch_id));
+    let error = PipelineError {
+        error_id: 0,
+        unix_ms: now_ms(),
+        error_type: "Error".into(),
+        code: 1934,
+        message: req.message,
+        batch_id,
+        host: req.host,
+        port: u16::try_from(req.port).ok(),
+        partition: (!req.partition.is_empty()).then_some(req.partition),
+    };
+    match raft
+        .propose(Command::PipelineFailure {
+            pipeline_id: req.pipeline_id,
+            task_id: req.task_id,
+            epoch: req.epoch,
+            error,
+            fatal: req.fatal,
+            now_ms: now_ms(),
+        })
+        .await
+    {
+        Ok(_) | Err(Error::Catalog(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// The tasks `leaf` should run, with everything it needs to run them.
+pub fn assignments(catalog: &Catalog, leaf: LeafId) -> Vec<proto::TaskAssignment> {
+    let var = |n: &str| u64::from(catalog.variable_u32(n));
+    let mut out = Vec::new();
+    for p in catalog.pipelines.values().filter(|p| p.state == PipelineState::Running) {
+        let partitions: Vec<u32> = catalog
+            .databases
+            .get(&p.database)
+            .map(|d| d.partitions.iter().filter(|pt| pt.leaf == leaf).map(|pt| pt.ordinal).collect())
+            .unwrap_or_default();
+        let config = common::connect::effective_config(&p.config, &p.credentials)
+            .map(|c| serde_json::Value::Object(c).to_string())
+            .unwrap_or_else(|_| serde_json::Value::Object(p.config.clone()).to_string());
+        let offsets: serde_json::Map<String, serde_json::Value> = p
+            .offsets
+            .iter()
+            .map(|(k, o)| (k.clone(), json!({"value": o.value, "finished": o.finished})))
+            .collect();
+        let offsets_json = canonical_json(&serde_json::Value::Object(offsets));
+        for t in p.tasks.iter().filter(|t| t.leaf == Some(leaf) && t.epoch != 0) {
+            out.push(proto::TaskAssignment {
+                pipeline_id: p.id,
+                pipeline: p.name.clone(),
+                database: p.database.clone(),
+                table: p.table.clone(),
+                task_id: t.task_id,
+                epoch: t.epoch,
+                config_json: config.clone(),
+                task_config_json: serde_json::to_string(&t.config).unwrap_or_default(),
+                offsets_json: offsets_json.clone(),
+                start_override: match p.start_override {
+                    Some(common::catalog::pipelines::StartOverride::Earliest) => "earliest".into(),
+                    Some(common::catalog::pipelines::StartOverride::Latest) => "latest".into(),
+                    None => String::new(),
+                },
+                batch_size: var("pipelines_extractor_batch_size"),
+                max_batch_interval_ms: var("pipelines_extractor_max_batch_interval_ms"),
+                batch_interval_ms: p.batch_interval_ms.unwrap_or_else(|| var("pipelines_batch_interval")),
+                max_retries: p
+                    .max_retries
+                    .unwrap_or_else(|| catalog.variable_u32("pipelines_max_retries_per_batch_partition")),
+                partitions: partitions.clone(),
+            });
+        }
+    }
+    out
+}

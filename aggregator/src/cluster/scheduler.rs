@@ -1,0 +1,90 @@
+//! Task scheduling on the master: every task of a running pipeline runs on an online leaf
+//! that holds partitions of the pipeline's database; a task whose leaf is lost moves to the
+//! least loaded live leaf with a new epoch (which fences the old one).
+
+use crate::raft::RaftHandle;
+use common::catalog::pipelines::PipelineState;
+use common::catalog::{Catalog, Command};
+use common::ids::LeafId;
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// The assignments the catalog needs now (pure: decided from the catalog alone).
+pub fn plan(catalog: &Catalog) -> Vec<Command> {
+    let mut load: BTreeMap<LeafId, usize> = catalog
+        .leaves
+        .values()
+        .filter(|l| l.online)
+        .map(|l| (l.id, 0))
+        .collect();
+    for p in catalog.pipelines.values() {
+        for t in &p.tasks {
+            if let Some(l) = t.leaf {
+                if let Some(n) = load.get_mut(&l) {
+                    *n += 1;
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for p in catalog.pipelines.values().filter(|p| p.state == PipelineState::Running) {
+        let holders: Vec<LeafId> = catalog
+            .databases
+            .get(&p.database)
+            .map(|d| {
+                let mut v: Vec<LeafId> = d.partitions.iter().map(|pt| pt.leaf).collect();
+                v.sort();
+                v.dedup();
+                v
+            })
+            .unwrap_or_default();
+        for t in &p.tasks {
+            let healthy = t.epoch != 0
+                && t.leaf.is_some_and(|l| load.contains_key(&l) && holders.contains(&l));
+            if healthy {
+                continue;
+            }
+            let best = holders
+                .iter()
+                .filter_map(|l| load.get(l).map(|n| (*n, *l)))
+                .min()
+                .map(|(_, l)| l);
+            if let Some(leaf) = best {
+                if let Some(n) = load.get_mut(&leaf) {
+                    *n += 1;
+                }
+                out.push(Command::AssignTask {
+                    pipeline_id: p.id,
+                    task_id: t.task_id,
+                    leaf: Some(leaf),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Applies [`plan`] while this node is the master.
+pub async fn run(raft: RaftHandle, shutdown: CancellationToken) {
+    let mut ticker = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        if !raft.is_leader() {
+            continue;
+        }
+        let commands = raft.read_catalog(plan);
+        for cmd in commands {
+            if let Command::AssignTask { pipeline_id, task_id, leaf } = &cmd {
+                tracing::info!(pipeline = pipeline_id, task = task_id, leaf = ?leaf.map(|l| l.0), "assigning task");
+            }
+            if let Err(e) = raft.propose(cmd).await {
+                tracing::warn!("task assignment failed: {e}");
+                break;
+            }
+        }
+    }
+}

@@ -1,0 +1,571 @@
+//! SELECT on Apache DataFusion: the aggregator plans; tables are scanned on the leaves that
+//! hold their partitions; `information_schema` tables are built from the catalog.
+
+use super::exec::{Session, SqlEngine};
+use super::functions;
+use super::result::{codes, Column, ColumnKind, QueryOutput, SqlError, Value};
+use crate::cluster::leaf_client;
+use common::catalog::tables::{ColumnType, Table};
+use common::catalog::Catalog;
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, BinaryArray, Float64Array, Int64Array, RecordBatch, StringArray};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::catalog::{CatalogProvider, MemoryCatalogProvider, MemorySchemaProvider, SchemaProvider, Session as DfSession, TableProvider};
+use datafusion::datasource::memory::{DataSourceExec, MemorySourceConfig};
+use datafusion::datasource::MemTable;
+use datafusion::error::DataFusionError;
+use datafusion::logical_expr::{Expr, TableType};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
+use datafusion::scalar::ScalarValue;
+use datafusion::sql::sqlparser::ast::{Ident, Query, SelectItem, SetExpr, Statement};
+use datafusion::variable::{VarProvider, VarType};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Field metadata key telling the MySQL layer a text column is JSON.
+pub const MYSQL_TYPE: &str = "mysql.type";
+
+fn df_err(e: DataFusionError) -> SqlError {
+    let root = e.find_root();
+    let msg = root.to_string();
+    let msg = msg.strip_prefix("Error during planning: ").unwrap_or(&msg).to_string();
+    let code = match root {
+        DataFusionError::SchemaError(..) => 1054,
+        DataFusionError::Plan(m) if m.contains("not found") => 1146,
+        DataFusionError::SQL(..) => codes::PARSE,
+        DataFusionError::NotImplemented(_) => codes::NOT_SUPPORTED_YET,
+        _ => codes::UNKNOWN,
+    };
+    SqlError::new(code, msg)
+}
+
+/// A UTC `YYYY-MM-DD HH:MM:SS` from unix milliseconds.
+pub fn datetime(ms: u64) -> String {
+    let secs = (ms / 1000) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// Builds a record batch from rows of [`Value`]s.
+pub fn batch(schema: &SchemaRef, rows: &[Vec<Value>]) -> Result<RecordBatch, DataFusionError> {
+    let mut cols: Vec<ArrayRef> = Vec::new();
+    for (i, f) in schema.fields().iter().enumerate() {
+        let cell = |r: &Vec<Value>| r.get(i).cloned().unwrap_or(Value::Null);
+        let col: ArrayRef = match f.data_type() {
+            DataType::Int64 => Arc::new(
+                rows.iter()
+                    .map(|r| match cell(r) {
+                        Value::Int(v) => Some(v),
+                        Value::Double(d) => Some(d as i64),
+                        Value::Text(t) => t.parse().ok(),
+                        _ => None,
+                    })
+                    .collect::<Int64Array>(),
+            ),
+            DataType::Float64 => Arc::new(
+                rows.iter()
+                    .map(|r| match cell(r) {
+                        Value::Int(v) => Some(v as f64),
+                        Value::Double(d) => Some(d),
+                        Value::Text(t) => t.parse().ok(),
+                        _ => None,
+                    })
+                    .collect::<Float64Array>(),
+            ),
+            DataType::Binary => Arc::new(
+                rows.iter()
+                    .map(|r| match cell(r) {
+                        Value::Bytes(b) => Some(b),
+                        Value::Text(t) => Some(t.into_bytes()),
+                        _ => None,
+                    })
+                    .collect::<Vec<_>>()
+                    .iter()
+                    .map(|v| v.as_deref())
+                    .collect::<BinaryArray>(),
+            ),
+            _ => Arc::new(rows.iter().map(|r| cell(r).to_text()).collect::<StringArray>()),
+        };
+        cols.push(col);
+    }
+    RecordBatch::try_new(schema.clone(), cols).map_err(|e| DataFusionError::ArrowError(Box::new(e), None))
+}
+
+fn text(name: &str) -> Field {
+    Field::new(name, DataType::Utf8, true)
+}
+
+fn json_field(name: &str) -> Field {
+    Field::new(name, DataType::Utf8, true).with_metadata(HashMap::from([(MYSQL_TYPE.to_string(), "json".to_string())]))
+}
+
+fn int(name: &str) -> Field {
+    Field::new(name, DataType::Int64, true)
+}
+
+fn double(name: &str) -> Field {
+    Field::new(name, DataType::Float64, true)
+}
+
+fn mem_table(fields: Vec<Field>, rows: Vec<Vec<Value>>) -> Result<Arc<dyn TableProvider>, DataFusionError> {
+    let schema = Arc::new(Schema::new(fields));
+    let b = batch(&schema, &rows)?;
+    Ok(Arc::new(MemTable::try_new(schema, vec![vec![b]])?))
+}
+
+/// The `information_schema` tables, from a catalog snapshot.
+fn information_schema(c: &Catalog) -> Result<Vec<(&'static str, Arc<dyn TableProvider>)>, DataFusionError> {
+    let mut pipelines = Vec::new();
+    let mut offsets = Vec::new();
+    let mut batches = Vec::new();
+    let mut errors = Vec::new();
+    let batch_interval = c.variable_u32("pipelines_batch_interval");
+    for p in c.pipelines.values() {
+        let config = serde_json::json!({
+            "name": p.name,
+            "source_type": "KAFKACONNECT",
+            "connector": p.connector,
+            "connector_config": serde_json::Value::Object(common::catalog::pipelines::redacted_config(&p.config)),
+            "credentials": "<CREDENTIALS REDACTED>",
+            "format": "AVRO",
+            "table": p.table,
+            "batch_interval": p.batch_interval_ms.unwrap_or(u64::from(batch_interval)),
+            "running": p.state == common::catalog::pipelines::PipelineState::Running,
+        });
+        pipelines.push(vec![
+            Value::Text(p.database.clone()),
+            Value::Text(p.name.clone()),
+            Value::Int(p.id as i64),
+            Value::Text(common::connect::avro::canonical_json(&config)),
+            Value::Text(p.state.as_str().into()),
+            Value::Int(p.skipped_batch_partitions as i64),
+            Value::Text(datetime(p.created_ms)),
+            Value::Text(datetime(p.altered_ms)),
+        ]);
+        for (key, o) in &p.offsets {
+            offsets.push(vec![
+                Value::Text(p.database.clone()),
+                Value::Text(p.name.clone()),
+                Value::Int(o.batch_id as i64),
+                Value::Int(i64::from(o.task_id)),
+                Value::Text(key.clone()),
+                Value::Text(common::connect::avro::canonical_json(&o.value)),
+            ]);
+        }
+        for b in &p.batches {
+            let secs = b.batch_time_ms as f64 / 1000.0;
+            let mb = b.bytes as f64 / 1_048_576.0;
+            let per_sec = |x: f64| if secs > 0.0 { x / secs } else { 0.0 };
+            batches.push(vec![
+                Value::Text(p.database.clone()),
+                Value::Text(p.name.clone()),
+                Value::Int(b.batch_id as i64),
+                Value::Text(if b.succeeded { "Succeeded" } else { "Failed" }.into()),
+                Value::Text(datetime(b.start_ms)),
+                Value::Double(b.extractor_wait_ms as f64 / 1000.0),
+                Value::Double(secs),
+                Value::Int(b.rows as i64),
+                Value::Double(per_sec(b.rows as f64)),
+                Value::Double(mb),
+                Value::Double(per_sec(mb)),
+                Value::Int(i64::from(b.num_partitions)),
+            ]);
+        }
+        for e in &p.errors {
+            errors.push(vec![
+                Value::Text(p.database.clone()),
+                Value::Text(p.name.clone()),
+                Value::Double(e.unix_ms as f64 / 1000.0),
+                Value::Text(e.error_type.clone()),
+                Value::Int(i64::from(e.code)),
+                Value::Text(e.message.clone()),
+                e.batch_id.map_or(Value::Null, |b| Value::Int(b as i64)),
+                Value::Int(e.error_id as i64),
+                Value::Text(e.host.clone()),
+                e.port.map_or(Value::Null, |p| Value::Int(i64::from(p))),
+                e.partition.clone().map_or(Value::Null, Value::Text),
+            ]);
+        }
+    }
+    let mut tables = Vec::new();
+    let mut columns = Vec::new();
+    for db in c.databases.values() {
+        for t in db.tables.values() {
+            tables.push(vec![
+                Value::Text("def".into()),
+                Value::Text(db.name.clone()),
+                Value::Text(t.name.clone()),
+                Value::Text("BASE TABLE".into()),
+            ]);
+            for (i, col) in t.columns.iter().enumerate() {
+                columns.push(vec![
+                    Value::Text("def".into()),
+                    Value::Text(db.name.clone()),
+                    Value::Text(t.name.clone()),
+                    Value::Text(col.name.clone()),
+                    Value::Int(i as i64 + 1),
+                    Value::Text(if col.nullable { "YES" } else { "NO" }.into()),
+                    Value::Text(col.ty.to_string()),
+                    Value::Text(if col.computed.is_some() { "computed" } else { "" }.into()),
+                ]);
+            }
+        }
+    }
+    Ok(vec![
+        (
+            "PIPELINES",
+            mem_table(
+                vec![
+                    text("DATABASE_NAME"),
+                    text("PIPELINE_NAME"),
+                    int("PIPELINE_ID"),
+                    json_field("CONFIG_JSON"),
+                    text("STATE"),
+                    int("SKIPPED_BATCH_PARTITIONS"),
+                    text("CREATE_TIME"),
+                    text("ALTER_TIME"),
+                ],
+                pipelines,
+            )?,
+        ),
+        (
+            "PIPELINES_SOURCE_OFFSETS",
+            mem_table(
+                vec![
+                    text("DATABASE_NAME"),
+                    text("PIPELINE_NAME"),
+                    int("BATCH_ID"),
+                    int("TASK_ID"),
+                    json_field("KEY"),
+                    json_field("VALUE"),
+                ],
+                offsets,
+            )?,
+        ),
+        (
+            "PIPELINES_BATCHES_SUMMARY",
+            mem_table(
+                vec![
+                    text("DATABASE_NAME"),
+                    text("PIPELINE_NAME"),
+                    int("BATCH_ID"),
+                    text("BATCH_STATE"),
+                    text("START_TIME"),
+                    double("EXTRACTOR_WAIT_TIME"),
+                    double("BATCH_TIME"),
+                    int("ROWS_STREAMED"),
+                    double("ROWS_PER_SEC"),
+                    double("MB_STREAMED"),
+                    double("MB_PER_SEC"),
+                    int("NUM_PARTITIONS"),
+                ],
+                batches,
+            )?,
+        ),
+        (
+            "PIPELINES_ERRORS",
+            mem_table(
+                vec![
+                    text("DATABASE_NAME"),
+                    text("PIPELINE_NAME"),
+                    double("ERROR_UNIX_TIMESTAMP"),
+                    text("ERROR_TYPE"),
+                    int("ERROR_CODE"),
+                    text("ERROR_MESSAGE"),
+                    int("BATCH_ID"),
+                    int("ERROR_ID"),
+                    text("HOST"),
+                    int("PORT"),
+                    text("PARTITION"),
+                ],
+                errors,
+            )?,
+        ),
+        (
+            "TABLES",
+            mem_table(
+                vec![text("TABLE_CATALOG"), text("TABLE_SCHEMA"), text("TABLE_NAME"), text("TABLE_TYPE")],
+                tables,
+            )?,
+        ),
+        (
+            "COLUMNS",
+            mem_table(
+                vec![
+                    text("TABLE_CATALOG"),
+                    text("TABLE_SCHEMA"),
+                    text("TABLE_NAME"),
+                    text("COLUMN_NAME"),
+                    int("ORDINAL_POSITION"),
+                    text("IS_NULLABLE"),
+                    text("COLUMN_TYPE"),
+                    text("EXTRA"),
+                ],
+                columns,
+            )?,
+        ),
+    ])
+}
+
+/// The Arrow schema of a table.
+pub fn table_schema(t: &Table) -> SchemaRef {
+    Arc::new(Schema::new(
+        t.columns
+            .iter()
+            .map(|c| match c.ty {
+                ColumnType::Json => json_field(&c.name),
+                ColumnType::BigInt | ColumnType::Int => int(&c.name),
+                ColumnType::Double => double(&c.name),
+                ColumnType::Blob => Field::new(&c.name, DataType::Binary, true),
+                ColumnType::Text | ColumnType::Varchar(_) => text(&c.name),
+            })
+            .collect::<Vec<_>>(),
+    ))
+}
+
+/// A table whose rows live on leaves: a scan asks every leaf holding its partitions.
+#[derive(Debug)]
+struct ClusterTable {
+    database: String,
+    table: String,
+    schema: SchemaRef,
+    /// (leaf address, online, partitions on it).
+    leaves: Vec<(String, bool, Vec<u32>)>,
+}
+
+#[async_trait::async_trait]
+impl TableProvider for ClusterTable {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn DfSession,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>, DataFusionError> {
+        if let Some((addr, _, parts)) = self.leaves.iter().find(|(_, online, _)| !online) {
+            return Err(DataFusionError::Execution(format!(
+                "partitions {parts:?} of database '{}' are on leaf {addr}, which is offline; the result would be incomplete",
+                self.database
+            )));
+        }
+        let calls = self.leaves.iter().map(|(addr, _, _)| {
+            let addr = addr.clone();
+            let req = proto::ScanRequest {
+                database: self.database.clone(),
+                table: self.table.clone(),
+            };
+            async move {
+                let mut c = leaf_client::client(&addr, Duration::from_secs(60)).map_err(DataFusionError::Execution)?;
+                c.scan(req)
+                    .await
+                    .map(|r| r.into_inner().rows_json)
+                    .map_err(|s| DataFusionError::Execution(format!("scan on leaf {addr} failed: {}", s.message())))
+            }
+        });
+        let mut rows = Vec::new();
+        for result in futures::future::join_all(calls).await {
+            for row in result? {
+                let values: Vec<serde_json::Value> = serde_json::from_str(&row)
+                    .map_err(|e| DataFusionError::Execution(format!("bad row from a leaf: {e}")))?;
+                rows.push(
+                    values
+                        .into_iter()
+                        .map(|v| match v {
+                            serde_json::Value::Null => Value::Null,
+                            serde_json::Value::String(s) => Value::Text(s),
+                            serde_json::Value::Number(n) => n.as_i64().map_or_else(|| Value::Double(n.as_f64().unwrap_or(0.0)), Value::Int),
+                            other => Value::Text(other.to_string()),
+                        })
+                        .collect(),
+                );
+            }
+        }
+        let b = batch(&self.schema, &rows)?;
+        let src = MemorySourceConfig::try_new(&[vec![b]], self.schema.clone(), projection.cloned())?.with_limit(limit);
+        Ok(DataSourceExec::from_data_source(src))
+    }
+}
+
+/// `@@variables` for DataFusion, from a snapshot.
+#[derive(Debug)]
+struct Vars(HashMap<String, ScalarValue>);
+
+impl VarProvider for Vars {
+    fn get_value(&self, names: Vec<String>) -> Result<ScalarValue, DataFusionError> {
+        let key = names.last().cloned().unwrap_or_default().trim_start_matches('@').to_ascii_lowercase();
+        self.0
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| DataFusionError::Plan(format!("Unknown system variable '{key}'")))
+    }
+
+    fn get_type(&self, names: &[String]) -> Option<DataType> {
+        let key = names.last()?.trim_start_matches('@').to_ascii_lowercase();
+        self.0.get(&key).map(ScalarValue::data_type)
+    }
+}
+
+fn schema_provider(tables: Vec<(String, Arc<dyn TableProvider>)>) -> Result<Arc<dyn SchemaProvider>, DataFusionError> {
+    let s = MemorySchemaProvider::new();
+    for (name, t) in tables {
+        s.register_table(name, t)?;
+    }
+    Ok(Arc::new(s))
+}
+
+/// Runs a SELECT.
+pub async fn run(engine: &SqlEngine, session: &Session, query: &Query, vars: HashMap<String, ScalarValue>) -> Result<QueryOutput, SqlError> {
+    let catalog = engine.raft().read_catalog(Clone::clone);
+    let default_db = session.database.clone().unwrap_or_else(|| "information_schema".into());
+    let mut cfg = SessionConfig::new()
+        .with_information_schema(false)
+        .with_create_default_catalog_and_schema(false)
+        .with_default_catalog_and_schema("def", &default_db);
+    {
+        let o = cfg.options_mut();
+        o.sql_parser.dialect = datafusion::config::Dialect::MySQL;
+        o.sql_parser.enable_ident_normalization = false;
+        o.sql_parser.map_string_types_to_utf8view = false;
+    }
+    let ctx = SessionContext::new_with_config(cfg);
+    let def = MemoryCatalogProvider::new();
+    let is: Vec<(String, Arc<dyn TableProvider>)> = information_schema(&catalog)
+        .map_err(df_err)?
+        .into_iter()
+        .flat_map(|(n, t)| [(n.to_string(), t.clone()), (n.to_ascii_lowercase(), t)])
+        .collect();
+    let is = schema_provider(is).map_err(df_err)?;
+    def.register_schema("information_schema", is.clone()).map_err(df_err)?;
+    def.register_schema("INFORMATION_SCHEMA", is).map_err(df_err)?;
+    for db in catalog.databases.values() {
+        let mut leaves: HashMap<u64, (String, bool, Vec<u32>)> = HashMap::new();
+        for p in &db.partitions {
+            if let Some(l) = catalog.leaves.get(&p.leaf) {
+                leaves.entry(l.id.0).or_insert_with(|| (l.address.clone(), l.online, vec![])).2.push(p.ordinal);
+            }
+        }
+        let tables = db
+            .tables
+            .values()
+            .map(|t| {
+                let provider: Arc<dyn TableProvider> = Arc::new(ClusterTable {
+                    database: db.name.clone(),
+                    table: t.name.clone(),
+                    schema: table_schema(t),
+                    leaves: leaves.values().cloned().collect(),
+                });
+                (t.name.clone(), provider)
+            })
+            .collect();
+        def.register_schema(&db.name, schema_provider(tables).map_err(df_err)?).map_err(df_err)?;
+    }
+    ctx.register_catalog("def", Arc::new(def));
+    for f in functions::udfs() {
+        ctx.register_udf(f);
+    }
+    ctx.register_variable(VarType::System, Arc::new(Vars(vars)));
+
+    // MySQL names an unaliased expression column by its text.
+    let mut query = query.clone();
+    if let SetExpr::Select(select) = query.body.as_mut() {
+        for item in select.projection.iter_mut() {
+            if let SelectItem::UnnamedExpr(e) = item {
+                if !matches!(e, datafusion::sql::sqlparser::ast::Expr::Identifier(_) | datafusion::sql::sqlparser::ast::Expr::CompoundIdentifier(_)) {
+                    let alias = Ident::with_quote('`', e.to_string());
+                    *item = SelectItem::ExprWithAlias { expr: e.clone(), alias };
+                }
+            }
+        }
+    }
+    let state = ctx.state();
+    let plan = state
+        .statement_to_plan(datafusion::sql::parser::Statement::Statement(Box::new(Statement::Query(Box::new(query)))))
+        .await
+        .map_err(df_err)?;
+    SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false)
+        .verify_plan(&plan)
+        .map_err(df_err)?;
+    let df = ctx.execute_logical_plan(plan).await.map_err(df_err)?;
+    let schema = df.schema().inner().clone();
+    let batches = df.collect().await.map_err(df_err)?;
+    to_output(&schema, &batches)
+}
+
+fn to_output(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<QueryOutput, SqlError> {
+    let columns: Vec<Column> = schema
+        .fields()
+        .iter()
+        .map(|f| Column {
+            name: f.name().clone(),
+            kind: match f.data_type() {
+                DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64 | DataType::UInt8 | DataType::UInt16 | DataType::UInt32 | DataType::UInt64 | DataType::Boolean => ColumnKind::BigInt,
+                DataType::Float16 | DataType::Float32 | DataType::Float64 | DataType::Decimal128(..) => ColumnKind::Double,
+                DataType::Binary | DataType::LargeBinary | DataType::BinaryView => ColumnKind::Blob,
+                DataType::Null => ColumnKind::Null,
+                _ if f.metadata().get(MYSQL_TYPE).is_some_and(|t| t == "json") => ColumnKind::Json,
+                _ => ColumnKind::Text,
+            },
+        })
+        .collect();
+    let mut rows = Vec::new();
+    for b in batches {
+        let formatters: Vec<_> = b
+            .columns()
+            .iter()
+            .map(|c| datafusion::arrow::util::display::ArrayFormatter::try_new(c.as_ref(), &Default::default()))
+            .collect::<Result<_, _>>()
+            .map_err(|e| SqlError::new(codes::UNKNOWN, e.to_string()))?;
+        for i in 0..b.num_rows() {
+            let mut row = Vec::with_capacity(columns.len());
+            for (j, col) in b.columns().iter().enumerate() {
+                if col.is_null(i) {
+                    row.push(Value::Null);
+                    continue;
+                }
+                row.push(match col.data_type() {
+                    DataType::Int64 => Value::Int(col.as_primitive::<datafusion::arrow::datatypes::Int64Type>().value(i)),
+                    DataType::Float64 => Value::Double(col.as_primitive::<datafusion::arrow::datatypes::Float64Type>().value(i)),
+                    DataType::Boolean => Value::Int(i64::from(col.as_boolean().value(i))),
+                    DataType::Binary => Value::Bytes(col.as_binary::<i32>().value(i).to_vec()),
+                    DataType::Utf8 => Value::Text(col.as_string::<i32>().value(i).to_string()),
+                    _ => Value::Text(formatters[j].value(i).to_string()),
+                });
+            }
+            rows.push(row);
+        }
+    }
+    Ok(QueryOutput::Rows { columns, rows })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn datetimes() {
+        assert_eq!(datetime(0), "1970-01-01 00:00:00");
+        assert_eq!(datetime(1_775_700_271_554), "2026-04-09 02:04:31");
+    }
+}
