@@ -10,6 +10,9 @@ LEAF_PORT="${LEAF_PORT:-7201}"           # leaf i listens on LEAF_PORT+i-1
 PROFILE="${PROFILE:-release}"            # cargo profile built when BIN_DIR is not given
 BIN_DIR="${BIN_DIR:-}"
 READY_TIMEOUT="${READY_TIMEOUT:-90}"
+KINESIS_PORT="${KINESIS_PORT:-4567}"       # the local Kinesis emulator (moto_server)
+KINESIS_ENDPOINT="${KINESIS_ENDPOINT:-}"  # set to use another Kinesis endpoint instead
+VENV="${VENV:-$REPO_ROOT/.venv}"
 PID_DIR="$DATA_DIR/pids"
 LOG_DIR="$DATA_DIR/logs"
 

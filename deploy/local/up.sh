@@ -18,6 +18,28 @@ if [ -z "$BIN_DIR" ]; then
 fi
 mkdir -p "$PID_DIR" "$LOG_DIR"
 
+# Kinesis: moto_server from the project's venv unless KINESIS_ENDPOINT points elsewhere.
+# Leaves reach it through the standard AWS variables, so the spec's CONFIG works verbatim.
+if [ -z "$KINESIS_ENDPOINT" ]; then
+  if [ ! -x "$VENV/bin/moto_server" ]; then
+    echo "up.sh: $VENV/bin/moto_server not found; run scripts/setup.sh (or set KINESIS_ENDPOINT)" >&2
+    exit 1
+  fi
+  if ! pid_alive "$PID_DIR/kinesis.pid"; then
+    nohup "$VENV/bin/moto_server" -H 127.0.0.1 -p "$KINESIS_PORT" >>"$LOG_DIR/kinesis.log" 2>&1 &
+    echo $! >"$PID_DIR/kinesis.pid"
+    echo "   kinesis emulator (moto_server) started on 127.0.0.1:$KINESIS_PORT (pid $!)"
+  fi
+  KINESIS_ENDPOINT="http://127.0.0.1:$KINESIS_PORT"
+  for _ in $(seq 1 100); do
+    (exec 3<>/dev/tcp/127.0.0.1/"$KINESIS_PORT") 2>/dev/null && break
+    sleep 0.1
+  done
+fi
+export AWS_ENDPOINT_URL_KINESIS="$KINESIS_ENDPOINT"
+export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-test}" AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-test}"
+export AWS_REGION="${AWS_REGION:-us-east-1}"
+
 peers=""
 agg_grpc=""
 for i in $(seq 1 "$AGGREGATORS"); do
@@ -67,6 +89,7 @@ while :; do
 done
 mysql_q "$MYSQL_PORT" "SHOW AGGREGATORS" | awk -F'\t' '{printf "   aggregator %s at %s:%s %s%s\n", $7, $1, $2, $3, ($6==1?" (master)":"")}'
 mysql_q "$MYSQL_PORT" "SHOW LEAVES" | awk -F'\t' '{printf "   leaf %s at %s:%s %s\n", $7, $1, $2, $6}'
+echo "   kinesis endpoint for leaves: $KINESIS_ENDPOINT"
 echo "== ready. Connect with:"
 echo "   mariadb -h127.0.0.1 -P$MYSQL_PORT -uroot"
 echo "   stop with deploy/local/down.sh; kill one node with: kill -9 \$(cat $PID_DIR/leaf-1.pid)"

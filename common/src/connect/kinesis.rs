@@ -157,15 +157,36 @@ impl Settings {
     }
 
     fn client(&self) -> Client {
-        use aws_sdk_kinesis::config::retry::RetryConfig;
-        use aws_sdk_kinesis::config::timeout::TimeoutConfig;
-        let creds = Credentials::new(
+        sdk_client(
+            self.endpoint.as_deref(),
+            &self.region,
             &self.access_key,
             &self.secret_key,
             self.session_token.clone(),
-            None,
-            "pipeline-config",
-        );
+        )
+    }
+
+    fn where_(&self) -> String {
+        match &self.endpoint {
+            Some(e) => format!("stream '{}' at {e}", self.stream),
+            None => format!("stream '{}' in {}", self.stream, self.region),
+        }
+    }
+}
+
+/// An `aws-sdk-kinesis` client with static credentials, one attempt per call and short
+/// connect timeouts (our own loops retry). Reads no AWS config files.
+pub fn sdk_client(
+    endpoint: Option<&str>,
+    region: &str,
+    access_key: &str,
+    secret_key: &str,
+    session_token: Option<String>,
+) -> Client {
+    {
+        use aws_sdk_kinesis::config::retry::RetryConfig;
+        use aws_sdk_kinesis::config::timeout::TimeoutConfig;
+        let creds = Credentials::new(access_key, secret_key, session_token, None, "pipeline-config");
         let http = aws_smithy_http_client::Builder::new()
             .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
                 aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
@@ -173,7 +194,7 @@ impl Settings {
             .build_https();
         let mut b = aws_sdk_kinesis::Config::builder()
             .behavior_version(BehaviorVersion::latest())
-            .region(Region::new(self.region.clone()))
+            .region(Region::new(region.to_string()))
             .credentials_provider(creds)
             .http_client(http)
             // Retries are ours (backoff on throttling, batch retries): one attempt per call.
@@ -184,17 +205,10 @@ impl Settings {
                     .operation_timeout(Duration::from_secs(15))
                     .build(),
             );
-        if let Some(url) = &self.endpoint {
-            b = b.endpoint_url(url.clone());
+        if let Some(url) = endpoint {
+            b = b.endpoint_url(url.to_string());
         }
         Client::from_conf(b.build())
-    }
-
-    fn where_(&self) -> String {
-        match &self.endpoint {
-            Some(e) => format!("stream '{}' at {e}", self.stream),
-            None => format!("stream '{}' in {}", self.stream, self.region),
-        }
     }
 }
 

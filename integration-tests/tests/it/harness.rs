@@ -91,6 +91,7 @@ pub struct Node {
     args: Vec<String>,
     program: PathBuf,
     log: PathBuf,
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -103,6 +104,7 @@ impl Node {
         let child = Command::new(&self.program)
             .args(&self.args)
             .env("RUST_LOG", "info,raft=warn,sled=warn,h2=warn,tower=warn")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -182,6 +184,8 @@ pub struct ClusterSpec {
     pub password: String,
     /// Extra flags for every aggregator.
     pub aggregator_args: Vec<String>,
+    /// Extra environment for every leaf (e.g. the Kinesis endpoint).
+    pub leaf_env: Vec<(String, String)>,
 }
 
 impl Default for ClusterSpec {
@@ -191,6 +195,7 @@ impl Default for ClusterSpec {
             leaves: 2,
             password: String::new(),
             aggregator_args: vec![],
+            leaf_env: vec![],
         }
     }
 }
@@ -243,6 +248,7 @@ impl Cluster {
                 name,
                 args,
                 program: binary("aggregator"),
+                env: vec![],
                 child: None,
             });
         }
@@ -262,6 +268,7 @@ impl Cluster {
                 name,
                 args,
                 program: binary("leaf"),
+                env: spec.leaf_env.clone(),
                 child: None,
             });
         }
@@ -352,5 +359,56 @@ impl Drop for Cluster {
             }
             let _ = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir")).keep();
         }
+    }
+}
+
+/// A moto_server (Kinesis emulator) process on a free loopback port.
+pub struct Moto {
+    pub endpoint: String,
+    child: Child,
+}
+
+impl Moto {
+    pub fn start() -> Result<Self> {
+        let program = std::env::var("SHARDLINE_MOTO").map(PathBuf::from).unwrap_or_else(|_| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/moto_server")
+        });
+        assert!(
+            program.exists(),
+            "{} not found: run scripts/setup.sh (or set SHARDLINE_MOTO)",
+            program.display()
+        );
+        let port = free_port();
+        let child = Command::new(program)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let endpoint = format!("http://127.0.0.1:{port}");
+        wait_for("moto_server to listen", Duration::from_secs(30), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        })?;
+        Ok(Self { endpoint, child })
+    }
+
+    /// The environment a leaf needs to reach it through the standard AWS variables.
+    pub fn leaf_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL_KINESIS".into(), self.endpoint.clone()),
+            ("AWS_ACCESS_KEY_ID".into(), "test".into()),
+            ("AWS_SECRET_ACCESS_KEY".into(), "test".into()),
+        ]
+    }
+
+    pub fn client(&self) -> aws_sdk_kinesis::Client {
+        common::connect::kinesis::sdk_client(Some(&self.endpoint), "us-east-1", "test", "test", None)
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
