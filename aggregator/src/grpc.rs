@@ -109,7 +109,8 @@ impl proto::aggregator_server::Aggregator for AggregatorServiceImpl {
         request: Request<proto::ResolveBatchRequest>,
     ) -> Result<Response<proto::ResolveBatchResponse>, Status> {
         let r = request.into_inner();
-        let outcome = batches::resolve(&self.raft, r.pipeline_id, r.task_id, r.epoch, r.seq).await?;
+        let outcome =
+            batches::resolve(&self.raft, r.pipeline_id, r.task_id, r.epoch, r.seq).await?;
         Ok(Response::new(proto::ResolveBatchResponse {
             committed: outcome.is_some(),
             batch_id: outcome.unwrap_or(0),

@@ -49,7 +49,9 @@ impl proto::leaf_server::Leaf for LeafServiceImpl {
             .iter()
             .map(|t| serde_json::to_string(t).unwrap_or_default())
             .collect();
-        Ok(Response::new(proto::PlanTasksResponse { task_configs_json }))
+        Ok(Response::new(proto::PlanTasksResponse {
+            task_configs_json,
+        }))
     }
 
     async fn scan(
@@ -69,10 +71,13 @@ impl proto::leaf_server::Leaf for LeafServiceImpl {
         request: Request<proto::TestPipelineRequest>,
     ) -> Result<Response<proto::TestPipelineResponse>, Status> {
         let req = request.into_inner();
-        let rows_json =
-            crate::tasks::test_extract(&req.config_json, &req.offsets_json, req.limit.max(1) as usize)
-                .await
-                .map_err(Status::failed_precondition)?;
+        let rows_json = crate::tasks::test_extract(
+            &req.config_json,
+            &req.offsets_json,
+            req.limit.max(1) as usize,
+        )
+        .await
+        .map_err(Status::failed_precondition)?;
         Ok(Response::new(proto::TestPipelineResponse { rows_json }))
     }
 }

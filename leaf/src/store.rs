@@ -82,7 +82,13 @@ impl Store {
     }
 
     /// Writes a batch's rows (partition, JSON row) durably and invisibly.
-    pub async fn prepare(&self, key: BatchKey, database: &str, table: &str, rows: &[(u32, String)]) -> Result<()> {
+    pub async fn prepare(
+        &self,
+        key: BatchKey,
+        database: &str,
+        table: &str,
+        rows: &[(u32, String)],
+    ) -> Result<()> {
         let k = key.bytes();
         let mut batch = sled::Batch::default();
         for (partition, row) in rows {
@@ -110,8 +116,11 @@ impl Store {
         let Some(m) = self.prepared.get(k)? else {
             return Ok(0); // already finalized or aborted
         };
-        let marker: Marker = serde_json::from_slice(&m).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let tree = self.db.open_tree(table_tree(&marker.database, &marker.table))?;
+        let marker: Marker =
+            serde_json::from_slice(&m).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let tree = self
+            .db
+            .open_tree(table_tree(&marker.database, &marker.table))?;
         let mut rows = sled::Batch::default();
         let mut staged = sled::Batch::default();
         let mut n = 0;
@@ -154,7 +163,12 @@ impl Store {
     /// Committed rows of a table (JSON arrays).
     pub fn scan(&self, database: &str, table: &str) -> Result<Vec<String>> {
         let name = table_tree(database, table);
-        if !self.db.tree_names().iter().any(|n| n.as_ref() == name.as_bytes()) {
+        if !self
+            .db
+            .tree_names()
+            .iter()
+            .any(|n| n.as_ref() == name.as_bytes())
+        {
             return Ok(vec![]);
         }
         let tree = self.db.open_tree(name)?;
@@ -190,8 +204,12 @@ mod tests {
     async fn prepared_rows_are_invisible_until_finalized_and_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
-        s.prepare(key(1), "d", "t", &[(0, "[1]".into()), (1, "[2]".into())]).await.unwrap();
-        s.prepare(key(2), "d", "t", &[(0, "[3]".into())]).await.unwrap();
+        s.prepare(key(1), "d", "t", &[(0, "[1]".into()), (1, "[2]".into())])
+            .await
+            .unwrap();
+        s.prepare(key(2), "d", "t", &[(0, "[3]".into())])
+            .await
+            .unwrap();
         assert!(s.scan("d", "t").unwrap().is_empty());
         drop(s);
         let s = Store::open(dir.path()).unwrap();

@@ -53,7 +53,13 @@ pub struct TaskManager {
 }
 
 impl TaskManager {
-    pub fn new(store: Store, aggregators: Vec<String>, address: String, tasks: TaskTracker, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        store: Store,
+        aggregators: Vec<String>,
+        address: String,
+        tasks: TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Self {
         Self {
             store,
             aggregators,
@@ -76,7 +82,10 @@ impl TaskManager {
         };
         let mut client = MasterClient::new(self.aggregators.clone());
         for key in batches {
-            if resolve(&self.store, &mut client, key, &self.shutdown).await.is_none() {
+            if resolve(&self.store, &mut client, key, &self.shutdown)
+                .await
+                .is_none()
+            {
                 return;
             }
         }
@@ -90,7 +99,8 @@ impl TaskManager {
             .map(|a| ((a.pipeline_id, a.task_id), a))
             .collect();
         running.retain(|key, r| {
-            let keep = wanted.get(key).is_some_and(|a| a.epoch == r.epoch) && !r.cancel.is_cancelled();
+            let keep =
+                wanted.get(key).is_some_and(|a| a.epoch == r.epoch) && !r.cancel.is_cancelled();
             if !keep {
                 r.cancel.cancel();
             }
@@ -131,7 +141,12 @@ impl TaskManager {
 }
 
 /// Asks the master how a prepared batch ended and applies the answer. `None` on shutdown.
-async fn resolve(store: &Store, client: &mut MasterClient, key: BatchKey, shutdown: &CancellationToken) -> Option<bool> {
+async fn resolve(
+    store: &Store,
+    client: &mut MasterClient,
+    key: BatchKey,
+    shutdown: &CancellationToken,
+) -> Option<bool> {
     let mut backoff = Duration::from_millis(100);
     loop {
         let req = proto::ResolveBatchRequest {
@@ -140,7 +155,13 @@ async fn resolve(store: &Store, client: &mut MasterClient, key: BatchKey, shutdo
             epoch: key.epoch,
             seq: key.seq,
         };
-        match client.call(|mut c| { let req = req.clone(); async move { c.resolve_batch(req).await } }).await {
+        match client
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.resolve_batch(req).await }
+            })
+            .await
+        {
             Ok(r) => {
                 let result = if r.committed {
                     store.finalize(key).map(|_| true)
@@ -191,7 +212,9 @@ impl Runner {
         let (host, port) = self
             .address
             .rsplit_once(':')
-            .map_or((self.address.clone(), 0), |(h, p)| (h.to_string(), p.parse().unwrap_or(0)));
+            .map_or((self.address.clone(), 0), |(h, p)| {
+                (h.to_string(), p.parse().unwrap_or(0))
+            });
         let req = proto::TaskErrorRequest {
             pipeline_id: a.pipeline_id,
             task_id: a.task_id,
@@ -204,7 +227,10 @@ impl Runner {
         };
         if let Err(e) = self
             .client
-            .call(|mut c| { let req = req.clone(); async move { c.report_task_error(req).await } })
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.report_task_error(req).await }
+            })
             .await
         {
             tracing::warn!("cannot report a task error: {e}");
@@ -254,7 +280,8 @@ impl Runner {
             .map_err(|e| RunError::Failed(format!("bad pipeline config: {e}")))?;
         let task_config: TaskConfig = serde_json::from_str(&a.task_config_json)
             .map_err(|e| RunError::Failed(format!("bad task config: {e}")))?;
-        let class = connect::required(&config, "connector.class").map_err(|e| RunError::Failed(e.to_string()))?;
+        let class = connect::required(&config, "connector.class")
+            .map_err(|e| RunError::Failed(e.to_string()))?;
         let connector = connect::connector(&class).map_err(|e| RunError::Failed(e.to_string()))?;
         let schema = avro::envelope_schema(connector.key_schema(), connector.value_schema())
             .map_err(|e| RunError::Failed(e.to_string()))?;
@@ -303,7 +330,8 @@ impl Runner {
                 continue;
             }
             // FORMAT AVRO: the batch travels as Avro; the loader decodes it into rows.
-            let bytes = avro::encode_batch(&schema, &records).map_err(|e| RunError::Failed(e.to_string()))?;
+            let bytes = avro::encode_batch(&schema, &records)
+                .map_err(|e| RunError::Failed(e.to_string()))?;
             let rows = avro::decode_batch(&bytes).map_err(|e| RunError::Failed(e.to_string()))?;
             if a.partitions.is_empty() {
                 return Err(RunError::Failed(format!(
@@ -375,24 +403,53 @@ impl Runner {
     }
 
     /// Commits a prepared batch at the master, retrying while the answer is unknown.
-    async fn commit(&mut self, key: BatchKey, batch: common::catalog::pipelines::BatchCommit) -> Result<Outcome, RunError> {
+    async fn commit(
+        &mut self,
+        key: BatchKey,
+        batch: common::catalog::pipelines::BatchCommit,
+    ) -> Result<Outcome, RunError> {
         let body = serde_json::to_vec(&batch).map_err(|e| RunError::Failed(e.to_string()))?;
         let mut backoff = Duration::from_millis(50);
         loop {
-            let req = proto::CommitBatchRequest { batch_json: body.clone() };
-            match self.client.call(|mut c| { let req = req.clone(); async move { c.commit_batch(req).await } }).await {
+            let req = proto::CommitBatchRequest {
+                batch_json: body.clone(),
+            };
+            match self
+                .client
+                .call(|mut c| {
+                    let req = req.clone();
+                    async move { c.commit_batch(req).await }
+                })
+                .await
+            {
                 Ok(r) if r.committed => {
-                    self.store.finalize(key).map_err(|e| RunError::Failed(e.to_string()))?;
-                    tracing::debug!(?key, batch_id = r.batch_id, rows = batch.rows, "batch committed");
+                    self.store
+                        .finalize(key)
+                        .map_err(|e| RunError::Failed(e.to_string()))?;
+                    tracing::debug!(
+                        ?key,
+                        batch_id = r.batch_id,
+                        rows = batch.rows,
+                        "batch committed"
+                    );
                     return Ok(Outcome::Continue);
                 }
                 Ok(r) => {
-                    self.store.abort(key).map_err(|e| RunError::Failed(e.to_string()))?;
+                    self.store
+                        .abort(key)
+                        .map_err(|e| RunError::Failed(e.to_string()))?;
                     return Ok(Outcome::Refused(r.reason));
                 }
-                Err(CallError::Rejected(status)) if status.code() == tonic::Code::InvalidArgument => {
-                    self.store.abort(key).map_err(|e| RunError::Failed(e.to_string()))?;
-                    return Err(RunError::Failed(format!("commit refused: {}", status.message())));
+                Err(CallError::Rejected(status))
+                    if status.code() == tonic::Code::InvalidArgument =>
+                {
+                    self.store
+                        .abort(key)
+                        .map_err(|e| RunError::Failed(e.to_string()))?;
+                    return Err(RunError::Failed(format!(
+                        "commit refused: {}",
+                        status.message()
+                    )));
                 }
                 Err(e) => {
                     tracing::debug!(?key, "commit outcome unknown, retrying: {e}");
@@ -400,7 +457,14 @@ impl Runner {
             }
             if self.cancel.is_cancelled() {
                 // We are being stopped with the outcome unknown: settle it for good.
-                match resolve(&self.store, &mut self.client, key, &self.cancel.clone().child_token()).await {
+                match resolve(
+                    &self.store,
+                    &mut self.client,
+                    key,
+                    &self.cancel.clone().child_token(),
+                )
+                .await
+                {
                     Some(true) => return Ok(Outcome::Continue),
                     _ => return Ok(Outcome::Refused("stopped".into())),
                 }
@@ -417,21 +481,35 @@ enum RunError {
 }
 
 /// Extracts up to `limit` records without loading them (TEST PIPELINE): rows [topic, id, record].
-pub async fn test_extract(config_json: &str, offsets_json: &str, limit: usize) -> Result<Vec<String>, String> {
-    let config: ConnectorConfig = serde_json::from_str(config_json).map_err(|e| format!("bad config: {e}"))?;
+pub async fn test_extract(
+    config_json: &str,
+    offsets_json: &str,
+    limit: usize,
+) -> Result<Vec<String>, String> {
+    let config: ConnectorConfig =
+        serde_json::from_str(config_json).map_err(|e| format!("bad config: {e}"))?;
     let class = connect::required(&config, "connector.class").map_err(|e| e.to_string())?;
     let connector = connect::connector(&class).map_err(|e| e.to_string())?;
-    let tasks = connector.task_configs(&config, 1).await.map_err(|e| e.to_string())?;
+    let tasks = connector
+        .task_configs(&config, 1)
+        .await
+        .map_err(|e| e.to_string())?;
     let offsets = parse_offsets(offsets_json, "");
-    let schema = avro::envelope_schema(connector.key_schema(), connector.value_schema()).map_err(|e| e.to_string())?;
+    let schema = avro::envelope_schema(connector.key_schema(), connector.value_schema())
+        .map_err(|e| e.to_string())?;
     let mut out = Vec::new();
     for tc in tasks {
         let mut task = connector.task();
-        task.start(&config, &tc, &offsets).await.map_err(|e| e.to_string())?;
+        task.start(&config, &tc, &offsets)
+            .await
+            .map_err(|e| e.to_string())?;
         let deadline = Instant::now() + Duration::from_secs(3);
         let mut records = Vec::new();
         while records.len() < limit && Instant::now() < deadline {
-            let p = task.poll(limit - records.len(), deadline).await.map_err(|e| e.to_string())?;
+            let p = task
+                .poll(limit - records.len(), deadline)
+                .await
+                .map_err(|e| e.to_string())?;
             records.extend(p.records);
         }
         let bytes = avro::encode_batch(&schema, &records).map_err(|e| e.to_string())?;

@@ -26,12 +26,22 @@ pub async fn commit(raft: &RaftHandle, batch: BatchCommit) -> Result<Result<u64,
 
 /// Whether a prepared batch committed; the answer is final because the batch's epoch is
 /// fenced first (no batch of it can commit afterwards).
-pub async fn resolve(raft: &RaftHandle, pipeline_id: u64, task_id: u32, epoch: u64, seq: u64) -> Result<Option<u64>> {
+pub async fn resolve(
+    raft: &RaftHandle,
+    pipeline_id: u64,
+    task_id: u32,
+    epoch: u64,
+    seq: u64,
+) -> Result<Option<u64>> {
     if !raft.is_leader() {
         return Err(raft.not_leader());
     }
     let committed = |raft: &RaftHandle| {
-        raft.read_catalog(|c| c.pipelines.get(&pipeline_id).map(|p| p.committed_batch(task_id, epoch, seq)))
+        raft.read_catalog(|c| {
+            c.pipelines
+                .get(&pipeline_id)
+                .map(|p| p.committed_batch(task_id, epoch, seq))
+        })
     };
     match committed(raft) {
         None => return Ok(None), // the pipeline is gone: its rows must go too
@@ -57,7 +67,8 @@ pub async fn report_error(raft: &RaftHandle, req: proto::TaskErrorRequest) -> Re
     if !raft.is_leader() {
         return Err(raft.not_leader());
     }
-    let batch_id = raft.read_catalog(|c| c.pipelines.get(&req.pipeline_id).map(|p| p.next_batch_id));
+    let batch_id =
+        raft.read_catalog(|c| c.pipelines.get(&req.pipeline_id).map(|p| p.next_batch_id));
     let error = PipelineError {
         error_id: 0,
         unix_ms: now_ms(),
@@ -89,11 +100,21 @@ pub async fn report_error(raft: &RaftHandle, req: proto::TaskErrorRequest) -> Re
 pub fn assignments(catalog: &Catalog, leaf: LeafId) -> Vec<proto::TaskAssignment> {
     let var = |n: &str| u64::from(catalog.variable_u32(n));
     let mut out = Vec::new();
-    for p in catalog.pipelines.values().filter(|p| p.state == PipelineState::Running) {
+    for p in catalog
+        .pipelines
+        .values()
+        .filter(|p| p.state == PipelineState::Running)
+    {
         let partitions: Vec<u32> = catalog
             .databases
             .get(&p.database)
-            .map(|d| d.partitions.iter().filter(|pt| pt.leaf == leaf).map(|pt| pt.ordinal).collect())
+            .map(|d| {
+                d.partitions
+                    .iter()
+                    .filter(|pt| pt.leaf == leaf)
+                    .map(|pt| pt.ordinal)
+                    .collect()
+            })
             .unwrap_or_default();
         let config = common::connect::effective_config(&p.config, &p.credentials)
             .map(|c| serde_json::Value::Object(c).to_string())
@@ -104,7 +125,11 @@ pub fn assignments(catalog: &Catalog, leaf: LeafId) -> Vec<proto::TaskAssignment
             .map(|(k, o)| (k.clone(), json!({"value": o.value, "finished": o.finished})))
             .collect();
         let offsets_json = canonical_json(&serde_json::Value::Object(offsets));
-        for t in p.tasks.iter().filter(|t| t.leaf == Some(leaf) && t.epoch != 0) {
+        for t in p
+            .tasks
+            .iter()
+            .filter(|t| t.leaf == Some(leaf) && t.epoch != 0)
+        {
             out.push(proto::TaskAssignment {
                 pipeline_id: p.id,
                 pipeline: p.name.clone(),
@@ -122,10 +147,12 @@ pub fn assignments(catalog: &Catalog, leaf: LeafId) -> Vec<proto::TaskAssignment
                 },
                 batch_size: var("pipelines_extractor_batch_size"),
                 max_batch_interval_ms: var("pipelines_extractor_max_batch_interval_ms"),
-                batch_interval_ms: p.batch_interval_ms.unwrap_or_else(|| var("pipelines_batch_interval")),
-                max_retries: p
-                    .max_retries
-                    .unwrap_or_else(|| catalog.variable_u32("pipelines_max_retries_per_batch_partition")),
+                batch_interval_ms: p
+                    .batch_interval_ms
+                    .unwrap_or_else(|| var("pipelines_batch_interval")),
+                max_retries: p.max_retries.unwrap_or_else(|| {
+                    catalog.variable_u32("pipelines_max_retries_per_batch_partition")
+                }),
                 partitions: partitions.clone(),
             });
         }

@@ -28,7 +28,11 @@ pub fn plan(catalog: &Catalog) -> Vec<Command> {
         }
     }
     let mut out = Vec::new();
-    for p in catalog.pipelines.values().filter(|p| p.state == PipelineState::Running) {
+    for p in catalog
+        .pipelines
+        .values()
+        .filter(|p| p.state == PipelineState::Running)
+    {
         let holders: Vec<LeafId> = catalog
             .databases
             .get(&p.database)
@@ -41,7 +45,8 @@ pub fn plan(catalog: &Catalog) -> Vec<Command> {
             .unwrap_or_default();
         for t in &p.tasks {
             let healthy = t.epoch != 0
-                && t.leaf.is_some_and(|l| load.contains_key(&l) && holders.contains(&l));
+                && t.leaf
+                    .is_some_and(|l| load.contains_key(&l) && holders.contains(&l));
             if healthy {
                 continue;
             }
@@ -78,7 +83,12 @@ pub async fn run(raft: RaftHandle, shutdown: CancellationToken) {
         }
         let commands = raft.read_catalog(plan);
         for cmd in commands {
-            if let Command::AssignTask { pipeline_id, task_id, leaf } = &cmd {
+            if let Command::AssignTask {
+                pipeline_id,
+                task_id,
+                leaf,
+            } = &cmd
+            {
                 tracing::info!(pipeline = pipeline_id, task = task_id, leaf = ?leaf.map(|l| l.0), "assigning task");
             }
             if let Err(e) = raft.propose(cmd).await {

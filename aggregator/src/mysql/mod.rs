@@ -177,7 +177,8 @@ async fn write_output<W: AsyncWrite + Send + Unpin>(
 }
 
 fn error_kind(e: &SqlError) -> ErrorKind {
-    ErrorKind::from(e.code)
+    // opensrv-mysql panics on codes outside MySQL's list: never let one through.
+    std::panic::catch_unwind(|| ErrorKind::from(e.code)).unwrap_or(ErrorKind::ER_UNKNOWN_ERROR)
 }
 
 #[async_trait]
@@ -277,6 +278,36 @@ impl<W: AsyncWrite + Send + Unpin + 'static> AsyncMysqlShim<W> for Shim {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_code_we_use_is_a_mysql_code() {
+        use crate::sql::result::codes::*;
+        for code in [
+            DB_CREATE_EXISTS,
+            DB_DROP_EXISTS,
+            ACCESS_DENIED,
+            NO_DB,
+            BAD_DB,
+            PARSE,
+            EMPTY_QUERY,
+            UNKNOWN,
+            UNKNOWN_SYSTEM_VARIABLE,
+            LOCK_WAIT_TIMEOUT,
+            WRONG_ARGUMENTS,
+            GLOBAL_VARIABLE,
+            WRONG_VALUE_FOR_VAR,
+            NOT_SUPPORTED_YET,
+            READ_ONLY_VARIABLE,
+            1146,
+            1050,
+            1149,
+            1054,
+            1305,
+            1690,
+        ] {
+            assert_eq!(ErrorKind::from(code) as u16, code);
+        }
+    }
 
     #[test]
     fn scramble_matches_known_vector() {

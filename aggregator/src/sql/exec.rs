@@ -201,7 +201,8 @@ impl SqlEngine {
                 vec![],
             )),
             Stmt::Select(query) => {
-                let has_from = matches!(query.body.as_ref(), SetExpr::Select(s) if !s.from.is_empty());
+                let has_from =
+                    matches!(query.body.as_ref(), SetExpr::Select(s) if !s.from.is_empty());
                 if !has_from {
                     match self.select_constant(session, &query) {
                         Err(e) if e.code == codes::NOT_SUPPORTED_YET || e.code == 1305 => {}
@@ -215,7 +216,10 @@ impl SqlEngine {
         }
     }
 
-    pub(super) async fn propose(&self, command: Command) -> Result<common::catalog::Output, SqlError> {
+    pub(super) async fn propose(
+        &self,
+        command: Command,
+    ) -> Result<common::catalog::Output, SqlError> {
         Ok(self.raft.propose(command).await?)
     }
 
@@ -331,7 +335,10 @@ impl SqlEngine {
     }
 
     /// Every system variable as `session` sees it, for DataFusion's `@@` lookups.
-    fn variable_snapshot(&self, session: &Session) -> HashMap<String, datafusion::scalar::ScalarValue> {
+    fn variable_snapshot(
+        &self,
+        session: &Session,
+    ) -> HashMap<String, datafusion::scalar::ScalarValue> {
         use datafusion::scalar::ScalarValue;
         let mut out = HashMap::new();
         for def in variables::VARIABLES {
@@ -339,7 +346,11 @@ impl SqlEngine {
                 continue;
             };
             let value = match def.kind {
-                variables::Kind::Int { .. } => v.parse().map_or(ScalarValue::Utf8(Some(v.clone())), |i| ScalarValue::Int64(Some(i))),
+                variables::Kind::Int { .. } => {
+                    v.parse().map_or(ScalarValue::Utf8(Some(v.clone())), |i| {
+                        ScalarValue::Int64(Some(i))
+                    })
+                }
                 variables::Kind::Bool => ScalarValue::Int64(Some(i64::from(v == "ON"))),
                 _ => ScalarValue::Utf8(Some(v)),
             };

@@ -9,11 +9,15 @@
 //! as UTF-8, and invalid UTF-8 is invalid JSON.
 
 use base64::Engine as _;
-use datafusion::arrow::array::{Array, ArrayRef, AsArray, BinaryArray, Float64Array, Int64Array, StringArray};
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, BinaryArray, Float64Array, Int64Array, StringArray,
+};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::DataType;
 use datafusion::error::Result;
-use datafusion::logical_expr::{ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility};
+use datafusion::logical_expr::{
+    ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
+};
 use serde_json::Value as Json;
 use std::sync::Arc;
 
@@ -87,10 +91,17 @@ fn as_utf8(col: &ArrayRef) -> Result<Vec<Option<String>>> {
                 .map(|v| v.and_then(|b| std::str::from_utf8(b).ok().map(str::to_owned)))
                 .collect()
         }
-        DataType::Utf8 => col.as_string::<i32>().iter().map(|v| v.map(str::to_owned)).collect(),
+        DataType::Utf8 => col
+            .as_string::<i32>()
+            .iter()
+            .map(|v| v.map(str::to_owned))
+            .collect(),
         _ => {
             let s = cast(col, &DataType::Utf8)?;
-            s.as_string::<i32>().iter().map(|v| v.map(str::to_owned)).collect()
+            s.as_string::<i32>()
+                .iter()
+                .map(|v| v.map(str::to_owned))
+                .collect()
         }
     })
 }
@@ -190,7 +201,11 @@ impl ScalarUDFImpl for Base64 {
     }
 
     fn return_type(&self, _args: &[DataType]) -> Result<DataType> {
-        Ok(if self.decode { DataType::Binary } else { DataType::Utf8 })
+        Ok(if self.decode {
+            DataType::Binary
+        } else {
+            DataType::Utf8
+        })
     }
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
@@ -198,19 +213,33 @@ impl ScalarUDFImpl for Base64 {
         let col = args.args[0].to_array(n)?;
         let array: ArrayRef = if self.decode {
             let input = as_utf8(&col)?;
-            Arc::new(input.iter().map(|v| v.as_deref().and_then(from_base64)).collect::<BinaryArray>())
+            Arc::new(
+                input
+                    .iter()
+                    .map(|v| v.as_deref().and_then(from_base64))
+                    .collect::<BinaryArray>(),
+            )
         } else {
             let bytes: Vec<Option<Vec<u8>>> = match col.data_type() {
                 DataType::Binary | DataType::LargeBinary | DataType::BinaryView => {
                     let b = cast(&col, &DataType::Binary)?;
-                    b.as_binary::<i32>().iter().map(|v| v.map(<[u8]>::to_vec)).collect()
+                    b.as_binary::<i32>()
+                        .iter()
+                        .map(|v| v.map(<[u8]>::to_vec))
+                        .collect()
                 }
-                _ => as_utf8(&col)?.into_iter().map(|v| v.map(String::into_bytes)).collect(),
+                _ => as_utf8(&col)?
+                    .into_iter()
+                    .map(|v| v.map(String::into_bytes))
+                    .collect(),
             };
             Arc::new(
                 bytes
                     .iter()
-                    .map(|v| v.as_ref().map(|b| base64::engine::general_purpose::STANDARD.encode(b)))
+                    .map(|v| {
+                        v.as_ref()
+                            .map(|b| base64::engine::general_purpose::STANDARD.encode(b))
+                    })
                     .collect::<StringArray>(),
             )
         };
@@ -254,14 +283,20 @@ mod tests {
     fn extract_semantics() {
         let s = |p: &[&str]| extract(REC, p, JsonKind::String);
         assert_eq!(s(&["partitionKey"]), Some(Text("user-c".into())));
-        assert_eq!(s(&["approximateArrivalTimestamp"]), Some(Text("1775700271554".into())));
+        assert_eq!(
+            s(&["approximateArrivalTimestamp"]),
+            Some(Text("1775700271554".into()))
+        );
         assert_eq!(s(&["o"]), Some(Text(r#"{"a":1}"#.into())));
         assert_eq!(s(&["arr", "1", "k"]), Some(Text("v".into())));
         assert_eq!(s(&["missing"]), None);
         assert_eq!(s(&["n"]), None, "JSON null is SQL NULL");
         assert_eq!(extract("{bad", &["a"], JsonKind::String), None);
         let b = |p: &[&str]| extract(REC, p, JsonKind::BigInt);
-        assert_eq!(b(&["approximateArrivalTimestamp"]), Some(Int(1775700271554)));
+        assert_eq!(
+            b(&["approximateArrivalTimestamp"]),
+            Some(Int(1775700271554))
+        );
         assert_eq!(b(&["f"]), Some(Int(3)));
         assert_eq!(b(&["neg"]), Some(Int(-3)));
         assert_eq!(b(&["t"]), Some(Int(1)));
@@ -269,7 +304,10 @@ mod tests {
         assert_eq!(b(&["o"]), None);
         assert_eq!(b(&["arr", "0"]), Some(Int(10)));
         assert_eq!(extract(REC, &["f"], JsonKind::Double), Some(Double(2.5)));
-        assert_eq!(extract(REC, &["partitionKey"], JsonKind::Json), Some(Text("\"user-c\"".into())));
+        assert_eq!(
+            extract(REC, &["partitionKey"], JsonKind::Json),
+            Some(Text("\"user-c\"".into()))
+        );
     }
 
     #[test]
@@ -277,8 +315,14 @@ mod tests {
         let data = from_base64("eyJzZXEiOjQsIm1zZyI6ImZvdXJ0aCJ9").unwrap();
         let text = String::from_utf8(data).unwrap();
         assert_eq!(extract(&text, &["seq"], JsonKind::BigInt), Some(Int(4)));
-        assert_eq!(extract(&text, &["msg"], JsonKind::String), Some(Text("fourth".into())));
+        assert_eq!(
+            extract(&text, &["msg"], JsonKind::String),
+            Some(Text("fourth".into()))
+        );
         assert_eq!(from_base64("!!!"), None);
-        assert_eq!(from_base64("eyJzZXEiOjUsIm1zZyI6ImZpZnRoIn0=").map(|b| b.len()), Some(23));
+        assert_eq!(
+            from_base64("eyJzZXEiOjUsIm1zZyI6ImZpZnRoIn0=").map(|b| b.len()),
+            Some(23)
+        );
     }
 }

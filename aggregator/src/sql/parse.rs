@@ -165,7 +165,11 @@ fn parse_on_off(p: &mut Parser) -> Result<bool, ParserError> {
     }
 }
 
-fn parse_create_pipeline(p: &mut Parser, or_replace: bool, inferred: bool) -> Result<Stmt, ParserError> {
+fn parse_create_pipeline(
+    p: &mut Parser,
+    or_replace: bool,
+    inferred: bool,
+) -> Result<Stmt, ParserError> {
     let if_not_exists = p.parse_keywords(&[Keyword::IF, Keyword::NOT, Keyword::EXISTS]);
     let name = p.parse_identifier()?.value;
     expect(p, "AS")?;
@@ -388,7 +392,10 @@ fn parse_stmt(p: &mut Parser, sql: &str) -> Parsed {
             return p.expected("PIPELINE", p.peek_token());
         }
         if word_is(&p.peek_token().token, "TABLE") {
-            return match Parser::parse_sql(&MySqlDialect {}, sql)?.into_iter().next() {
+            let parsed = Parser::parse_sql(&MySqlDialect {}, sql)?;
+            // The whole text was parsed above: move our parser past it.
+            while p.next_token().token != Token::EOF {}
+            return match parsed.into_iter().next() {
                 Some(Statement::CreateTable(ct)) => Ok(Ok(Stmt::CreateTable(Box::new(ct)))),
                 _ => unsupported_or_error(sql),
             };

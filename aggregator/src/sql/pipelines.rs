@@ -4,7 +4,9 @@ use super::exec::{no_database, now_ms, Session, SqlEngine};
 use super::parse::{AlterPipeline, CreatePipeline, Stmt};
 use super::result::{codes, QueryOutput, SqlError, Value};
 use crate::cluster::leaf_client;
-use common::catalog::pipelines::{redacted_config, PipelineChange, PipelineDef, PipelineState, StartOverride};
+use common::catalog::pipelines::{
+    redacted_config, PipelineChange, PipelineDef, PipelineState, StartOverride,
+};
 use common::catalog::tables::{ColumnType, Table, TableColumn};
 use common::catalog::{Command, KAFKA_CONNECT_FLAG};
 use common::connect::{self, avro::canonical_json};
@@ -12,7 +14,8 @@ use serde_json::Value as Json;
 use sqlparser::ast::{ColumnOption, DataType};
 use std::time::{Duration, Instant};
 
-const PIPELINE_ERROR: u16 = 1934;
+/// Pipeline failures use MySQL's generic error code (clients only know MySQL's codes).
+const PIPELINE_ERROR: u16 = codes::UNKNOWN;
 
 fn bad_args(msg: impl Into<String>) -> SqlError {
     SqlError::new(codes::WRONG_ARGUMENTS, msg)
@@ -31,17 +34,30 @@ fn column_type(dt: &DataType) -> Result<ColumnType, SqlError> {
     Ok(match dt {
         DataType::JSON => ColumnType::Json,
         DataType::BigInt(_) => ColumnType::BigInt,
-        DataType::Int(_) | DataType::Integer(_) | DataType::TinyInt(_) | DataType::SmallInt(_) | DataType::MediumInt(_) => ColumnType::Int,
-        DataType::Double(_) | DataType::DoublePrecision | DataType::Float(_) | DataType::Real => ColumnType::Double,
+        DataType::Int(_)
+        | DataType::Integer(_)
+        | DataType::TinyInt(_)
+        | DataType::SmallInt(_)
+        | DataType::MediumInt(_) => ColumnType::Int,
+        DataType::Double(_) | DataType::DoublePrecision | DataType::Float(_) | DataType::Real => {
+            ColumnType::Double
+        }
         DataType::Varchar(len) | DataType::Char(len) => ColumnType::Varchar(
             len.as_ref()
                 .and_then(|l| match l {
-                    sqlparser::ast::CharacterLength::IntegerLength { length, .. } => u32::try_from(*length).ok(),
+                    sqlparser::ast::CharacterLength::IntegerLength { length, .. } => {
+                        u32::try_from(*length).ok()
+                    }
                     sqlparser::ast::CharacterLength::Max => None,
                 })
                 .unwrap_or(255),
         ),
-        DataType::Blob(_) | DataType::LongBlob | DataType::MediumBlob | DataType::TinyBlob | DataType::Binary(_) | DataType::Varbinary(_) => ColumnType::Blob,
+        DataType::Blob(_)
+        | DataType::LongBlob
+        | DataType::MediumBlob
+        | DataType::TinyBlob
+        | DataType::Binary(_)
+        | DataType::Varbinary(_) => ColumnType::Blob,
         _ if name.starts_with("TEXT") || name.contains("TEXT") => ColumnType::Text,
         _ => return Err(SqlError::unsupported(format!("column type {dt}"))),
     })
@@ -55,14 +71,21 @@ impl SqlEngine {
     }
 
     fn require_feature(&self) -> Result<(), SqlError> {
-        if self.raft().read_catalog(|c| c.feature_enabled(KAFKA_CONNECT_FLAG)) {
+        if self
+            .raft()
+            .read_catalog(|c| c.feature_enabled(KAFKA_CONNECT_FLAG))
+        {
             Ok(())
         } else {
             Err(common::Error::FeatureDisabled.into())
         }
     }
 
-    pub(super) async fn run_pipeline_stmt(&self, session: &mut Session, stmt: Stmt) -> Result<QueryOutput, SqlError> {
+    pub(super) async fn run_pipeline_stmt(
+        &self,
+        session: &mut Session,
+        stmt: Stmt,
+    ) -> Result<QueryOutput, SqlError> {
         match stmt {
             Stmt::CreatePipeline(c) => self.create_pipeline(session, *c).await,
             Stmt::StartPipeline {
@@ -72,19 +95,31 @@ impl SqlEngine {
                 ..
             } => {
                 let db = self.database(session)?;
-                let started = self.start_pipeline(&db, &name, if_not_running || foreground.is_some()).await?;
+                let started = self
+                    .start_pipeline(&db, &name, if_not_running || foreground.is_some())
+                    .await?;
                 match foreground {
                     None => Ok(QueryOutput::ok()),
                     Some(limit) => self.foreground(&db, &name, started, limit).await,
                 }
             }
-            Stmt::StartPipeline { name: None, failed_only, .. } => {
+            Stmt::StartPipeline {
+                name: None,
+                failed_only,
+                ..
+            } => {
                 let db = self.database(session)?;
                 let names: Vec<String> = self.raft().read_catalog(|c| {
                     c.pipelines
                         .values()
                         .filter(|p| p.database == db)
-                        .filter(|p| if failed_only { p.state == PipelineState::Error } else { p.state != PipelineState::Running })
+                        .filter(|p| {
+                            if failed_only {
+                                p.state == PipelineState::Error
+                            } else {
+                                p.state != PipelineState::Running
+                            }
+                        })
                         .map(|p| p.name.clone())
                         .collect()
                 });
@@ -118,7 +153,12 @@ impl SqlEngine {
             }
             Stmt::DropPipeline { name, if_exists } => {
                 let db = self.database(session)?;
-                self.propose(Command::DropPipeline { database: db, name, if_exists }).await?;
+                self.propose(Command::DropPipeline {
+                    database: db,
+                    name,
+                    if_exists,
+                })
+                .await?;
                 Ok(QueryOutput::ok())
             }
             Stmt::AlterPipeline { name, change } => {
@@ -146,7 +186,11 @@ impl SqlEngine {
                         parse_object("CREDENTIALS", &text)?;
                         PipelineChange::Credentials(text)
                     }
-                    AlterPipeline::MaxRetries(n) => PipelineChange::MaxRetries(u32::try_from(n).map_err(|_| bad_args("MAX_RETRIES_PER_BATCH_PARTITION is too large"))?),
+                    AlterPipeline::MaxRetries(n) => {
+                        PipelineChange::MaxRetries(u32::try_from(n).map_err(|_| {
+                            bad_args("MAX_RETRIES_PER_BATCH_PARTITION is too large")
+                        })?)
+                    }
                     AlterPipeline::StopOnError(b) => PipelineChange::StopOnError(b),
                 };
                 self.propose(Command::AlterPipeline {
@@ -172,12 +216,22 @@ impl SqlEngine {
                             vec![
                                 Value::Text(p.name.clone()),
                                 Value::Text(p.state.as_str().into()),
-                                Value::Text(if p.state == PipelineState::Running { "True" } else { "False" }.into()),
+                                Value::Text(
+                                    if p.state == PipelineState::Running {
+                                        "True"
+                                    } else {
+                                        "False"
+                                    }
+                                    .into(),
+                                ),
                             ]
                         })
                         .collect()
                 });
-                Ok(QueryOutput::text_rows(&[&format!("Pipelines_in_{db}"), "State", "Scheduled"], rows))
+                Ok(QueryOutput::text_rows(
+                    &[&format!("Pipelines_in_{db}"), "State", "Scheduled"],
+                    rows,
+                ))
             }
             Stmt::ShowCreatePipeline { name } => {
                 let db = self.database(session)?;
@@ -204,11 +258,18 @@ impl SqlEngine {
                         sql
                     })
                 })?;
-                Ok(QueryOutput::text_rows(&["Pipeline", "Create Pipeline"], vec![vec![Value::Text(name), Value::Text(sql)]]))
+                Ok(QueryOutput::text_rows(
+                    &["Pipeline", "Create Pipeline"],
+                    vec![vec![Value::Text(name), Value::Text(sql)]],
+                ))
             }
             Stmt::ClearPipelineErrors => {
                 let db = self.database(session)?;
-                self.propose(Command::ClearPipelineErrors { database: db, name: None }).await?;
+                self.propose(Command::ClearPipelineErrors {
+                    database: db,
+                    name: None,
+                })
+                .await?;
                 Ok(QueryOutput::ok())
             }
             Stmt::ShowCreateTable { name } => {
@@ -216,15 +277,22 @@ impl SqlEngine {
                 let sql = self
                     .raft()
                     .read_catalog(|c| c.table(&db, &name).map(Table::create_sql))
-                    .ok_or_else(|| SqlError::new(1146, format!("Table '{db}.{name}' doesn't exist")))?;
-                Ok(QueryOutput::text_rows(&["Table", "Create Table"], vec![vec![Value::Text(name), Value::Text(sql)]]))
+                    .ok_or_else(|| {
+                        SqlError::new(1146, format!("Table '{db}.{name}' doesn't exist"))
+                    })?;
+                Ok(QueryOutput::text_rows(
+                    &["Table", "Create Table"],
+                    vec![vec![Value::Text(name), Value::Text(sql)]],
+                ))
             }
             Stmt::Describe { name } => {
                 let db = self.database(session)?;
                 let table = self
                     .raft()
                     .read_catalog(|c| c.table(&db, &name).cloned())
-                    .ok_or_else(|| SqlError::new(1146, format!("Table '{db}.{name}' doesn't exist")))?;
+                    .ok_or_else(|| {
+                        SqlError::new(1146, format!("Table '{db}.{name}' doesn't exist"))
+                    })?;
                 let rows = table
                     .columns
                     .iter()
@@ -239,14 +307,25 @@ impl SqlEngine {
                         ]
                     })
                     .collect();
-                Ok(QueryOutput::text_rows(&["Field", "Type", "Null", "Key", "Default", "Extra"], rows))
+                Ok(QueryOutput::text_rows(
+                    &["Field", "Type", "Null", "Key", "Default", "Extra"],
+                    rows,
+                ))
             }
             Stmt::CreateTable(ct) => {
                 let db = self.database(session)?;
-                let name = ct.name.0.last().map(|p| p.to_string().trim_matches('`').to_string()).unwrap_or_default();
+                let name = ct
+                    .name
+                    .0
+                    .last()
+                    .map(|p| p.to_string().trim_matches('`').to_string())
+                    .unwrap_or_default();
                 let mut columns = Vec::new();
                 for c in &ct.columns {
-                    let not_null = c.options.iter().any(|o| matches!(o.option, ColumnOption::NotNull));
+                    let not_null = c
+                        .options
+                        .iter()
+                        .any(|o| matches!(o.option, ColumnOption::NotNull));
                     columns.push(TableColumn {
                         name: c.name.value.clone(),
                         ty: column_type(&c.data_type)?,
@@ -271,33 +350,55 @@ impl SqlEngine {
             }
             Stmt::DropTable { name, if_exists } => {
                 let db = self.database(session)?;
-                self.propose(Command::DropTable { database: db, name, if_exists }).await?;
+                self.propose(Command::DropTable {
+                    database: db,
+                    name,
+                    if_exists,
+                })
+                .await?;
                 Ok(QueryOutput::ok())
             }
             other => Err(SqlError::unsupported(format!("{other:?}"))),
         }
     }
 
-    async fn create_pipeline(&self, session: &Session, c: CreatePipeline) -> Result<QueryOutput, SqlError> {
+    async fn create_pipeline(
+        &self,
+        session: &Session,
+        c: CreatePipeline,
+    ) -> Result<QueryOutput, SqlError> {
         let db = self.database(session)?;
         self.require_feature()?;
         if c.source != "KAFKACONNECT" {
-            return Err(SqlError::unsupported(format!("LOAD DATA {} (only KAFKACONNECT pipelines exist here)", c.source)));
+            return Err(SqlError::unsupported(format!(
+                "LOAD DATA {} (only KAFKACONNECT pipelines exist here)",
+                c.source
+            )));
         }
         match c.format.as_deref() {
             Some("AVRO") => {}
-            Some(other) => return Err(bad_args(format!("FORMAT {other} is not valid for KAFKACONNECT pipelines; use FORMAT AVRO"))),
+            Some(other) => {
+                return Err(bad_args(format!(
+                    "FORMAT {other} is not valid for KAFKACONNECT pipelines; use FORMAT AVRO"
+                )))
+            }
             None => return Err(bad_args("KAFKACONNECT pipelines need FORMAT AVRO")),
         }
         let config = parse_object("CONFIG", &c.config)?;
         let credentials = c.credentials.clone().unwrap_or_else(|| "{}".into());
         parse_object("CREDENTIALS", &credentials)?;
-        let effective = connect::effective_config(&config, &credentials).map_err(|e| bad_args(e.to_string()))?;
-        connect::validate_config(&effective).map_err(|e| bad_args(format!("invalid CONFIG: {e}")))?;
+        let effective = connect::effective_config(&config, &credentials)
+            .map_err(|e| bad_args(e.to_string()))?;
+        connect::validate_config(&effective)
+            .map_err(|e| bad_args(format!("invalid CONFIG: {e}")))?;
         let table = match (&c.table, c.inferred) {
             (Some(t), _) => t.clone(),
             (None, true) => c.name.clone(),
-            (None, false) => return Err(bad_args("CREATE PIPELINE needs INTO TABLE <table> (or CREATE INFERRED PIPELINE)")),
+            (None, false) => {
+                return Err(bad_args(
+                    "CREATE PIPELINE needs INTO TABLE <table> (or CREATE INFERRED PIPELINE)",
+                ))
+            }
         };
         let def = PipelineDef {
             database: db,
@@ -323,7 +424,12 @@ impl SqlEngine {
 
     /// Plans the tasks on a leaf (the connector may ask its source) and starts the pipeline.
     /// Returns the BATCH_ID the run starts at.
-    async fn start_pipeline(&self, db: &str, name: &str, if_not_running: bool) -> Result<u64, SqlError> {
+    async fn start_pipeline(
+        &self,
+        db: &str,
+        name: &str,
+        if_not_running: bool,
+    ) -> Result<u64, SqlError> {
         self.require_feature()?;
         let (pipeline, leaves) = self.raft().read_catalog(|c| {
             c.pipeline(db, name)
@@ -335,7 +441,8 @@ impl SqlEngine {
             }
             return Err(common::Error::PipelineRunning { name: name.into() }.into());
         }
-        let config = connect::effective_config(&pipeline.config, &pipeline.credentials).map_err(|e| bad_args(e.to_string()))?;
+        let config = connect::effective_config(&pipeline.config, &pipeline.credentials)
+            .map_err(|e| bad_args(e.to_string()))?;
         let max_tasks = connect::tasks_max(&config).map_err(|e| bad_args(e.to_string()))?;
         let tasks = self.plan_on_leaf(&leaves, &config, max_tasks, name).await?;
         self.propose(Command::StartPipeline {
@@ -357,7 +464,10 @@ impl SqlEngine {
         name: &str,
     ) -> Result<Vec<std::collections::BTreeMap<String, String>>, SqlError> {
         if leaves.is_empty() {
-            return Err(SqlError::new(PIPELINE_ERROR, format!("Cannot start pipeline '{name}': no leaf is online")));
+            return Err(SqlError::new(
+                PIPELINE_ERROR,
+                format!("Cannot start pipeline '{name}': no leaf is online"),
+            ));
         }
         let req = proto::PlanTasksRequest {
             config_json: Json::Object(config.clone()).to_string(),
@@ -365,33 +475,61 @@ impl SqlEngine {
         };
         let mut last = String::new();
         for addr in leaves {
-            let mut client = leaf_client::client(addr, Duration::from_secs(30)).map_err(|e| SqlError::new(codes::UNKNOWN, e))?;
+            let mut client = leaf_client::client(addr, Duration::from_secs(30))
+                .map_err(|e| SqlError::new(codes::UNKNOWN, e))?;
             match client.plan_tasks(req.clone()).await {
                 Ok(r) => {
                     return r
                         .into_inner()
                         .task_configs_json
                         .iter()
-                        .map(|t| serde_json::from_str(t).map_err(|e| SqlError::new(codes::UNKNOWN, format!("bad task config from leaf: {e}"))))
+                        .map(|t| {
+                            serde_json::from_str(t).map_err(|e| {
+                                SqlError::new(
+                                    codes::UNKNOWN,
+                                    format!("bad task config from leaf: {e}"),
+                                )
+                            })
+                        })
                         .collect();
                 }
-                Err(s) if s.code() == tonic::Code::InvalidArgument || s.code() == tonic::Code::Unavailable && !s.message().contains("transport") && !s.message().contains("connect") => {
+                Err(s)
+                    if s.code() == tonic::Code::InvalidArgument
+                        || s.code() == tonic::Code::Unavailable
+                            && !s.message().contains("transport")
+                            && !s.message().contains("connect") =>
+                {
                     return Err(SqlError::new(
                         PIPELINE_ERROR,
-                        format!("Cannot start pipeline '{name}': LEAF ERROR ({addr}): {}", s.message()),
+                        format!(
+                            "Cannot start pipeline '{name}': LEAF ERROR ({addr}): {}",
+                            s.message()
+                        ),
                     ));
                 }
                 Err(s) => last = format!("leaf {addr}: {}", s.message()),
             }
         }
-        Err(SqlError::new(PIPELINE_ERROR, format!("Cannot start pipeline '{name}': no leaf could plan its tasks ({last})")))
+        Err(SqlError::new(
+            PIPELINE_ERROR,
+            format!("Cannot start pipeline '{name}': no leaf could plan its tasks ({last})"),
+        ))
     }
 
     /// START PIPELINE ... FOREGROUND: waits for batches, then stops the pipeline. Returns the
     /// rows loaded.
-    async fn foreground(&self, db: &str, name: &str, from_batch: u64, limit: Option<u64>) -> Result<QueryOutput, SqlError> {
+    async fn foreground(
+        &self,
+        db: &str,
+        name: &str,
+        from_batch: u64,
+        limit: Option<u64>,
+    ) -> Result<QueryOutput, SqlError> {
         let idle_after = Duration::from_millis(
-            u64::from(self.raft().read_catalog(|c| c.variable_u32("pipelines_extractor_max_batch_interval_ms"))) + 3000,
+            u64::from(
+                self.raft()
+                    .read_catalog(|c| c.variable_u32("pipelines_extractor_max_batch_interval_ms")),
+            ) + 3000,
         );
         let deadline = Instant::now() + Duration::from_secs(300);
         let mut last_progress = Instant::now();
@@ -400,7 +538,11 @@ impl SqlEngine {
             tokio::time::sleep(Duration::from_millis(50)).await;
             let (state, batches, rows, error) = self.raft().read_catalog(|c| {
                 c.pipeline(db, name).map(|p| {
-                    let new: Vec<_> = p.batches.iter().filter(|b| b.batch_id >= from_batch).collect();
+                    let new: Vec<_> = p
+                        .batches
+                        .iter()
+                        .filter(|b| b.batch_id >= from_batch)
+                        .collect();
                     (
                         p.state,
                         new.len(),
@@ -414,12 +556,18 @@ impl SqlEngine {
                 last_progress = Instant::now();
             }
             if state == PipelineState::Error {
-                break Err(SqlError::new(PIPELINE_ERROR, error.unwrap_or_else(|| "the pipeline failed".into())));
+                break Err(SqlError::new(
+                    PIPELINE_ERROR,
+                    error.unwrap_or_else(|| "the pipeline failed".into()),
+                ));
             }
             if state != PipelineState::Running {
                 break Ok(rows);
             }
-            if limit.is_some_and(|l| batches as u64 >= l) || last_progress.elapsed() > idle_after || Instant::now() > deadline {
+            if limit.is_some_and(|l| batches as u64 >= l)
+                || last_progress.elapsed() > idle_after
+                || Instant::now() > deadline
+            {
                 break Ok(rows);
             }
         };
@@ -431,25 +579,44 @@ impl SqlEngine {
                 now_ms: now_ms(),
             })
             .await;
-        outcome.map(|rows| QueryOutput::Ok { affected_rows: rows })
+        outcome.map(|rows| QueryOutput::Ok {
+            affected_rows: rows,
+        })
     }
 
-    async fn test_pipeline(&self, db: &str, name: &str, limit: u64) -> Result<QueryOutput, SqlError> {
+    async fn test_pipeline(
+        &self,
+        db: &str,
+        name: &str,
+        limit: u64,
+    ) -> Result<QueryOutput, SqlError> {
         let (pipeline, leaves) = self.raft().read_catalog(|c| {
             c.pipeline(db, name)
                 .map(|p| (p.clone(), leaf_client::online_leaves(c, Some(db))))
         })?;
         if pipeline.state == PipelineState::Running {
-            return Err(SqlError::new(PIPELINE_ERROR, format!("Pipeline '{name}' is running; stop it before TEST PIPELINE")));
+            return Err(SqlError::new(
+                PIPELINE_ERROR,
+                format!("Pipeline '{name}' is running; stop it before TEST PIPELINE"),
+            ));
         }
-        let config = connect::effective_config(&pipeline.config, &pipeline.credentials).map_err(|e| bad_args(e.to_string()))?;
+        let config = connect::effective_config(&pipeline.config, &pipeline.credentials)
+            .map_err(|e| bad_args(e.to_string()))?;
         let offsets: serde_json::Map<String, Json> = pipeline
             .offsets
             .iter()
-            .map(|(k, o)| (k.clone(), serde_json::json!({"value": o.value, "finished": o.finished})))
+            .map(|(k, o)| {
+                (
+                    k.clone(),
+                    serde_json::json!({"value": o.value, "finished": o.finished}),
+                )
+            })
             .collect();
-        let addr = leaves.first().ok_or_else(|| SqlError::new(PIPELINE_ERROR, "no leaf is online"))?;
-        let mut client = leaf_client::client(addr, Duration::from_secs(30)).map_err(|e| SqlError::new(codes::UNKNOWN, e))?;
+        let addr = leaves
+            .first()
+            .ok_or_else(|| SqlError::new(PIPELINE_ERROR, "no leaf is online"))?;
+        let mut client = leaf_client::client(addr, Duration::from_secs(30))
+            .map_err(|e| SqlError::new(codes::UNKNOWN, e))?;
         let rows = client
             .test_pipeline(proto::TestPipelineRequest {
                 config_json: Json::Object(config).to_string(),
@@ -457,7 +624,12 @@ impl SqlEngine {
                 limit: limit.min(10_000) as u32,
             })
             .await
-            .map_err(|s| SqlError::new(PIPELINE_ERROR, format!("LEAF ERROR ({addr}): {}", s.message())))?
+            .map_err(|s| {
+                SqlError::new(
+                    PIPELINE_ERROR,
+                    format!("LEAF ERROR ({addr}): {}", s.message()),
+                )
+            })?
             .into_inner()
             .rows_json;
         let rows = rows
@@ -468,8 +640,14 @@ impl SqlEngine {
         Ok(QueryOutput::Rows {
             columns: vec![
                 super::result::Column::text("topic"),
-                super::result::Column { name: "id".into(), kind: super::result::ColumnKind::Json },
-                super::result::Column { name: "record".into(), kind: super::result::ColumnKind::Json },
+                super::result::Column {
+                    name: "id".into(),
+                    kind: super::result::ColumnKind::Json,
+                },
+                super::result::Column {
+                    name: "record".into(),
+                    kind: super::result::ColumnKind::Json,
+                },
             ],
             rows,
         })
@@ -478,12 +656,17 @@ impl SqlEngine {
 
 /// `SET OFFSETS '<json>'`: `{"<KEY json>": <VALUE>, ...}` or `[{"KEY":..,"VALUE":..}, ...]`.
 fn parse_offsets(text: &str) -> Result<Vec<(String, Json)>, SqlError> {
-    let v: Json = serde_json::from_str(text).map_err(|e| bad_args(format!("OFFSETS is not valid JSON: {e}")))?;
+    let v: Json = serde_json::from_str(text)
+        .map_err(|e| bad_args(format!("OFFSETS is not valid JSON: {e}")))?;
     let mut out = Vec::new();
     match v {
         Json::Object(m) => {
             for (k, value) in m {
-                let key: Json = serde_json::from_str(&k).map_err(|_| bad_args(format!("offset key '{k}' is not JSON (expected e.g. {{\"shardId\":\"...\"}})")))?;
+                let key: Json = serde_json::from_str(&k).map_err(|_| {
+                    bad_args(format!(
+                        "offset key '{k}' is not JSON (expected e.g. {{\"shardId\":\"...\"}})"
+                    ))
+                })?;
                 out.push((canonical_json(&key), value));
             }
         }
@@ -507,7 +690,8 @@ mod tests {
     #[test]
     fn offsets_forms() {
         let a = parse_offsets(r#"{"{\"shardId\":\"s0\"}": {"sequenceNumber": "5"}}"#).unwrap();
-        let b = parse_offsets(r#"[{"KEY": {"shardId": "s0"}, "VALUE": {"sequenceNumber": "5"}}]"#).unwrap();
+        let b = parse_offsets(r#"[{"KEY": {"shardId": "s0"}, "VALUE": {"sequenceNumber": "5"}}]"#)
+            .unwrap();
         assert_eq!(a, b);
         assert!(parse_offsets("[1]").is_err());
         assert!(parse_offsets("nope").is_err());

@@ -7,9 +7,14 @@ use super::result::{codes, Column, ColumnKind, QueryOutput, SqlError, Value};
 use crate::cluster::leaf_client;
 use common::catalog::tables::{ColumnType, Table};
 use common::catalog::Catalog;
-use datafusion::arrow::array::{Array, ArrayRef, AsArray, BinaryArray, Float64Array, Int64Array, RecordBatch, StringArray};
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, BinaryArray, Float64Array, Int64Array, RecordBatch, StringArray,
+};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use datafusion::catalog::{CatalogProvider, MemoryCatalogProvider, MemorySchemaProvider, SchemaProvider, Session as DfSession, TableProvider};
+use datafusion::catalog::{
+    CatalogProvider, MemoryCatalogProvider, MemorySchemaProvider, SchemaProvider,
+    Session as DfSession, TableProvider,
+};
 use datafusion::datasource::memory::{DataSourceExec, MemorySourceConfig};
 use datafusion::datasource::MemTable;
 use datafusion::error::DataFusionError;
@@ -29,7 +34,10 @@ pub const MYSQL_TYPE: &str = "mysql.type";
 fn df_err(e: DataFusionError) -> SqlError {
     let root = e.find_root();
     let msg = root.to_string();
-    let msg = msg.strip_prefix("Error during planning: ").unwrap_or(&msg).to_string();
+    let msg = msg
+        .strip_prefix("Error during planning: ")
+        .unwrap_or(&msg)
+        .to_string();
     let code = match root {
         DataFusionError::SchemaError(..) => 1054,
         DataFusionError::Plan(m) if m.contains("not found") => 1146,
@@ -54,7 +62,12 @@ pub fn datetime(ms: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// Builds a record batch from rows of [`Value`]s.
@@ -95,11 +108,16 @@ pub fn batch(schema: &SchemaRef, rows: &[Vec<Value>]) -> Result<RecordBatch, Dat
                     .map(|v| v.as_deref())
                     .collect::<BinaryArray>(),
             ),
-            _ => Arc::new(rows.iter().map(|r| cell(r).to_text()).collect::<StringArray>()),
+            _ => Arc::new(
+                rows.iter()
+                    .map(|r| cell(r).to_text())
+                    .collect::<StringArray>(),
+            ),
         };
         cols.push(col);
     }
-    RecordBatch::try_new(schema.clone(), cols).map_err(|e| DataFusionError::ArrowError(Box::new(e), None))
+    RecordBatch::try_new(schema.clone(), cols)
+        .map_err(|e| DataFusionError::ArrowError(Box::new(e), None))
 }
 
 fn text(name: &str) -> Field {
@@ -107,7 +125,10 @@ fn text(name: &str) -> Field {
 }
 
 fn json_field(name: &str) -> Field {
-    Field::new(name, DataType::Utf8, true).with_metadata(HashMap::from([(MYSQL_TYPE.to_string(), "json".to_string())]))
+    Field::new(name, DataType::Utf8, true).with_metadata(HashMap::from([(
+        MYSQL_TYPE.to_string(),
+        "json".to_string(),
+    )]))
 }
 
 fn int(name: &str) -> Field {
@@ -118,14 +139,19 @@ fn double(name: &str) -> Field {
     Field::new(name, DataType::Float64, true)
 }
 
-fn mem_table(fields: Vec<Field>, rows: Vec<Vec<Value>>) -> Result<Arc<dyn TableProvider>, DataFusionError> {
+fn mem_table(
+    fields: Vec<Field>,
+    rows: Vec<Vec<Value>>,
+) -> Result<Arc<dyn TableProvider>, DataFusionError> {
     let schema = Arc::new(Schema::new(fields));
     let b = batch(&schema, &rows)?;
     Ok(Arc::new(MemTable::try_new(schema, vec![vec![b]])?))
 }
 
 /// The `information_schema` tables, from a catalog snapshot.
-fn information_schema(c: &Catalog) -> Result<Vec<(&'static str, Arc<dyn TableProvider>)>, DataFusionError> {
+fn information_schema(
+    c: &Catalog,
+) -> Result<Vec<(&'static str, Arc<dyn TableProvider>)>, DataFusionError> {
     let mut pipelines = Vec::new();
     let mut offsets = Vec::new();
     let mut batches = Vec::new();
@@ -217,7 +243,14 @@ fn information_schema(c: &Catalog) -> Result<Vec<(&'static str, Arc<dyn TablePro
                     Value::Int(i as i64 + 1),
                     Value::Text(if col.nullable { "YES" } else { "NO" }.into()),
                     Value::Text(col.ty.to_string()),
-                    Value::Text(if col.computed.is_some() { "computed" } else { "" }.into()),
+                    Value::Text(
+                        if col.computed.is_some() {
+                            "computed"
+                        } else {
+                            ""
+                        }
+                        .into(),
+                    ),
                 ]);
             }
         }
@@ -295,7 +328,12 @@ fn information_schema(c: &Catalog) -> Result<Vec<(&'static str, Arc<dyn TablePro
         (
             "TABLES",
             mem_table(
-                vec![text("TABLE_CATALOG"), text("TABLE_SCHEMA"), text("TABLE_NAME"), text("TABLE_TYPE")],
+                vec![
+                    text("TABLE_CATALOG"),
+                    text("TABLE_SCHEMA"),
+                    text("TABLE_NAME"),
+                    text("TABLE_TYPE"),
+                ],
                 tables,
             )?,
         ),
@@ -374,11 +412,17 @@ impl TableProvider for ClusterTable {
                 table: self.table.clone(),
             };
             async move {
-                let mut c = leaf_client::client(&addr, Duration::from_secs(60)).map_err(DataFusionError::Execution)?;
+                let mut c = leaf_client::client(&addr, Duration::from_secs(60))
+                    .map_err(DataFusionError::Execution)?;
                 c.scan(req)
                     .await
                     .map(|r| r.into_inner().rows_json)
-                    .map_err(|s| DataFusionError::Execution(format!("scan on leaf {addr} failed: {}", s.message())))
+                    .map_err(|s| {
+                        DataFusionError::Execution(format!(
+                            "scan on leaf {addr} failed: {}",
+                            s.message()
+                        ))
+                    })
             }
         });
         let mut rows = Vec::new();
@@ -392,7 +436,10 @@ impl TableProvider for ClusterTable {
                         .map(|v| match v {
                             serde_json::Value::Null => Value::Null,
                             serde_json::Value::String(s) => Value::Text(s),
-                            serde_json::Value::Number(n) => n.as_i64().map_or_else(|| Value::Double(n.as_f64().unwrap_or(0.0)), Value::Int),
+                            serde_json::Value::Number(n) => n.as_i64().map_or_else(
+                                || Value::Double(n.as_f64().unwrap_or(0.0)),
+                                Value::Int,
+                            ),
                             other => Value::Text(other.to_string()),
                         })
                         .collect(),
@@ -400,7 +447,9 @@ impl TableProvider for ClusterTable {
             }
         }
         let b = batch(&self.schema, &rows)?;
-        let src = MemorySourceConfig::try_new(&[vec![b]], self.schema.clone(), projection.cloned())?.with_limit(limit);
+        let src =
+            MemorySourceConfig::try_new(&[vec![b]], self.schema.clone(), projection.cloned())?
+                .with_limit(limit);
         Ok(DataSourceExec::from_data_source(src))
     }
 }
@@ -411,7 +460,12 @@ struct Vars(HashMap<String, ScalarValue>);
 
 impl VarProvider for Vars {
     fn get_value(&self, names: Vec<String>) -> Result<ScalarValue, DataFusionError> {
-        let key = names.last().cloned().unwrap_or_default().trim_start_matches('@').to_ascii_lowercase();
+        let key = names
+            .last()
+            .cloned()
+            .unwrap_or_default()
+            .trim_start_matches('@')
+            .to_ascii_lowercase();
         self.0
             .get(&key)
             .cloned()
@@ -424,7 +478,9 @@ impl VarProvider for Vars {
     }
 }
 
-fn schema_provider(tables: Vec<(String, Arc<dyn TableProvider>)>) -> Result<Arc<dyn SchemaProvider>, DataFusionError> {
+fn schema_provider(
+    tables: Vec<(String, Arc<dyn TableProvider>)>,
+) -> Result<Arc<dyn SchemaProvider>, DataFusionError> {
     let s = MemorySchemaProvider::new();
     for (name, t) in tables {
         s.register_table(name, t)?;
@@ -433,9 +489,17 @@ fn schema_provider(tables: Vec<(String, Arc<dyn TableProvider>)>) -> Result<Arc<
 }
 
 /// Runs a SELECT.
-pub async fn run(engine: &SqlEngine, session: &Session, query: &Query, vars: HashMap<String, ScalarValue>) -> Result<QueryOutput, SqlError> {
+pub async fn run(
+    engine: &SqlEngine,
+    session: &Session,
+    query: &Query,
+    vars: HashMap<String, ScalarValue>,
+) -> Result<QueryOutput, SqlError> {
     let catalog = engine.raft().read_catalog(Clone::clone);
-    let default_db = session.database.clone().unwrap_or_else(|| "information_schema".into());
+    let default_db = session
+        .database
+        .clone()
+        .unwrap_or_else(|| "information_schema".into());
     let mut cfg = SessionConfig::new()
         .with_information_schema(false)
         .with_create_default_catalog_and_schema(false)
@@ -454,13 +518,19 @@ pub async fn run(engine: &SqlEngine, session: &Session, query: &Query, vars: Has
         .flat_map(|(n, t)| [(n.to_string(), t.clone()), (n.to_ascii_lowercase(), t)])
         .collect();
     let is = schema_provider(is).map_err(df_err)?;
-    def.register_schema("information_schema", is.clone()).map_err(df_err)?;
-    def.register_schema("INFORMATION_SCHEMA", is).map_err(df_err)?;
+    def.register_schema("information_schema", is.clone())
+        .map_err(df_err)?;
+    def.register_schema("INFORMATION_SCHEMA", is)
+        .map_err(df_err)?;
     for db in catalog.databases.values() {
         let mut leaves: HashMap<u64, (String, bool, Vec<u32>)> = HashMap::new();
         for p in &db.partitions {
             if let Some(l) = catalog.leaves.get(&p.leaf) {
-                leaves.entry(l.id.0).or_insert_with(|| (l.address.clone(), l.online, vec![])).2.push(p.ordinal);
+                leaves
+                    .entry(l.id.0)
+                    .or_insert_with(|| (l.address.clone(), l.online, vec![]))
+                    .2
+                    .push(p.ordinal);
             }
         }
         let tables = db
@@ -476,7 +546,8 @@ pub async fn run(engine: &SqlEngine, session: &Session, query: &Query, vars: Has
                 (t.name.clone(), provider)
             })
             .collect();
-        def.register_schema(&db.name, schema_provider(tables).map_err(df_err)?).map_err(df_err)?;
+        def.register_schema(&db.name, schema_provider(tables).map_err(df_err)?)
+            .map_err(df_err)?;
     }
     ctx.register_catalog("def", Arc::new(def));
     for f in functions::udfs() {
@@ -489,16 +560,25 @@ pub async fn run(engine: &SqlEngine, session: &Session, query: &Query, vars: Has
     if let SetExpr::Select(select) = query.body.as_mut() {
         for item in select.projection.iter_mut() {
             if let SelectItem::UnnamedExpr(e) = item {
-                if !matches!(e, datafusion::sql::sqlparser::ast::Expr::Identifier(_) | datafusion::sql::sqlparser::ast::Expr::CompoundIdentifier(_)) {
+                if !matches!(
+                    e,
+                    datafusion::sql::sqlparser::ast::Expr::Identifier(_)
+                        | datafusion::sql::sqlparser::ast::Expr::CompoundIdentifier(_)
+                ) {
                     let alias = Ident::with_quote('`', e.to_string());
-                    *item = SelectItem::ExprWithAlias { expr: e.clone(), alias };
+                    *item = SelectItem::ExprWithAlias {
+                        expr: e.clone(),
+                        alias,
+                    };
                 }
             }
         }
     }
     let state = ctx.state();
     let plan = state
-        .statement_to_plan(datafusion::sql::parser::Statement::Statement(Box::new(Statement::Query(Box::new(query)))))
+        .statement_to_plan(datafusion::sql::parser::Statement::Statement(Box::new(
+            Statement::Query(Box::new(query)),
+        )))
         .await
         .map_err(df_err)?;
     SQLOptions::new()
@@ -520,8 +600,19 @@ fn to_output(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<QueryOutput,
         .map(|f| Column {
             name: f.name().clone(),
             kind: match f.data_type() {
-                DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64 | DataType::UInt8 | DataType::UInt16 | DataType::UInt32 | DataType::UInt64 | DataType::Boolean => ColumnKind::BigInt,
-                DataType::Float16 | DataType::Float32 | DataType::Float64 | DataType::Decimal128(..) => ColumnKind::Double,
+                DataType::Int8
+                | DataType::Int16
+                | DataType::Int32
+                | DataType::Int64
+                | DataType::UInt8
+                | DataType::UInt16
+                | DataType::UInt32
+                | DataType::UInt64
+                | DataType::Boolean => ColumnKind::BigInt,
+                DataType::Float16
+                | DataType::Float32
+                | DataType::Float64
+                | DataType::Decimal128(..) => ColumnKind::Double,
                 DataType::Binary | DataType::LargeBinary | DataType::BinaryView => ColumnKind::Blob,
                 DataType::Null => ColumnKind::Null,
                 _ if f.metadata().get(MYSQL_TYPE).is_some_and(|t| t == "json") => ColumnKind::Json,
@@ -534,7 +625,12 @@ fn to_output(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<QueryOutput,
         let formatters: Vec<_> = b
             .columns()
             .iter()
-            .map(|c| datafusion::arrow::util::display::ArrayFormatter::try_new(c.as_ref(), &Default::default()))
+            .map(|c| {
+                datafusion::arrow::util::display::ArrayFormatter::try_new(
+                    c.as_ref(),
+                    &Default::default(),
+                )
+            })
             .collect::<Result<_, _>>()
             .map_err(|e| SqlError::new(codes::UNKNOWN, e.to_string()))?;
         for i in 0..b.num_rows() {
@@ -545,8 +641,14 @@ fn to_output(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<QueryOutput,
                     continue;
                 }
                 row.push(match col.data_type() {
-                    DataType::Int64 => Value::Int(col.as_primitive::<datafusion::arrow::datatypes::Int64Type>().value(i)),
-                    DataType::Float64 => Value::Double(col.as_primitive::<datafusion::arrow::datatypes::Float64Type>().value(i)),
+                    DataType::Int64 => Value::Int(
+                        col.as_primitive::<datafusion::arrow::datatypes::Int64Type>()
+                            .value(i),
+                    ),
+                    DataType::Float64 => Value::Double(
+                        col.as_primitive::<datafusion::arrow::datatypes::Float64Type>()
+                            .value(i),
+                    ),
                     DataType::Boolean => Value::Int(i64::from(col.as_boolean().value(i))),
                     DataType::Binary => Value::Bytes(col.as_binary::<i32>().value(i).to_vec()),
                     DataType::Utf8 => Value::Text(col.as_string::<i32>().value(i).to_string()),

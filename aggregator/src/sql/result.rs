@@ -75,8 +75,6 @@ impl From<crate::error::Error> for SqlError {
                 C::TableNotFound { .. } => 1146,
                 C::TableExists { .. } => 1050,
                 C::FeatureDisabled => 1149,
-                C::PipelineNotFound { .. } => 1932,
-                C::PipelineExists { .. } => 1933,
                 _ => codes::UNKNOWN,
             },
             E::CommitTimeout(_) => codes::LOCK_WAIT_TIMEOUT,

@@ -59,7 +59,9 @@ pub fn decode_batch(bytes: &[u8]) -> Result<Vec<StaticRow>, ConnectError> {
     let mut rows = Vec::new();
     for value in reader {
         let Value::Record(fields) = value.map_err(err)? else {
-            return Err(ConnectError::Source("avro decode: expected a record".into()));
+            return Err(ConnectError::Source(
+                "avro decode: expected a record".into(),
+            ));
         };
         let mut topic = None;
         let mut id = None;
@@ -73,7 +75,9 @@ pub fn decode_batch(bytes: &[u8]) -> Result<Vec<StaticRow>, ConnectError> {
             }
         }
         let (Some(Json::String(topic)), Some(id), Some(record)) = (topic, id, record) else {
-            return Err(ConnectError::Source("avro decode: envelope fields missing".into()));
+            return Err(ConnectError::Source(
+                "avro decode: envelope fields missing".into(),
+            ));
         };
         rows.push(StaticRow { topic, id, record });
     }
@@ -92,7 +96,9 @@ pub fn to_json(v: Value) -> Json {
         | Value::TimestampMicros(l)
         | Value::LocalTimestampMillis(l)
         | Value::LocalTimestampMicros(l) => Json::from(l),
-        Value::Float(f) => serde_json::Number::from_f64(f64::from(f)).map_or(Json::Null, Json::Number),
+        Value::Float(f) => {
+            serde_json::Number::from_f64(f64::from(f)).map_or(Json::Null, Json::Number)
+        }
         Value::Double(d) => serde_json::Number::from_f64(d).map_or(Json::Null, Json::Number),
         Value::Bytes(b) | Value::Fixed(_, b) => {
             Json::String(base64::engine::general_purpose::STANDARD.encode(b))
@@ -151,15 +157,24 @@ mod tests {
 
     #[test]
     fn roundtrip_sorts_keys_and_base64s_bytes() {
-        let key = Schema::parse_str(r#"{"type":"record","name":"K","fields":[{"name":"partitionKey","type":"string"}]}"#).unwrap();
+        let key = Schema::parse_str(
+            r#"{"type":"record","name":"K","fields":[{"name":"partitionKey","type":"string"}]}"#,
+        )
+        .unwrap();
         let value = Schema::parse_str(r#"{"type":"record","name":"V","fields":[{"name":"zeta","type":"long"},{"name":"data","type":"bytes"}]}"#).unwrap();
         let schema = envelope_schema(&key, &value).unwrap();
         let rec = SourceRecord {
             topic: "t".into(),
-            key: Value::Record(vec![("partitionKey".into(), Value::String("user-c".into()))]),
+            key: Value::Record(vec![(
+                "partitionKey".into(),
+                Value::String("user-c".into()),
+            )]),
             value: Value::Record(vec![
                 ("zeta".into(), Value::Long(1775700271554)),
-                ("data".into(), Value::Bytes(br#"{"seq":4,"msg":"fourth"}"#.to_vec())),
+                (
+                    "data".into(),
+                    Value::Bytes(br#"{"seq":4,"msg":"fourth"}"#.to_vec()),
+                ),
             ]),
             source_partition: "{}".into(),
             source_offset: Json::Null,

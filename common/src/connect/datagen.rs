@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 /// The connector class name.
 pub const CLASS: &str = "io.shardline.connect.datagen.DatagenSourceConnector";
 
-const KEY_SCHEMA: &str = r#"{"type":"record","name":"DatagenKey","fields":[{"name":"seq","type":"long"}]}"#;
+const KEY_SCHEMA: &str =
+    r#"{"type":"record","name":"DatagenKey","fields":[{"name":"seq","type":"long"}]}"#;
 const VALUE_SCHEMA: &str = r#"{"type":"record","name":"DatagenValue","fields":[
   {"name":"msg","type":"string"},{"name":"seq","type":"long"},{"name":"task","type":"int"}]}"#;
 
@@ -56,7 +57,9 @@ fn settings(config: &ConnectorConfig) -> Result<Settings, ConnectError> {
     let limit = config_u64(config, "datagen.records", 0)?;
     let payload = config_u64(config, "datagen.payload.bytes", 32)?;
     if payload > 900_000 {
-        return Err(ConnectError::Config("datagen.payload.bytes must be at most 900000".into()));
+        return Err(ConnectError::Config(
+            "datagen.payload.bytes must be at most 900000".into(),
+        ));
     }
     Ok(Settings {
         topic: config_str(config, "kafka.topic").unwrap_or_else(|| "datagen".into()),
@@ -72,7 +75,11 @@ impl SourceConnector for DatagenConnector {
         settings(config).map(|_| ())
     }
 
-    async fn task_configs(&self, _config: &ConnectorConfig, max_tasks: usize) -> Result<Vec<TaskConfig>, ConnectError> {
+    async fn task_configs(
+        &self,
+        _config: &ConnectorConfig,
+        max_tasks: usize,
+    ) -> Result<Vec<TaskConfig>, ConnectError> {
         Ok((0..max_tasks)
             .map(|i| TaskConfig::from([("task.id".to_string(), i.to_string())]))
             .collect())
@@ -105,7 +112,12 @@ struct DatagenTask {
 
 #[async_trait]
 impl SourceTask for DatagenTask {
-    async fn start(&mut self, config: &ConnectorConfig, task: &TaskConfig, offsets: &CommittedOffsets) -> Result<(), ConnectError> {
+    async fn start(
+        &mut self,
+        config: &ConnectorConfig,
+        task: &TaskConfig,
+        offsets: &CommittedOffsets,
+    ) -> Result<(), ConnectError> {
         let s = settings(config)?;
         let id: u32 = task
             .get("task.id")
@@ -146,7 +158,8 @@ impl SourceTask for DatagenTask {
         if s.rate > 0 {
             // Emit what the rate allows by now; wait (up to the deadline) for at least one.
             let started = self.started.unwrap_or_else(Instant::now);
-            let allowed = |at: Instant| (at.duration_since(started).as_secs_f64() * s.rate as f64) as u64;
+            let allowed =
+                |at: Instant| (at.duration_since(started).as_secs_f64() * s.rate as f64) as u64;
             let mut now = Instant::now();
             while allowed(now) <= self.emitted_since_start && now < deadline {
                 let wait = Duration::from_secs_f64(1.0 / s.rate as f64).min(deadline - now);
@@ -175,7 +188,8 @@ impl SourceTask for DatagenTask {
         if s.limit.is_some_and(|l| self.next_seq >= l) {
             self.finished = true;
             let last = self.next_seq.saturating_sub(1);
-            poll.finished.push((self.partition.clone(), json!({ "seq": last })));
+            poll.finished
+                .push((self.partition.clone(), json!({ "seq": last })));
         }
         Ok(poll)
     }
@@ -200,12 +214,21 @@ mod tests {
         let tasks = c.task_configs(&config, 2).await.unwrap();
         assert_eq!(tasks.len(), 2);
         let mut offsets = CommittedOffsets::default();
-        offsets.offsets.insert(r#"{"task":1}"#.into(), (json!({"seq": 6}), false));
+        offsets
+            .offsets
+            .insert(r#"{"task":1}"#.into(), (json!({"seq": 6}), false));
         let mut t = c.task();
         t.start(&config, &tasks[1], &offsets).await.unwrap();
         let p = t.poll(100, Instant::now()).await.unwrap();
-        let seqs: Vec<Json> = p.records.iter().map(|r| r.source_offset["seq"].clone()).collect();
+        let seqs: Vec<Json> = p
+            .records
+            .iter()
+            .map(|r| r.source_offset["seq"].clone())
+            .collect();
         assert_eq!(seqs, vec![json!(7), json!(8), json!(9)]);
-        assert_eq!(p.finished, vec![(r#"{"task":1}"#.to_string(), json!({"seq": 9}))]);
+        assert_eq!(
+            p.finished,
+            vec![(r#"{"task":1}"#.to_string(), json!({"seq": 9}))]
+        );
     }
 }

@@ -67,8 +67,9 @@ struct Settings {
     stream: String,
     region: String,
     topic: String,
-    access_key: String,
-    secret_key: String,
+    /// From CONFIG/CREDENTIALS, else the leaf's AWS_* environment (checked when connecting).
+    access_key: Option<String>,
+    secret_key: Option<String>,
     session_token: Option<String>,
     endpoint: Option<String>,
     position: Position,
@@ -89,24 +90,28 @@ impl Settings {
             .or_else(|| env_nonempty("AWS_REGION"))
             .unwrap_or_else(|| "us-east-1".into());
         let topic = config_str(config, "kafka.topic").unwrap_or_else(|| stream.clone());
-        let access_key = config_str(config, "aws.access.key.id")
-            .or_else(|| env_nonempty("AWS_ACCESS_KEY_ID"))
-            .ok_or_else(|| ConnectError::Config("no AWS credentials: set aws.access.key.id and aws.secret.access.key in CONFIG or CREDENTIALS".into()))?;
+        let access_key =
+            config_str(config, "aws.access.key.id").or_else(|| env_nonempty("AWS_ACCESS_KEY_ID"));
         let secret_key = config_str(config, "aws.secret.access.key")
-            .or_else(|| env_nonempty("AWS_SECRET_ACCESS_KEY"))
-            .ok_or_else(|| ConnectError::Config("aws.access.key.id is set but aws.secret.access.key is missing".into()))?;
+            .or_else(|| env_nonempty("AWS_SECRET_ACCESS_KEY"));
+        if config_str(config, "aws.access.key.id").is_some()
+            && config_str(config, "aws.secret.access.key").is_none()
+        {
+            return Err(ConnectError::Config(
+                "aws.access.key.id is set but aws.secret.access.key is missing".into(),
+            ));
+        }
         let session_token = config_str(config, "aws.session.token")
             .or_else(|| env_nonempty("AWS_SESSION_TOKEN"))
             .filter(|t| !t.trim().is_empty());
-        let endpoint = config_str(config, "kinesis.endpoint")
-            .or_else(|| {
-                if env_nonempty("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS")
-                    .is_some_and(|v| v.eq_ignore_ascii_case("true"))
-                {
-                    return None;
-                }
-                env_nonempty("AWS_ENDPOINT_URL_KINESIS").or_else(|| env_nonempty("AWS_ENDPOINT_URL"))
-            });
+        let endpoint = config_str(config, "kinesis.endpoint").or_else(|| {
+            if env_nonempty("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS")
+                .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+            {
+                return None;
+            }
+            env_nonempty("AWS_ENDPOINT_URL_KINESIS").or_else(|| env_nonempty("AWS_ENDPOINT_URL"))
+        });
         let position = match config_str(config, "kinesis.position")
             .unwrap_or_else(|| "TRIM_HORIZON".into())
             .to_ascii_uppercase()
@@ -119,7 +124,9 @@ impl Settings {
                     ConnectError::Config("kinesis.position AT_TIMESTAMP needs kinesis.position.timestamp (epoch milliseconds)".into())
                 })?;
                 Position::AtTimestamp(ts.trim().parse().map_err(|_| {
-                    ConnectError::Config(format!("kinesis.position.timestamp must be epoch milliseconds, got '{ts}'"))
+                    ConnectError::Config(format!(
+                        "kinesis.position.timestamp must be epoch milliseconds, got '{ts}'"
+                    ))
                 })?)
             }
             other => {
@@ -150,20 +157,33 @@ impl Settings {
             endpoint,
             position,
             record_limit: record_limit as i32,
-            empty_backoff: Duration::from_millis(config_u64(config, "kinesis.empty.records.backoff.ms", 200)?),
-            throughput_backoff: Duration::from_millis(config_u64(config, "kinesis.throughput.exceeded.backoff.ms", 1000)?),
+            empty_backoff: Duration::from_millis(config_u64(
+                config,
+                "kinesis.empty.records.backoff.ms",
+                200,
+            )?),
+            throughput_backoff: Duration::from_millis(config_u64(
+                config,
+                "kinesis.throughput.exceeded.backoff.ms",
+                1000,
+            )?),
             shard_filter,
         })
     }
 
-    fn client(&self) -> Client {
-        sdk_client(
+    fn client(&self) -> Result<Client, ConnectError> {
+        let (Some(access), Some(secret)) = (&self.access_key, &self.secret_key) else {
+            return Err(ConnectError::Config(
+                "no AWS credentials: set aws.access.key.id and aws.secret.access.key in CONFIG or CREDENTIALS (or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY on the leaves)".into(),
+            ));
+        };
+        Ok(sdk_client(
             self.endpoint.as_deref(),
             &self.region,
-            &self.access_key,
-            &self.secret_key,
+            access,
+            secret,
             self.session_token.clone(),
-        )
+        ))
     }
 
     fn where_(&self) -> String {
@@ -186,7 +206,13 @@ pub fn sdk_client(
     {
         use aws_sdk_kinesis::config::retry::RetryConfig;
         use aws_sdk_kinesis::config::timeout::TimeoutConfig;
-        let creds = Credentials::new(access_key, secret_key, session_token, None, "pipeline-config");
+        let creds = Credentials::new(
+            access_key,
+            secret_key,
+            session_token,
+            None,
+            "pipeline-config",
+        );
         let http = aws_smithy_http_client::Builder::new()
             .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
                 aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
@@ -237,8 +263,14 @@ where
         SdkError::ServiceError(s) => {
             let err = s.err();
             let code = err.code().map(String::from);
-            let msg = err.message().map(String::from).unwrap_or_else(|| chain(err));
-            (code.clone(), format!("{}: {msg}", code.unwrap_or_else(|| "service error".into())))
+            let msg = err
+                .message()
+                .map(String::from)
+                .unwrap_or_else(|| chain(err));
+            (
+                code.clone(),
+                format!("{}: {msg}", code.unwrap_or_else(|| "service error".into())),
+            )
         }
         other => (None, chain(other)),
     }
@@ -252,7 +284,10 @@ struct ShardInfo {
     ending: Option<String>,
 }
 
-async fn list_shards(client: &Client, s: &Settings) -> Result<BTreeMap<String, ShardInfo>, ConnectError> {
+async fn list_shards(
+    client: &Client,
+    s: &Settings,
+) -> Result<BTreeMap<String, ShardInfo>, ConnectError> {
     let mut out = BTreeMap::new();
     let mut token: Option<String> = None;
     loop {
@@ -266,10 +301,18 @@ async fn list_shards(client: &Client, s: &Settings) -> Result<BTreeMap<String, S
                 Some("ResourceNotFoundException") => {
                     ConnectError::Config(format!("Kinesis {} does not exist", s.where_()))
                 }
-                Some("AccessDeniedException" | "UnrecognizedClientException" | "InvalidSignatureException") => {
-                    ConnectError::Config(format!("Kinesis refused the credentials for {}: {msg}", s.where_()))
-                }
-                _ => ConnectError::Source(format!("cannot list shards of Kinesis {}: {msg}", s.where_())),
+                Some(
+                    "AccessDeniedException"
+                    | "UnrecognizedClientException"
+                    | "InvalidSignatureException",
+                ) => ConnectError::Config(format!(
+                    "Kinesis refused the credentials for {}: {msg}",
+                    s.where_()
+                )),
+                _ => ConnectError::Source(format!(
+                    "cannot list shards of Kinesis {}: {msg}",
+                    s.where_()
+                )),
             }
         })?;
         for shard in resp.shards() {
@@ -283,8 +326,12 @@ async fn list_shards(client: &Client, s: &Settings) -> Result<BTreeMap<String, S
                 ShardInfo {
                     parent: shard.parent_shard_id().map(String::from),
                     adjacent: shard.adjacent_parent_shard_id().map(String::from),
-                    starting: range.map(|r| r.starting_sequence_number().to_string()).unwrap_or_default(),
-                    ending: range.and_then(|r| r.ending_sequence_number()).map(String::from),
+                    starting: range
+                        .map(|r| r.starting_sequence_number().to_string())
+                        .unwrap_or_default(),
+                    ending: range
+                        .and_then(|r| r.ending_sequence_number())
+                        .map(String::from),
                 },
             );
         }
@@ -297,13 +344,21 @@ async fn list_shards(client: &Client, s: &Settings) -> Result<BTreeMap<String, S
 
 /// The task a shard belongs to: its number modulo the task count (hash if unnumbered).
 fn task_of(shard_id: &str, task_count: u64) -> u64 {
-    let digits: String = shard_id.chars().rev().take_while(char::is_ascii_digit).collect();
+    let digits: String = shard_id
+        .chars()
+        .rev()
+        .take_while(char::is_ascii_digit)
+        .collect();
     let n = digits
         .chars()
         .rev()
         .collect::<String>()
         .parse::<u64>()
-        .unwrap_or_else(|_| shard_id.bytes().fold(1469598103934665603u64, |h, b| (h ^ u64::from(b)).wrapping_mul(1099511628211)));
+        .unwrap_or_else(|_| {
+            shard_id.bytes().fold(1469598103934665603u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(1099511628211)
+            })
+        });
     n % task_count.max(1)
 }
 
@@ -322,7 +377,9 @@ fn offset_value(seq: &str) -> Json {
 }
 
 fn offset_seq(v: &Json) -> Option<String> {
-    v.get("sequenceNumber").and_then(Json::as_str).map(String::from)
+    v.get("sequenceNumber")
+        .and_then(Json::as_str)
+        .map(String::from)
 }
 
 #[async_trait]
@@ -331,9 +388,13 @@ impl SourceConnector for KinesisConnector {
         Settings::parse(config).map(|_| ())
     }
 
-    async fn task_configs(&self, config: &ConnectorConfig, max_tasks: usize) -> Result<Vec<TaskConfig>, ConnectError> {
+    async fn task_configs(
+        &self,
+        config: &ConnectorConfig,
+        max_tasks: usize,
+    ) -> Result<Vec<TaskConfig>, ConnectError> {
         let s = Settings::parse(config)?;
-        let shards = list_shards(&s.client(), &s).await?;
+        let shards = list_shards(&s.client()?, &s).await?;
         let open = shards.values().filter(|i| i.ending.is_none()).count();
         let count = max_tasks.min(open).max(1);
         Ok((0..count)
@@ -385,11 +446,14 @@ struct KinesisTask {
 
 impl KinesisTask {
     fn parents_done(&self, info: &ShardInfo) -> bool {
-        [&info.parent, &info.adjacent].into_iter().flatten().all(|p| {
-            !self.shards.contains_key(p)
-                || self.committed.finished(&partition_key(p))
-                || self.readers.get(p).is_some_and(|r| r.finished)
-        })
+        [&info.parent, &info.adjacent]
+            .into_iter()
+            .flatten()
+            .all(|p| {
+                !self.shards.contains_key(p)
+                    || self.committed.finished(&partition_key(p))
+                    || self.readers.get(p).is_some_and(|r| r.finished)
+            })
     }
 
     fn owned(&self) -> Vec<String> {
@@ -433,7 +497,10 @@ impl KinesisTask {
             Some("earliest") => Position::TrimHorizon,
             _ => s.position,
         };
-        let mut req = client.get_shard_iterator().stream_name(&s.stream).shard_id(shard);
+        let mut req = client
+            .get_shard_iterator()
+            .stream_name(&s.stream)
+            .shard_id(shard);
         req = match (&after, initial, position) {
             (Some(seq), _, _) => req
                 .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
@@ -486,7 +553,12 @@ impl KinesisTask {
     }
 
     /// Reads once from a shard into `poll`.
-    async fn read(&mut self, shard: &str, limit: usize, poll: &mut Poll) -> Result<(), ConnectError> {
+    async fn read(
+        &mut self,
+        shard: &str,
+        limit: usize,
+        poll: &mut Poll,
+    ) -> Result<(), ConnectError> {
         let (Some(s), Some(client)) = (self.settings.clone(), self.client.clone()) else {
             return Err(ConnectError::Config("task not started".into()));
         };
@@ -494,7 +566,12 @@ impl KinesisTask {
             return Ok(());
         };
         let limit = limit.min(s.record_limit as usize).max(1) as i32;
-        let result = client.get_records().shard_iterator(iterator).limit(limit).send().await;
+        let result = client
+            .get_records()
+            .shard_iterator(iterator)
+            .limit(limit)
+            .send()
+            .await;
         let ending = self.shards.get(shard).and_then(|i| i.ending.clone());
         let starting = self.shards.get(shard).map(|i| i.starting.clone());
         let key = partition_key(shard);
@@ -514,7 +591,10 @@ impl KinesisTask {
                     let size = data.len() + pk.len();
                     poll.records.push(SourceRecord {
                         topic: s.topic.clone(),
-                        key: Value::Record(vec![("partitionKey".into(), Value::String(pk.clone()))]),
+                        key: Value::Record(vec![(
+                            "partitionKey".into(),
+                            Value::String(pk.clone()),
+                        )]),
                         value: Value::Record(vec![
                             ("approximateArrivalTimestamp".into(), Value::Long(arrival)),
                             ("data".into(), Value::Bytes(data)),
@@ -536,7 +616,8 @@ impl KinesisTask {
                 let at_end = reader.iterator.is_none()
                     || (got == 0
                         && ending.as_ref().is_some_and(|end| {
-                            last.as_ref().is_none_or(|l| seq_cmp(l, end) != std::cmp::Ordering::Less)
+                            last.as_ref()
+                                .is_none_or(|l| seq_cmp(l, end) != std::cmp::Ordering::Less)
                         }));
                 if at_end {
                     reader.finished = true;
@@ -551,7 +632,11 @@ impl KinesisTask {
             Err(e) => {
                 let (code, msg) = describe(&e);
                 match code.as_deref() {
-                    Some("ProvisionedThroughputExceededException" | "KMSThrottlingException" | "LimitExceededException") => {
+                    Some(
+                        "ProvisionedThroughputExceededException"
+                        | "KMSThrottlingException"
+                        | "LimitExceededException",
+                    ) => {
                         tracing::debug!(shard, "throttled by Kinesis; backing off");
                         reader.backoff_until = Some(Instant::now() + s.throughput_backoff);
                         Ok(())
@@ -577,7 +662,12 @@ impl KinesisTask {
 
 #[async_trait]
 impl SourceTask for KinesisTask {
-    async fn start(&mut self, config: &ConnectorConfig, task: &TaskConfig, offsets: &CommittedOffsets) -> Result<(), ConnectError> {
+    async fn start(
+        &mut self,
+        config: &ConnectorConfig,
+        task: &TaskConfig,
+        offsets: &CommittedOffsets,
+    ) -> Result<(), ConnectError> {
         let s = Settings::parse(config)?;
         let num = |k: &str| -> Result<u64, ConnectError> {
             task.get(k)
@@ -587,7 +677,7 @@ impl SourceTask for KinesisTask {
         *self = KinesisTask {
             task_id: num("task.id")?,
             task_count: num("task.count")?,
-            client: Some(s.client()),
+            client: Some(s.client()?),
             settings: Some(s),
             committed: offsets.clone(),
             ..Default::default()
@@ -616,7 +706,8 @@ impl SourceTask for KinesisTask {
                     self.acquire(shard).await?;
                     if self.readers.get(shard).is_some_and(|r| r.finished) {
                         let value = self.readers[shard].last_seq.clone().unwrap_or_default();
-                        poll.finished.push((partition_key(shard), offset_value(&value)));
+                        poll.finished
+                            .push((partition_key(shard), offset_value(&value)));
                         continue;
                     }
                 }
@@ -658,7 +749,11 @@ impl SourceTask for KinesisTask {
     fn observe(&mut self, offsets: &CommittedOffsets) {
         // Keep our own uncommitted progress; learn other tasks' ends.
         for (k, (v, finished)) in &offsets.offsets {
-            let e = self.committed.offsets.entry(k.clone()).or_insert((v.clone(), *finished));
+            let e = self
+                .committed
+                .offsets
+                .entry(k.clone())
+                .or_insert((v.clone(), *finished));
             if *finished {
                 *e = (v.clone(), true);
             }
@@ -691,7 +786,9 @@ mod tests {
         assert_eq!(s.position, Position::TrimHorizon);
         let mut bad = c.clone();
         bad.remove("kinesis.stream");
-        assert!(Settings::parse(&bad).unwrap_err().to_string().contains("kinesis.stream"));
+        assert!(Settings::parse(&bad)
+            .err()
+            .is_some_and(|e| e.to_string().contains("kinesis.stream")));
         let mut bad = c.clone();
         bad.insert("kinesis.position".into(), json!("SOMETIME"));
         assert!(Settings::parse(&bad).is_err());
@@ -706,6 +803,9 @@ mod tests {
         assert_eq!(task_of("shardId-000000000005", 4), 1);
         assert!(task_of("weird", 3) < 3);
         assert_eq!(seq_cmp("9", "10"), std::cmp::Ordering::Less);
-        assert_eq!(partition_key("shardId-000000000000"), r#"{"shardId":"shardId-000000000000"}"#);
+        assert_eq!(
+            partition_key("shardId-000000000000"),
+            r#"{"shardId":"shardId-000000000000"}"#
+        );
     }
 }

@@ -160,10 +160,9 @@ pub fn required(config: &ConnectorConfig, key: &str) -> Result<String, ConnectEr
 pub fn config_u64(config: &ConnectorConfig, key: &str, default: u64) -> Result<u64, ConnectError> {
     match config_str(config, key) {
         None => Ok(default),
-        Some(s) => s
-            .trim()
-            .parse()
-            .map_err(|_| ConnectError::Config(format!("'{key}' must be a non-negative integer, got '{s}'"))),
+        Some(s) => s.trim().parse().map_err(|_| {
+            ConnectError::Config(format!("'{key}' must be a non-negative integer, got '{s}'"))
+        }),
     }
 }
 
@@ -181,7 +180,10 @@ pub fn connector(class: &str) -> Result<Box<dyn SourceConnector>, ConnectError> 
 }
 
 /// CONFIG merged with CREDENTIALS (credentials win), as a connector sees it.
-pub fn effective_config(config: &ConnectorConfig, credentials: &str) -> Result<ConnectorConfig, ConnectError> {
+pub fn effective_config(
+    config: &ConnectorConfig,
+    credentials: &str,
+) -> Result<ConnectorConfig, ConnectError> {
     let mut merged = config.clone();
     let trimmed = credentials.trim();
     if trimmed.is_empty() {
@@ -190,7 +192,9 @@ pub fn effective_config(config: &ConnectorConfig, credentials: &str) -> Result<C
     let creds: Json = serde_json::from_str(trimmed)
         .map_err(|e| ConnectError::Config(format!("CREDENTIALS is not valid JSON: {e}")))?;
     let Json::Object(creds) = creds else {
-        return Err(ConnectError::Config("CREDENTIALS must be a JSON object".into()));
+        return Err(ConnectError::Config(
+            "CREDENTIALS must be a JSON object".into(),
+        ));
     };
     merged.extend(creds);
     Ok(merged)

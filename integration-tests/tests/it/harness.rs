@@ -370,9 +370,11 @@ pub struct Moto {
 
 impl Moto {
     pub fn start() -> Result<Self> {
-        let program = std::env::var("SHARDLINE_MOTO").map(PathBuf::from).unwrap_or_else(|_| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/moto_server")
-        });
+        let program = std::env::var("SHARDLINE_MOTO")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| {
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/moto_server")
+            });
         assert!(
             program.exists(),
             "{} not found: run scripts/setup.sh (or set SHARDLINE_MOTO)",
@@ -402,7 +404,13 @@ impl Moto {
     }
 
     pub fn client(&self) -> aws_sdk_kinesis::Client {
-        common::connect::kinesis::sdk_client(Some(&self.endpoint), "us-east-1", "test", "test", None)
+        common::connect::kinesis::sdk_client(
+            Some(&self.endpoint),
+            "us-east-1",
+            "test",
+            "test",
+            None,
+        )
     }
 }
 

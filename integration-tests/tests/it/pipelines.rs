@@ -40,10 +40,22 @@ fn create_pipeline_sql(name: &str, stream: &str, tasks: u32) -> String {
 }
 
 async fn create_stream(client: &aws_sdk_kinesis::Client, name: &str, shards: i32) -> Result<()> {
-    client.create_stream().stream_name(name).shard_count(shards).send().await?;
+    client
+        .create_stream()
+        .stream_name(name)
+        .shard_count(shards)
+        .send()
+        .await?;
     for _ in 0..100 {
-        let s = client.describe_stream_summary().stream_name(name).send().await?;
-        if s.stream_description_summary().map(|d| d.stream_status().as_str()) == Some("ACTIVE") {
+        let s = client
+            .describe_stream_summary()
+            .stream_name(name)
+            .send()
+            .await?;
+        if s.stream_description_summary()
+            .map(|d| d.stream_status().as_str())
+            == Some("ACTIVE")
+        {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -52,34 +64,63 @@ async fn create_stream(client: &aws_sdk_kinesis::Client, name: &str, shards: i32
 }
 
 /// Puts records; returns (shardId, sequenceNumber) of each.
-async fn put_records(client: &aws_sdk_kinesis::Client, stream: &str, payloads: &[(String, Vec<u8>)]) -> Result<Vec<(String, String)>> {
+async fn put_records(
+    client: &aws_sdk_kinesis::Client,
+    stream: &str,
+    payloads: &[(String, Vec<u8>)],
+) -> Result<Vec<(String, String)>> {
     let mut out = Vec::new();
     for chunk in payloads.chunks(100) {
         let entries = chunk
             .iter()
-            .map(|(key, data)| PutRecordsRequestEntry::builder().partition_key(key).data(Blob::new(data.clone())).build())
+            .map(|(key, data)| {
+                PutRecordsRequestEntry::builder()
+                    .partition_key(key)
+                    .data(Blob::new(data.clone()))
+                    .build()
+            })
             .collect::<Result<Vec<_>, _>>()?;
-        let r = client.put_records().stream_name(stream).set_records(Some(entries)).send().await?;
+        let r = client
+            .put_records()
+            .stream_name(stream)
+            .set_records(Some(entries))
+            .send()
+            .await?;
         if r.failed_record_count().unwrap_or(0) > 0 {
             bail!("put_records failed for some records");
         }
         for e in r.records() {
-            out.push((e.shard_id().unwrap_or_default().to_string(), e.sequence_number().unwrap_or_default().to_string()));
+            out.push((
+                e.shard_id().unwrap_or_default().to_string(),
+                e.sequence_number().unwrap_or_default().to_string(),
+            ));
         }
     }
     Ok(out)
 }
 
 fn setup(c: &Cluster, m: usize, db: &str) -> Result<()> {
-    c.sql(m, r#"SET GLOBAL experimental_features_config = "kafka_connect_enabled=true""#)?;
-    c.sql(m, "SET GLOBAL pipelines_extractor_max_batch_interval_ms = 200")?;
+    c.sql(
+        m,
+        r#"SET GLOBAL experimental_features_config = "kafka_connect_enabled=true""#,
+    )?;
+    c.sql(
+        m,
+        "SET GLOBAL pipelines_extractor_max_batch_interval_ms = 200",
+    )?;
     c.sql(m, "SET GLOBAL pipelines_batch_interval = 100")?;
     c.sql(m, &format!("CREATE DATABASE {db}"))?;
     Ok(())
 }
 
 fn count(c: &Cluster, i: usize, db: &str, table: &str) -> Option<usize> {
-    c.sql(i, &format!("SELECT COUNT(*) FROM {db}.{table}")).ok()?.rows.first()?.first()?.parse().ok()
+    c.sql(i, &format!("SELECT COUNT(*) FROM {db}.{table}"))
+        .ok()?
+        .rows
+        .first()?
+        .first()?
+        .parse()
+        .ok()
 }
 
 fn loaded(c: &Cluster, i: usize, db: &str, table: &str) -> Result<Vec<(String, String)>> {
@@ -105,15 +146,30 @@ fn offsets(c: &Cluster, i: usize, pipeline: &str) -> Result<BTreeMap<String, Str
 }
 
 /// Every put record is in the table exactly once, and the offsets are each shard's last.
-fn assert_exactly_once(c: &Cluster, i: usize, db: &str, table: &str, put: &[(String, String)]) -> Result<()> {
+fn assert_exactly_once(
+    c: &Cluster,
+    i: usize,
+    db: &str,
+    table: &str,
+    put: &[(String, String)],
+) -> Result<()> {
     let rows = loaded(c, i, db, table)?;
     let mut seen = HashSet::new();
     let duplicates: Vec<_> = rows.iter().filter(|r| !seen.insert((*r).clone())).collect();
     let expected: HashSet<_> = put.iter().cloned().collect();
     let missing = expected.difference(&seen).count();
     let extra = seen.difference(&expected).count();
-    println!("rows {} put {} duplicates {} missing {missing} extra {extra}", rows.len(), put.len(), duplicates.len());
-    assert!(duplicates.is_empty(), "duplicates: {:?}", &duplicates[..duplicates.len().min(5)]);
+    println!(
+        "rows {} put {} duplicates {} missing {missing} extra {extra}",
+        rows.len(),
+        put.len(),
+        duplicates.len()
+    );
+    assert!(
+        duplicates.is_empty(),
+        "duplicates: {:?}",
+        &duplicates[..duplicates.len().min(5)]
+    );
     assert_eq!(missing, 0, "records missing");
     assert_eq!(extra, 0, "unexpected rows");
     let mut last: BTreeMap<String, String> = BTreeMap::new();
@@ -123,7 +179,11 @@ fn assert_exactly_once(c: &Cluster, i: usize, db: &str, table: &str, put: &[(Str
             *e = seq.clone();
         }
     }
-    assert_eq!(offsets(c, i, table)?, last, "committed offsets are each shard's last sequence number");
+    assert_eq!(
+        offsets(c, i, table)?,
+        last,
+        "committed offsets are each shard's last sequence number"
+    );
     Ok(())
 }
 
@@ -140,31 +200,84 @@ fn the_spec_example_end_to_end_with_secrets_hidden() -> Result<()> {
     c.wait_for_leaves_online(m, 2, START)?;
     // Without the feature flag, pipelines are refused.
     c.sql(m, "CREATE DATABASE spec")?;
-    let err = c.sql(m, &format!("USE spec; {}", create_pipeline_sql("kinesis_pipeline", "kinesis-data-stream", 4))).expect_err("flag off");
+    let err = c
+        .sql(
+            m,
+            &format!(
+                "USE spec; {}",
+                create_pipeline_sql("kinesis_pipeline", "kinesis-data-stream", 4)
+            ),
+        )
+        .expect_err("flag off");
     assert!(err.to_string().contains("kafka_connect_enabled"), "{err}");
-    c.sql(m, r#"SET GLOBAL experimental_features_config = "kafka_connect_enabled=true""#)?;
-    let shown = c.sql(m, "SHOW VARIABLES LIKE 'experimental_features_config'")?.rows;
-    assert_eq!(shown, vec![vec!["experimental_features_config".to_string(), "kafka_connect_enabled=true".to_string()]]);
+    c.sql(
+        m,
+        r#"SET GLOBAL experimental_features_config = "kafka_connect_enabled=true""#,
+    )?;
+    let shown = c
+        .sql(m, "SHOW VARIABLES LIKE 'experimental_features_config'")?
+        .rows;
+    assert_eq!(
+        shown,
+        vec![vec![
+            "experimental_features_config".to_string(),
+            "kafka_connect_enabled=true".to_string()
+        ]]
+    );
 
     rt.block_on(create_stream(&kinesis, "kinesis-data-stream", 1))?;
-    let payloads: Vec<(String, Vec<u8>)> = [(1, "first", "user-a"), (2, "second", "user-b"), (3, "third", "user-a"), (4, "fourth", "user-c"), (5, "fifth", "user-b")]
-        .iter()
-        .map(|(seq, msg, key)| (key.to_string(), format!(r#"{{"seq":{seq},"msg":"{msg}"}}"#).into_bytes()))
-        .collect();
+    let payloads: Vec<(String, Vec<u8>)> = [
+        (1, "first", "user-a"),
+        (2, "second", "user-b"),
+        (3, "third", "user-a"),
+        (4, "fourth", "user-c"),
+        (5, "fifth", "user-b"),
+    ]
+    .iter()
+    .map(|(seq, msg, key)| {
+        (
+            key.to_string(),
+            format!(r#"{{"seq":{seq},"msg":"{msg}"}}"#).into_bytes(),
+        )
+    })
+    .collect();
     let put = rt.block_on(put_records(&kinesis, "kinesis-data-stream", &payloads))?;
 
-    c.sql(m, &format!("USE spec; {}", create_pipeline_sql("kinesis_pipeline", "kinesis-data-stream", 4)))?;
+    c.sql(
+        m,
+        &format!(
+            "USE spec; {}",
+            create_pipeline_sql("kinesis_pipeline", "kinesis-data-stream", 4)
+        ),
+    )?;
     let state = c.sql(m, "SELECT PIPELINE_NAME, STATE FROM information_schema.PIPELINES WHERE PIPELINE_NAME = 'kinesis_pipeline'")?.rows;
-    assert_eq!(state, vec![vec!["kinesis_pipeline".to_string(), "Stopped".to_string()]]);
-    let ddl = c.sql(m, "USE spec; SHOW CREATE TABLE kinesis_pipeline")?.rows.concat().join("\n");
-    assert!(ddl.contains("`topic` text CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL"), "{ddl}");
+    assert_eq!(
+        state,
+        vec![vec!["kinesis_pipeline".to_string(), "Stopped".to_string()]]
+    );
+    let ddl = c
+        .sql(m, "USE spec; SHOW CREATE TABLE kinesis_pipeline")?
+        .rows
+        .concat()
+        .join("\n");
+    assert!(
+        ddl.contains("`topic` text CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL"),
+        "{ddl}"
+    );
     c.sql(m, "USE spec; START PIPELINE kinesis_pipeline")?;
-    let err = c.sql(m, "USE spec; START PIPELINE kinesis_pipeline").expect_err("started twice");
+    let err = c
+        .sql(m, "USE spec; START PIPELINE kinesis_pipeline")
+        .expect_err("started twice");
     assert!(err.to_string().contains("already running"), "{err}");
-    c.sql(m, "USE spec; START PIPELINE IF NOT RUNNING kinesis_pipeline")?;
+    c.sql(
+        m,
+        "USE spec; START PIPELINE IF NOT RUNNING kinesis_pipeline",
+    )?;
 
     let other = (m + 1) % 3;
-    wait_for("5 rows", START, || (count(&c, other, "spec", "kinesis_pipeline")? == 5).then_some(()))?;
+    wait_for("5 rows", START, || {
+        (count(&c, other, "spec", "kinesis_pipeline")? == 5).then_some(())
+    })?;
     assert_exactly_once(&c, other, "spec", "kinesis_pipeline", &put)?;
     // The spec's queries, from a follower aggregator.
     let rows = c
@@ -173,47 +286,102 @@ fn the_spec_example_end_to_end_with_secrets_hidden() -> Result<()> {
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0][0], "kinesis-topic");
     assert_eq!(rows[0][1], r#"{"partitionKey":"user-c"}"#);
-    assert!(rows[0][2].starts_with(r#"{"approximateArrivalTimestamp":"#), "{}", rows[0][2]);
+    assert!(
+        rows[0][2].starts_with(r#"{"approximateArrivalTimestamp":"#),
+        "{}",
+        rows[0][2]
+    );
     assert!(rows[0][2].contains(r#""data":"eyJzZXEiOjQsIm1zZyI6ImZvdXJ0aCJ9","partitionKey":"user-c","sequenceNumber":""#), "{}", rows[0][2]);
-    assert!(rows[0][2].ends_with(r#"","shardId":"shardId-000000000000","streamName":"kinesis-data-stream"}"#), "{}", rows[0][2]);
+    assert!(
+        rows[0][2]
+            .ends_with(r#"","shardId":"shardId-000000000000","streamName":"kinesis-data-stream"}"#),
+        "{}",
+        rows[0][2]
+    );
     let decoded = c
         .sql(other, "USE spec; SELECT JSON_EXTRACT_BIGINT(FROM_BASE64(JSON_EXTRACT_STRING(record, 'data')), 'seq') AS seq, JSON_EXTRACT_STRING(FROM_BASE64(JSON_EXTRACT_STRING(record, 'data')), 'msg') AS msg FROM kinesis_pipeline WHERE JSON_EXTRACT_BIGINT(FROM_BASE64(JSON_EXTRACT_STRING(record, 'data')), 'seq') > 3 ORDER BY seq")?
         .rows;
-    assert_eq!(decoded, vec![vec!["4".to_string(), "fourth".to_string()], vec!["5".to_string(), "fifth".to_string()]]);
+    assert_eq!(
+        decoded,
+        vec![
+            vec!["4".to_string(), "fourth".to_string()],
+            vec!["5".to_string(), "fifth".to_string()]
+        ]
+    );
     let tasks = c.sql(other, "SELECT TASK_ID, COUNT(*) as offset_count FROM information_schema.PIPELINES_SOURCE_OFFSETS WHERE PIPELINE_NAME = 'kinesis_pipeline' GROUP BY TASK_ID")?.rows;
     assert_eq!(tasks, vec![vec!["0".to_string(), "1".to_string()]]);
 
     // Secrets never show: not in CONFIG_JSON, SHOW CREATE PIPELINE, or any node's log.
-    let config = c.sql(m, "SELECT CONFIG_JSON FROM information_schema.PIPELINES")?.rows.concat().join(" ");
-    let create = c.sql(m, "USE spec; SHOW CREATE PIPELINE kinesis_pipeline")?.rows.concat().join(" ");
-    for secret in ["AKIASECRETKEYID0001", "sEcReT/aws+key=never-shown", "session-token-never-shown"] {
+    let config = c
+        .sql(m, "SELECT CONFIG_JSON FROM information_schema.PIPELINES")?
+        .rows
+        .concat()
+        .join(" ");
+    let create = c
+        .sql(m, "USE spec; SHOW CREATE PIPELINE kinesis_pipeline")?
+        .rows
+        .concat()
+        .join(" ");
+    for secret in [
+        "AKIASECRETKEYID0001",
+        "sEcReT/aws+key=never-shown",
+        "session-token-never-shown",
+    ] {
         assert!(!config.contains(secret), "CONFIG_JSON leaks {secret}");
-        assert!(!create.contains(secret), "SHOW CREATE PIPELINE leaks {secret}");
+        assert!(
+            !create.contains(secret),
+            "SHOW CREATE PIPELINE leaks {secret}"
+        );
         for n in c.aggregators.iter().chain(c.leaves.iter()) {
-            assert!(!n.log_text().contains(secret), "{} log leaks {secret}", n.name);
+            assert!(
+                !n.log_text().contains(secret),
+                "{} log leaks {secret}",
+                n.name
+            );
         }
     }
     assert!(config.contains("kinesis-data-stream"));
 
     // STOP/START keeps offsets: new records only, nothing twice.
     c.sql(m, "USE spec; STOP PIPELINE kinesis_pipeline")?;
-    let more = rt.block_on(put_records(&kinesis, "kinesis-data-stream", &[("user-d".into(), br#"{"seq":6,"msg":"sixth"}"#.to_vec())]))?;
+    let more = rt.block_on(put_records(
+        &kinesis,
+        "kinesis-data-stream",
+        &[("user-d".into(), br#"{"seq":6,"msg":"sixth"}"#.to_vec())],
+    ))?;
     c.sql(m, "USE spec; START PIPELINE kinesis_pipeline")?;
-    wait_for("6 rows", START, || (count(&c, m, "spec", "kinesis_pipeline")? == 6).then_some(()))?;
+    wait_for("6 rows", START, || {
+        (count(&c, m, "spec", "kinesis_pipeline")? == 6).then_some(())
+    })?;
     let all: Vec<_> = put.iter().chain(more.iter()).cloned().collect();
     assert_exactly_once(&c, m, "spec", "kinesis_pipeline", &all)?;
 
     // CREATE OR REPLACE keeps the offsets; DROP + CREATE starts again from TRIM_HORIZON.
     c.sql(m, "USE spec; STOP PIPELINE kinesis_pipeline")?;
-    c.sql(m, &format!("USE spec; {}", create_pipeline_sql("kinesis_pipeline", "kinesis-data-stream", 4).replace("CREATE INFERRED", "CREATE OR REPLACE INFERRED")))?;
+    c.sql(
+        m,
+        &format!(
+            "USE spec; {}",
+            create_pipeline_sql("kinesis_pipeline", "kinesis-data-stream", 4)
+                .replace("CREATE INFERRED", "CREATE OR REPLACE INFERRED")
+        ),
+    )?;
     c.sql(m, "USE spec; START PIPELINE kinesis_pipeline")?;
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(count(&c, m, "spec", "kinesis_pipeline"), Some(6));
     c.sql(m, "USE spec; DROP PIPELINE kinesis_pipeline")?;
     assert!(offsets(&c, m, "kinesis_pipeline")?.is_empty());
-    c.sql(m, &format!("USE spec; {}", create_pipeline_sql("kinesis_pipeline", "kinesis-data-stream", 4)))?;
+    c.sql(
+        m,
+        &format!(
+            "USE spec; {}",
+            create_pipeline_sql("kinesis_pipeline", "kinesis-data-stream", 4)
+        ),
+    )?;
     c.sql(m, "USE spec; START PIPELINE kinesis_pipeline")?;
-    wait_for("every record loaded a second time", START, || (count(&c, m, "spec", "kinesis_pipeline")? == 12).then_some(()))?;
+    wait_for("every record loaded a second time", START, || {
+        (count(&c, m, "spec", "kinesis_pipeline")? == 12).then_some(())
+    })?;
     Ok(())
 }
 
@@ -242,7 +410,10 @@ fn bad_pipeline_input_gets_clear_errors() -> Result<()> {
         (format!("CREATE PIPELINE p AS LOAD DATA KAFKACONNECT 'k' CONFIG '{{\"connector.class\":\"{class}\",\"kinesis.stream\":\"s\"}}' INTO TABLE missing FORMAT AVRO"), "doesn't exist"),
     ];
     for (sql, words) in cases {
-        let err = c.sql(0, &format!("USE bad; {sql}")).expect_err(&sql).to_string();
+        let err = c
+            .sql(0, &format!("USE bad; {sql}"))
+            .expect_err(&sql)
+            .to_string();
         assert!(err.contains(words), "{sql}\n=> {err}");
     }
     // A table that does not match the static schema.
@@ -253,11 +424,30 @@ fn bad_pipeline_input_gets_clear_errors() -> Result<()> {
         .to_string();
     assert!(err.contains("no column 'topic'"), "{err}");
     // A stream that does not exist: a clear error at START.
-    c.sql(0, &format!("USE bad; {}", create_pipeline_sql("ghost", "no-such-stream", 2)))?;
-    let err = c.sql(0, "USE bad; START PIPELINE ghost").expect_err("no stream").to_string();
-    assert!(err.contains("does not exist") && err.contains("no-such-stream"), "{err}");
+    c.sql(
+        0,
+        &format!(
+            "USE bad; {}",
+            create_pipeline_sql("ghost", "no-such-stream", 2)
+        ),
+    )?;
+    let err = c
+        .sql(0, "USE bad; START PIPELINE ghost")
+        .expect_err("no stream")
+        .to_string();
+    assert!(
+        err.contains("does not exist") && err.contains("no-such-stream"),
+        "{err}"
+    );
     assert!(!err.contains("sEcReT"), "{err}");
-    assert_eq!(c.sql(0, "USE bad; SHOW PIPELINES")?.rows, vec![vec!["ghost".to_string(), "Stopped".to_string(), "False".to_string()]]);
+    assert_eq!(
+        c.sql(0, "USE bad; SHOW PIPELINES")?.rows,
+        vec![vec![
+            "ghost".to_string(),
+            "Stopped".to_string(),
+            "False".to_string()
+        ]]
+    );
     assert!(c.aggregators[0].is_running() && c.leaves[0].is_running());
     Ok(())
 }
@@ -277,10 +467,19 @@ fn exactly_once_while_leaves_and_the_master_are_killed() -> Result<()> {
     c.wait_for_leaves_online(m, 3, START)?;
     setup(&c, m, "chaos")?;
     rt.block_on(create_stream(&kinesis, "chaos-stream", 4))?;
-    c.sql(m, &format!("USE chaos; {}", create_pipeline_sql("chaos_pipeline", "chaos-stream", 4)))?;
+    c.sql(
+        m,
+        &format!(
+            "USE chaos; {}",
+            create_pipeline_sql("chaos_pipeline", "chaos-stream", 4)
+        ),
+    )?;
     c.sql(m, "USE chaos; START PIPELINE chaos_pipeline")?;
 
-    let total: usize = std::env::var("SHARDLINE_CHAOS_RECORDS").ok().and_then(|v| v.parse().ok()).unwrap_or(4000);
+    let total: usize = std::env::var("SHARDLINE_CHAOS_RECORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4000);
     let producer = {
         let kinesis = kinesis.clone();
         rt.spawn(async move {
@@ -288,7 +487,12 @@ fn exactly_once_while_leaves_and_the_master_are_killed() -> Result<()> {
             let mut n = 0usize;
             while n < total {
                 let batch: Vec<(String, Vec<u8>)> = (n..(n + 200).min(total))
-                    .map(|i| (format!("key-{}", rand::random::<u32>()), format!(r#"{{"seq":{i}}}"#).into_bytes()))
+                    .map(|i| {
+                        (
+                            format!("key-{}", rand::random::<u32>()),
+                            format!(r#"{{"seq":{i}}}"#).into_bytes(),
+                        )
+                    })
                     .collect();
                 n += batch.len();
                 put_all.extend(put_records(&kinesis, "chaos-stream", &batch).await?);
@@ -308,7 +512,11 @@ fn exactly_once_while_leaves_and_the_master_are_killed() -> Result<()> {
             "master" => {
                 let master = c.wait_for_master(START)?;
                 c.aggregators[master].kill();
-                faults.push(format!("SIGKILL master aggregator-{} at {:?}", master + 1, started.elapsed()));
+                faults.push(format!(
+                    "SIGKILL master aggregator-{} at {:?}",
+                    master + 1,
+                    started.elapsed()
+                ));
                 std::thread::sleep(Duration::from_secs(2));
                 c.aggregators[master].start()?;
             }
@@ -331,9 +539,18 @@ fn exactly_once_while_leaves_and_the_master_are_killed() -> Result<()> {
     })?;
     // Let any in-flight batch settle, then check.
     std::thread::sleep(Duration::from_secs(2));
-    println!("all rows visible {:?} after the last put; total {:?}", t0.elapsed(), started.elapsed());
+    println!(
+        "all rows visible {:?} after the last put; total {:?}",
+        t0.elapsed(),
+        started.elapsed()
+    );
     assert_exactly_once(&c, m, "chaos", "chaos_pipeline", &put)?;
-    let state = c.sql(m, "SELECT STATE FROM information_schema.PIPELINES WHERE PIPELINE_NAME = 'chaos_pipeline'")?.rows;
+    let state = c
+        .sql(
+            m,
+            "SELECT STATE FROM information_schema.PIPELINES WHERE PIPELINE_NAME = 'chaos_pipeline'",
+        )?
+        .rows;
     assert_eq!(state, vec![vec!["Running".to_string()]]);
     Ok(())
 }
