@@ -11,7 +11,8 @@ echo "== cargo build (debug: binaries and tests)"
 cargo build --workspace --bins --tests --locked
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
-echo "== cargo test"
-cargo test --workspace --locked
+echo "== cargo test (unit tests, then the real-process tests three at a time on this 2-core box)"
+cargo test --workspace --locked --exclude integration-tests
+cargo test -p integration-tests --locked -- --test-threads 3
 echo "== python client tests"
 SHARDLINE_BIN_DIR="$REPO_ROOT/target/debug" "$REPO_ROOT/.venv/bin/python" -m pytest -q integration-tests/python

@@ -722,13 +722,101 @@ mod tests {
             parse("   ").unwrap_err().code,
             super::super::result::codes::EMPTY_QUERY
         );
-        let e = parse("CREATE TABLE t (a INT)").unwrap_err();
+        let e = parse("CREATE VIEW v AS SELECT 1").unwrap_err();
         assert_eq!(e.code, super::super::result::codes::NOT_SUPPORTED_YET);
-        assert!(e.message.contains("CREATE TABLE"), "{}", e.message);
+        assert!(e.message.contains("CREATE VIEW"), "{}", e.message);
+        assert!(matches!(
+            parse("CREATE TABLE t (a INT)").unwrap(),
+            Stmt::CreateTable(_)
+        ));
         assert!(parse("SELECT 1 garbage garbage").is_err());
         assert!(matches!(
             parse("select @@version_comment limit 1").unwrap(),
             Stmt::Select(_)
         ));
+    }
+
+    #[test]
+    fn pipeline_statements() {
+        let sql = "CREATE INFERRED PIPELINE kinesis_pipeline \nAS LOAD DATA KAFKACONNECT 'kafka-connector'\nCONFIG '{\n  \"connector.class\": \"x\",\n  \"tasks.max\": 4\n}'\nCREDENTIALS '{}' -- AWS credentials are in CONFIG for Kinesis connector\nFORMAT AVRO;";
+        let Stmt::CreatePipeline(c) = parse(sql).unwrap() else {
+            panic!()
+        };
+        assert!(c.inferred && !c.or_replace);
+        assert_eq!(c.name, "kinesis_pipeline");
+        assert_eq!(c.source, "KAFKACONNECT");
+        assert_eq!(c.connector, "kafka-connector");
+        assert!(c.config.contains("\"tasks.max\": 4"));
+        assert_eq!(c.credentials.as_deref(), Some("{}"));
+        assert_eq!(c.format.as_deref(), Some("AVRO"));
+        let Stmt::CreatePipeline(c) = parse("CREATE OR REPLACE PIPELINE p AS LOAD DATA KAFKACONNECT 'k' CONFIG '{}' BATCH_INTERVAL 100 MAX_RETRIES_PER_BATCH_PARTITION 2 STOP_ON_ERROR OFF INTO TABLE t FORMAT AVRO").unwrap() else { panic!() };
+        assert!(c.or_replace && !c.inferred);
+        assert_eq!(
+            (
+                c.batch_interval,
+                c.max_retries,
+                c.stop_on_error,
+                c.table.as_deref()
+            ),
+            (Some(100), Some(2), Some(false), Some("t"))
+        );
+        assert_eq!(
+            parse("START PIPELINE IF NOT RUNNING p FOREGROUND LIMIT 3 BATCHES").unwrap(),
+            Stmt::StartPipeline {
+                name: Some("p".into()),
+                if_not_running: true,
+                failed_only: false,
+                foreground: Some(Some(3))
+            }
+        );
+        assert_eq!(
+            parse("STOP ALL PIPELINES").unwrap(),
+            Stmt::StopPipeline {
+                name: None,
+                if_running: true
+            }
+        );
+        assert_eq!(
+            parse("STOP PIPELINE IF RUNNING p").unwrap(),
+            Stmt::StopPipeline {
+                name: Some("p".into()),
+                if_running: true
+            }
+        );
+        assert_eq!(
+            parse("DROP PIPELINE IF EXISTS p").unwrap(),
+            Stmt::DropPipeline {
+                name: "p".into(),
+                if_exists: true
+            }
+        );
+        assert_eq!(
+            parse("ALTER PIPELINE p SET OFFSETS EARLIEST").unwrap(),
+            Stmt::AlterPipeline {
+                name: "p".into(),
+                change: AlterPipeline::OffsetsEarliest
+            }
+        );
+        assert_eq!(
+            parse("TEST PIPELINE p LIMIT 5").unwrap(),
+            Stmt::TestPipeline {
+                name: "p".into(),
+                limit: Some(5)
+            }
+        );
+        assert_eq!(parse("SHOW PIPELINES").unwrap(), Stmt::ShowPipelines);
+        assert_eq!(
+            parse("SHOW CREATE PIPELINE p EXTENDED").unwrap(),
+            Stmt::ShowCreatePipeline { name: "p".into() }
+        );
+        assert_eq!(
+            parse("CLEAR PIPELINE ERRORS").unwrap(),
+            Stmt::ClearPipelineErrors
+        );
+        assert!(
+            parse("CREATE PIPELINE p AS LOAD DATA KAFKACONNECT 'k' FORMAT AVRO").is_err(),
+            "CONFIG is required"
+        );
+        assert!(parse("START PIPELINE").is_err());
     }
 }

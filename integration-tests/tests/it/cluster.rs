@@ -241,8 +241,9 @@ fn writes_fail_clearly_without_a_quorum_and_reads_keep_working() -> Result<()> {
     };
     let mut c = Cluster::start(spec)?;
     let m = c.wait_for_master(START)?;
-    c.sql(m, "SET GLOBAL pipelines_batch_interval = 1234")?;
     let survivor = (m + 1) % 3;
+    // Written through the survivor, which therefore has applied it (read-your-writes).
+    c.sql(survivor, "SET GLOBAL pipelines_batch_interval = 1234")?;
     for i in 0..3 {
         if i != survivor {
             c.aggregators[i].kill();
