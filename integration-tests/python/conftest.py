@@ -40,6 +40,7 @@ class LocalCluster:
             MYSQL_PORT=str(_free_base(3)),
             AGG_GRPC_PORT=str(_free_base(3)),
             LEAF_PORT=str(_free_base(2)),
+            KINESIS_PORT=str(_free_base(1)),
             READY_TIMEOUT="60",
         )
         bin_dir = os.environ.get("SHARDLINE_BIN_DIR")
