@@ -134,6 +134,7 @@ impl TaskManager {
                 address: self.address.clone(),
                 assignment: rx,
                 cancel,
+                leaf_shutdown: self.shutdown.clone(),
             };
             self.tasks.spawn(runner.run());
         }
@@ -192,6 +193,8 @@ struct Runner {
     address: String,
     assignment: watch::Receiver<proto::TaskAssignment>,
     cancel: CancellationToken,
+    /// The leaf's own shutdown: an unknown commit outcome is settled even after the task stops.
+    leaf_shutdown: CancellationToken,
 }
 
 /// How a batch attempt ended.
@@ -461,7 +464,7 @@ impl Runner {
                     &self.store,
                     &mut self.client,
                     key,
-                    &self.cancel.clone().child_token(),
+                    &self.leaf_shutdown.clone(),
                 )
                 .await
                 {

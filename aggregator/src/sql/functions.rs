@@ -247,6 +247,42 @@ impl ScalarUDFImpl for Base64 {
     }
 }
 
+/// MySQL's `LENGTH`/`OCTET_LENGTH`: bytes, of strings and binary alike.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct ByteLength {
+    name: &'static str,
+    signature: Signature,
+}
+
+impl ScalarUDFImpl for ByteLength {
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _args: &[DataType]) -> Result<DataType> {
+        Ok(DataType::Int64)
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let col = args.args[0].to_array(args.number_rows)?;
+        let lengths: Int64Array = match col.data_type() {
+            DataType::Binary | DataType::LargeBinary | DataType::BinaryView => {
+                let b = cast(&col, &DataType::Binary)?;
+                b.as_binary::<i32>().iter().map(|v| v.map(|b| b.len() as i64)).collect()
+            }
+            _ => {
+                let s = cast(&col, &DataType::Utf8)?;
+                s.as_string::<i32>().iter().map(|v| v.map(|s| s.len() as i64)).collect()
+            }
+        };
+        Ok(ColumnarValue::Array(Arc::new(lengths)))
+    }
+}
+
 /// Every function Shardline adds to DataFusion.
 pub fn udfs() -> Vec<ScalarUDF> {
     let json = |name, kind| {
@@ -262,7 +298,15 @@ pub fn udfs() -> Vec<ScalarUDF> {
             signature: Signature::any(1, Volatility::Immutable),
         })
     };
+    let len = |name| {
+        ScalarUDF::new_from_impl(ByteLength {
+            name,
+            signature: Signature::any(1, Volatility::Immutable),
+        })
+    };
     vec![
+        len("length"),
+        len("octet_length"),
         json("json_extract_string", JsonKind::String),
         json("json_extract_bigint", JsonKind::BigInt),
         json("json_extract_double", JsonKind::Double),

@@ -808,4 +808,77 @@ mod tests {
             r#"{"shardId":"shardId-000000000000"}"#
         );
     }
+
+    fn shard(parent: Option<&str>, adjacent: Option<&str>, ending: Option<&str>) -> ShardInfo {
+        ShardInfo {
+            parent: parent.map(String::from),
+            adjacent: adjacent.map(String::from),
+            starting: "0".into(),
+            ending: ending.map(String::from),
+        }
+    }
+
+    #[test]
+    fn parents_are_read_to_their_end_before_children() {
+        // 0 split into 2 and 3; 2 and 3 merged into 4. One task owns everything.
+        let mut t = KinesisTask {
+            task_id: 0,
+            task_count: 1,
+            ..Default::default()
+        };
+        t.shards
+            .insert("shardId-000000000000".into(), shard(None, None, Some("9")));
+        t.shards
+            .insert("shardId-000000000001".into(), shard(None, None, None));
+        t.shards.insert(
+            "shardId-000000000002".into(),
+            shard(Some("shardId-000000000000"), None, Some("5")),
+        );
+        t.shards.insert(
+            "shardId-000000000003".into(),
+            shard(Some("shardId-000000000000"), None, Some("6")),
+        );
+        t.shards.insert(
+            "shardId-000000000004".into(),
+            shard(
+                Some("shardId-000000000002"),
+                Some("shardId-000000000003"),
+                None,
+            ),
+        );
+        assert_eq!(
+            t.owned(),
+            vec!["shardId-000000000000", "shardId-000000000001"]
+        );
+        // The parent ended (committed by whichever task read it): its children open.
+        t.committed.offsets.insert(
+            partition_key("shardId-000000000000"),
+            (json!({"sequenceNumber": "9"}), true),
+        );
+        assert_eq!(
+            t.owned(),
+            vec![
+                "shardId-000000000001",
+                "shardId-000000000002",
+                "shardId-000000000003"
+            ]
+        );
+        // A merge waits for both parents; one ended locally (same batch) counts.
+        t.committed.offsets.insert(
+            partition_key("shardId-000000000002"),
+            (json!({"sequenceNumber": "5"}), true),
+        );
+        assert!(!t.owned().contains(&"shardId-000000000004".to_string()));
+        t.readers
+            .entry("shardId-000000000003".into())
+            .or_default()
+            .finished = true;
+        assert_eq!(
+            t.owned(),
+            vec!["shardId-000000000001", "shardId-000000000004"]
+        );
+        // Another task's shards are not ours.
+        t.task_count = 2;
+        assert_eq!(t.owned(), vec!["shardId-000000000004"]);
+    }
 }

@@ -554,3 +554,263 @@ fn exactly_once_while_leaves_and_the_master_are_killed() -> Result<()> {
     assert_eq!(state, vec![vec!["Running".to_string()]]);
     Ok(())
 }
+
+#[test]
+fn resharding_mid_stream_loses_and_doubles_nothing() -> Result<()> {
+    let moto = Moto::start()?;
+    let rt = runtime();
+    let kinesis = moto.client();
+    let mut c = Cluster::start(ClusterSpec {
+        leaf_env: moto.leaf_env(),
+        ..Default::default()
+    })?;
+    let m = c.wait_for_master(START)?;
+    c.wait_for_leaves_online(m, 2, START)?;
+    setup(&c, m, "reshard")?;
+    rt.block_on(create_stream(&kinesis, "reshard-stream", 2))?;
+    let batch = |from: usize, n: usize| -> Vec<(String, Vec<u8>)> {
+        (from..from + n)
+            .map(|i| {
+                (
+                    format!("key-{}", rand::random::<u32>()),
+                    format!(r#"{{"seq":{i}}}"#).into_bytes(),
+                )
+            })
+            .collect()
+    };
+    let mut put = rt.block_on(put_records(&kinesis, "reshard-stream", &batch(0, 300)))?;
+    c.sql(
+        m,
+        &format!(
+            "USE reshard; {}",
+            create_pipeline_sql("reshard_pipeline", "reshard-stream", 4)
+        ),
+    )?;
+    c.sql(m, "USE reshard; START PIPELINE reshard_pipeline")?;
+    put.extend(rt.block_on(put_records(&kinesis, "reshard-stream", &batch(300, 200)))?);
+    // Split shard 0 at the middle of its hash range, keep writing, then merge its children.
+    rt.block_on(async {
+        kinesis
+            .split_shard()
+            .stream_name("reshard-stream")
+            .shard_to_split("shardId-000000000000")
+            .new_starting_hash_key("85070591730234615865843651857942052864")
+            .send()
+            .await
+    })?;
+    put.extend(rt.block_on(put_records(&kinesis, "reshard-stream", &batch(500, 300)))?);
+    rt.block_on(async {
+        kinesis
+            .merge_shards()
+            .stream_name("reshard-stream")
+            .shard_to_merge("shardId-000000000002")
+            .adjacent_shard_to_merge("shardId-000000000003")
+            .send()
+            .await
+    })?;
+    put.extend(rt.block_on(put_records(&kinesis, "reshard-stream", &batch(800, 300)))?);
+    let shards: HashSet<&str> = put.iter().map(|(s, _)| s.as_str()).collect();
+    println!(
+        "records per shard: {:?}",
+        shards
+            .iter()
+            .map(|s| (s, put.iter().filter(|p| p.0 == *s).count()))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        shards.len() >= 4,
+        "records landed on parents and children: {shards:?}"
+    );
+    wait_for(
+        &format!("{} rows", put.len()),
+        Duration::from_secs(90),
+        || (count(&c, m, "reshard", "reshard_pipeline")? >= put.len()).then_some(()),
+    )?;
+    std::thread::sleep(Duration::from_secs(2));
+    assert_exactly_once(&c, m, "reshard", "reshard_pipeline", &put)?;
+    Ok(())
+}
+
+#[test]
+fn a_frozen_leaf_that_wakes_up_doubles_nothing() -> Result<()> {
+    let moto = Moto::start()?;
+    let rt = runtime();
+    let kinesis = moto.client();
+    let mut c = Cluster::start(ClusterSpec {
+        leaf_env: moto.leaf_env(),
+        aggregator_args: vec!["--leaf-heartbeat-timeout-ms".into(), "1000".into()],
+        ..Default::default()
+    })?;
+    let m = c.wait_for_master(START)?;
+    c.wait_for_leaves_online(m, 2, START)?;
+    setup(&c, m, "fence")?;
+    rt.block_on(create_stream(&kinesis, "fence-stream", 2))?;
+    c.sql(
+        m,
+        &format!(
+            "USE fence; {}",
+            create_pipeline_sql("fence_pipeline", "fence-stream", 2)
+        ),
+    )?;
+    c.sql(m, "USE fence; START PIPELINE fence_pipeline")?;
+    let mut put = Vec::new();
+    for round in 0..6 {
+        let recs: Vec<(String, Vec<u8>)> = (0..100)
+            .map(|i| {
+                (
+                    format!("k-{}", rand::random::<u32>()),
+                    format!(r#"{{"r":{round},"i":{i}}}"#).into_bytes(),
+                )
+            })
+            .collect();
+        put.extend(rt.block_on(put_records(&kinesis, "fence-stream", &recs))?);
+        if round == 1 {
+            // Freeze leaf 1 past the heartbeat timeout: its tasks move; then it wakes up.
+            let pid = c.leaves[0].pid().expect("running");
+            crate::harness::signal(pid, "STOP")?;
+            wait_for(
+                "the frozen leaf to be declared offline",
+                Duration::from_secs(10),
+                || {
+                    let states = c.leaf_states(m).ok()?;
+                    (states.iter().filter(|(_, s)| s == "offline").count() == 1).then_some(())
+                },
+            )?;
+            std::thread::sleep(Duration::from_secs(2));
+            crate::harness::signal(pid, "CONT")?;
+        }
+    }
+    c.wait_for_leaves_online(m, 2, START)?;
+    wait_for(
+        &format!("{} rows", put.len()),
+        Duration::from_secs(60),
+        || (count(&c, m, "fence", "fence_pipeline")? >= put.len()).then_some(()),
+    )?;
+    std::thread::sleep(Duration::from_secs(3));
+    assert_exactly_once(&c, m, "fence", "fence_pipeline", &put)?;
+    Ok(())
+}
+
+#[test]
+fn big_and_binary_records_load_and_an_unreachable_kinesis_ends_in_error() -> Result<()> {
+    let moto = Moto::start()?;
+    let rt = runtime();
+    let kinesis = moto.client();
+    let mut c = Cluster::start(ClusterSpec {
+        aggregators: 1,
+        leaves: 1,
+        leaf_env: moto.leaf_env(),
+        ..Default::default()
+    })?;
+    c.wait_for_master(START)?;
+    c.wait_for_leaves_online(0, 1, START)?;
+    setup(&c, 0, "edge")?;
+    rt.block_on(create_stream(&kinesis, "edge-stream", 1))?;
+    // A record of 1 MiB (data + key, the Kinesis maximum) and one that is not UTF-8.
+    let big = vec![b'x'; 1024 * 1024 - 3];
+    let binary: Vec<u8> = (0..=255u8).rev().collect();
+    let put = rt.block_on(put_records(
+        &kinesis,
+        "edge-stream",
+        &[("big".into(), big.clone()), ("bin".into(), binary.clone())],
+    ))?;
+    c.sql(
+        0,
+        &format!(
+            "USE edge; {}",
+            create_pipeline_sql("edge_pipeline", "edge-stream", 1)
+        ),
+    )?;
+    // TEST PIPELINE extracts without loading.
+    let tested = c
+        .sql(0, "USE edge; TEST PIPELINE edge_pipeline LIMIT 1")?
+        .rows;
+    assert_eq!(tested.len(), 1);
+    assert_eq!(tested[0][0], "kinesis-topic");
+    assert_eq!(count(&c, 0, "edge", "edge_pipeline"), Some(0));
+    c.sql(
+        0,
+        "USE edge; ALTER PIPELINE edge_pipeline SET MAX_RETRIES_PER_BATCH_PARTITION 1",
+    )?;
+    c.sql(0, "USE edge; START PIPELINE edge_pipeline")?;
+    wait_for("2 rows", START, || {
+        (count(&c, 0, "edge", "edge_pipeline")? == 2).then_some(())
+    })?;
+    assert_exactly_once(&c, 0, "edge", "edge_pipeline", &put)?;
+    let sizes = c
+        .sql(0, "USE edge; SELECT JSON_EXTRACT_STRING(id, 'partitionKey') AS k, LENGTH(FROM_BASE64(JSON_EXTRACT_STRING(record, 'data'))) AS n, TO_BASE64(FROM_BASE64(JSON_EXTRACT_STRING(record, 'data'))) = JSON_EXTRACT_STRING(record, 'data') AS same FROM edge_pipeline ORDER BY k")?
+        .rows;
+    assert_eq!(sizes[0][0], "big");
+    assert_eq!(sizes[0][1], big.len().to_string());
+    assert_eq!(sizes[1][0], "bin");
+    assert_eq!(sizes[1][1], "256");
+    // Kinesis goes away: retries, then Error with the reason in PIPELINES_ERRORS.
+    drop(moto);
+    wait_for("the pipeline in Error", Duration::from_secs(60), || {
+        let rows = c.sql(0, "SELECT STATE FROM information_schema.PIPELINES WHERE PIPELINE_NAME = 'edge_pipeline'").ok()?.rows;
+        (rows == vec![vec!["Error".to_string()]]).then_some(())
+    })?;
+    let errors = c.sql(0, "SELECT ERROR_TYPE, ERROR_MESSAGE FROM information_schema.PIPELINES_ERRORS WHERE PIPELINE_NAME = 'edge_pipeline'")?.rows;
+    assert!(!errors.is_empty());
+    assert!(
+        errors.iter().all(|e| e[1].starts_with("LEAF ERROR (")),
+        "{errors:?}"
+    );
+    assert!(
+        errors.iter().any(|e| e[1].contains("edge-stream")),
+        "{errors:?}"
+    );
+    assert!(c.aggregators[0].is_running() && c.leaves[0].is_running());
+    c.sql(0, "USE edge; CLEAR PIPELINE ERRORS")?;
+    assert!(c
+        .sql(0, "SELECT * FROM information_schema.PIPELINES_ERRORS")?
+        .rows
+        .is_empty());
+    Ok(())
+}
+
+#[test]
+fn datagen_in_the_foreground_loads_every_record_once() -> Result<()> {
+    let mut c = Cluster::start(ClusterSpec::default())?;
+    let m = c.wait_for_master(START)?;
+    c.wait_for_leaves_online(m, 2, START)?;
+    setup(&c, m, "gen")?;
+    let per_task = 5000;
+    c.sql(
+        m,
+        &format!(
+            "USE gen; CREATE INFERRED PIPELINE dg AS LOAD DATA KAFKACONNECT 'datagen' CONFIG '{{\"connector.class\":\"io.shardline.connect.datagen.DatagenSourceConnector\",\"datagen.rate\":0,\"datagen.records\":{per_task},\"tasks.max\":2}}' FORMAT AVRO"
+        ),
+    )?;
+    c.sql(m, "SET GLOBAL pipelines_extractor_batch_size = 2000")?;
+    let started = Instant::now();
+    c.sql(m, "USE gen; START PIPELINE dg FOREGROUND")?;
+    let elapsed = started.elapsed();
+    let rows = count(&c, m, "gen", "dg").unwrap_or(0);
+    println!("datagen: {rows} rows in {elapsed:?} (foreground, incl. idle detection)");
+    assert_eq!(rows, 2 * per_task);
+    let distinct =
+        c.sql(m, "SELECT COUNT(DISTINCT record) FROM gen.dg")?.rows[0][0].parse::<usize>()?;
+    assert_eq!(distinct, 2 * per_task);
+    let state = c
+        .sql(
+            m,
+            "SELECT STATE FROM information_schema.PIPELINES WHERE PIPELINE_NAME = 'dg'",
+        )?
+        .rows;
+    assert_eq!(
+        state,
+        vec![vec!["Stopped".to_string()]],
+        "FOREGROUND stops the pipeline when done"
+    );
+    let offsets = c.sql(m, "SELECT `KEY`, `VALUE` FROM information_schema.PIPELINES_SOURCE_OFFSETS WHERE PIPELINE_NAME = 'dg' ORDER BY `KEY`")?.rows;
+    let last = (per_task - 1).to_string();
+    assert_eq!(
+        offsets,
+        vec![
+            vec![r#"{"task":0}"#.to_string(), format!(r#"{{"seq":{last}}}"#)],
+            vec![r#"{"task":1}"#.to_string(), format!(r#"{{"seq":{last}}}"#)],
+        ]
+    );
+    Ok(())
+}
