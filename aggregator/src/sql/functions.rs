@@ -272,11 +272,17 @@ impl ScalarUDFImpl for ByteLength {
         let lengths: Int64Array = match col.data_type() {
             DataType::Binary | DataType::LargeBinary | DataType::BinaryView => {
                 let b = cast(&col, &DataType::Binary)?;
-                b.as_binary::<i32>().iter().map(|v| v.map(|b| b.len() as i64)).collect()
+                b.as_binary::<i32>()
+                    .iter()
+                    .map(|v| v.map(|b| b.len() as i64))
+                    .collect()
             }
             _ => {
                 let s = cast(&col, &DataType::Utf8)?;
-                s.as_string::<i32>().iter().map(|v| v.map(|s| s.len() as i64)).collect()
+                s.as_string::<i32>()
+                    .iter()
+                    .map(|v| v.map(|s| s.len() as i64))
+                    .collect()
             }
         };
         Ok(ColumnarValue::Array(Arc::new(lengths)))

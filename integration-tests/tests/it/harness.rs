@@ -366,13 +366,15 @@ impl Drop for Cluster {
     }
 }
 
-/// A moto_server (Kinesis emulator) process on a free loopback port.
+/// A Kinesis emulator process on a free loopback port: moto_server (the independent peer)
+/// or our kinesis-sim.
 pub struct Moto {
     pub endpoint: String,
     child: Child,
 }
 
 impl Moto {
+    /// moto_server from the project's venv.
     pub fn start() -> Result<Self> {
         let program = std::env::var("SHARDLINE_MOTO")
             .map(PathBuf::from)
@@ -385,16 +387,33 @@ impl Moto {
             program.display()
         );
         let port = free_port();
-        let child = Command::new(program)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        Self::spawn(
+            Command::new(program).args(["-H", "127.0.0.1", "-p", &port.to_string()]),
+            port,
+        )
+    }
+
+    /// Our simulator, with extra flags (limits are on by default).
+    pub fn sim(args: &[&str]) -> Result<Self> {
+        let port = free_port();
+        let mut cmd = Command::new(binary("kinesis-sim"));
+        cmd.args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(args);
+        Self::spawn(&mut cmd, port)
+    }
+
+    fn spawn(cmd: &mut Command, port: u16) -> Result<Self> {
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
         let endpoint = format!("http://127.0.0.1:{port}");
-        wait_for("moto_server to listen", Duration::from_secs(30), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-        })?;
+        wait_for(
+            "the Kinesis emulator to listen",
+            Duration::from_secs(30),
+            || std::net::TcpStream::connect(("127.0.0.1", port)).ok(),
+        )?;
         Ok(Self { endpoint, child })
     }
 

@@ -557,7 +557,9 @@ fn exactly_once_while_leaves_and_the_master_are_killed() -> Result<()> {
 
 #[test]
 fn resharding_mid_stream_loses_and_doubles_nothing() -> Result<()> {
-    let moto = Moto::start()?;
+    // moto routes writes to a closed parent shard (real Kinesis never does), so resharding
+    // runs against our simulator, with AWS's limits on.
+    let moto = Moto::sim(&[])?;
     let rt = runtime();
     let kinesis = moto.client();
     let mut c = Cluster::start(ClusterSpec {
@@ -812,5 +814,54 @@ fn datagen_in_the_foreground_loads_every_record_once() -> Result<()> {
             vec![r#"{"task":1}"#.to_string(), format!(r#"{{"seq":{last}}}"#)],
         ]
     );
+    Ok(())
+}
+
+#[test]
+fn throttling_and_expiring_iterators_lose_nothing_and_stay_running() -> Result<()> {
+    let sim = Moto::sim(&["--throttle-rate", "0.3", "--iterator-ttl-ms", "1500"])?;
+    let rt = runtime();
+    let kinesis = sim.client();
+    let mut c = Cluster::start(ClusterSpec {
+        aggregators: 1,
+        leaves: 2,
+        leaf_env: sim.leaf_env(),
+        ..Default::default()
+    })?;
+    c.wait_for_master(START)?;
+    c.wait_for_leaves_online(0, 2, START)?;
+    setup(&c, 0, "throttle")?;
+    rt.block_on(create_stream(&kinesis, "throttled", 3))?;
+    c.sql(
+        0,
+        &format!(
+            "USE throttle; {}",
+            create_pipeline_sql("throttled_pipeline", "throttled", 3)
+        ),
+    )?;
+    c.sql(0, "USE throttle; START PIPELINE throttled_pipeline")?;
+    let mut put = Vec::new();
+    for round in 0..5 {
+        let recs: Vec<(String, Vec<u8>)> = (0..200)
+            .map(|i| {
+                (
+                    format!("k-{}", rand::random::<u32>()),
+                    format!(r#"{{"r":{round},"i":{i}}}"#).into_bytes(),
+                )
+            })
+            .collect();
+        put.extend(rt.block_on(put_records(&kinesis, "throttled", &recs))?);
+        // Idle gaps longer than the iterator lifetime.
+        std::thread::sleep(Duration::from_millis(1800));
+    }
+    wait_for(
+        &format!("{} rows", put.len()),
+        Duration::from_secs(60),
+        || (count(&c, 0, "throttle", "throttled_pipeline")? >= put.len()).then_some(()),
+    )?;
+    std::thread::sleep(Duration::from_secs(1));
+    assert_exactly_once(&c, 0, "throttle", "throttled_pipeline", &put)?;
+    let state = c.sql(0, "SELECT STATE FROM information_schema.PIPELINES WHERE PIPELINE_NAME = 'throttled_pipeline'")?.rows;
+    assert_eq!(state, vec![vec!["Running".to_string()]]);
     Ok(())
 }
