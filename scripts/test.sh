@@ -9,8 +9,9 @@ cd "$REPO_ROOT"
 bash scripts/setup.sh
 echo "== cargo build (debug: binaries and tests)"
 cargo build --workspace --bins --tests --locked
-echo "== cargo fmt --check"
+echo "== cargo fmt --check, clippy"
 cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test (unit tests, then the real-process tests three at a time on this 2-core box)"
 cargo test --workspace --locked --exclude integration-tests
 cargo test -p integration-tests --locked -- --test-threads 3

@@ -12,23 +12,30 @@ if ! command -v mariadb >/dev/null 2>&1; then
 fi
 if [ -z "$BIN_DIR" ]; then
   echo "== building aggregator and leaf ($PROFILE)"
-  (cd "$REPO_ROOT" && cargo build --profile "$PROFILE" -p aggregator -p leaf --bins)
+  (cd "$REPO_ROOT" && cargo build --profile "$PROFILE" -p aggregator -p leaf -p kinesis-sim --bins)
   dir="$PROFILE"; [ "$PROFILE" = dev ] && dir=debug
   BIN_DIR="$REPO_ROOT/target/$dir"
 fi
 mkdir -p "$PID_DIR" "$LOG_DIR"
 
-# Kinesis: moto_server from the project's venv unless KINESIS_ENDPOINT points elsewhere.
-# Leaves reach it through the standard AWS variables, so the spec's CONFIG works verbatim.
+# Kinesis: our simulator (KINESIS_EMULATOR=sim, the default) or moto_server from the project's
+# venv (KINESIS_EMULATOR=moto), unless KINESIS_ENDPOINT points elsewhere. Leaves reach it through
+# the standard AWS variables, so the spec's CONFIG works verbatim.
 if [ -z "$KINESIS_ENDPOINT" ]; then
-  if [ ! -x "$VENV/bin/moto_server" ]; then
-    echo "up.sh: $VENV/bin/moto_server not found; run scripts/setup.sh (or set KINESIS_ENDPOINT)" >&2
-    exit 1
-  fi
   if ! pid_alive "$PID_DIR/kinesis.pid"; then
-    nohup "$VENV/bin/moto_server" -H 127.0.0.1 -p "$KINESIS_PORT" >>"$LOG_DIR/kinesis.log" 2>&1 &
+    case "$KINESIS_EMULATOR" in
+      sim) emulator=("$BIN_DIR/kinesis-sim" --listen "127.0.0.1:$KINESIS_PORT") ;;
+      moto)
+        if [ ! -x "$VENV/bin/moto_server" ]; then
+          echo "up.sh: $VENV/bin/moto_server not found; run scripts/setup.sh" >&2
+          exit 1
+        fi
+        emulator=("$VENV/bin/moto_server" -H 127.0.0.1 -p "$KINESIS_PORT") ;;
+      *) echo "up.sh: KINESIS_EMULATOR must be sim or moto, not '$KINESIS_EMULATOR'" >&2; exit 1 ;;
+    esac
+    nohup "${emulator[@]}" >>"$LOG_DIR/kinesis.log" 2>&1 &
     echo $! >"$PID_DIR/kinesis.pid"
-    echo "   kinesis emulator (moto_server) started on 127.0.0.1:$KINESIS_PORT (pid $!)"
+    echo "   kinesis emulator ($KINESIS_EMULATOR) started on 127.0.0.1:$KINESIS_PORT (pid $!)"
   fi
   KINESIS_ENDPOINT="http://127.0.0.1:$KINESIS_PORT"
   for _ in $(seq 1 100); do

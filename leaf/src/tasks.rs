@@ -158,7 +158,6 @@ async fn resolve(
         };
         match client
             .call(|mut c| {
-                let req = req.clone();
                 async move { c.resolve_batch(req).await }
             })
             .await

@@ -148,10 +148,13 @@ fn mem_table(
     Ok(Arc::new(MemTable::try_new(schema, vec![vec![b]])?))
 }
 
+/// A table provider and the name it is registered under.
+type NamedTable = (&'static str, Arc<dyn TableProvider>);
+
 /// The `information_schema` tables, from a catalog snapshot.
 fn information_schema(
     c: &Catalog,
-) -> Result<Vec<(&'static str, Arc<dyn TableProvider>)>, DataFusionError> {
+) -> Result<Vec<NamedTable>, DataFusionError> {
     let mut pipelines = Vec::new();
     let mut offsets = Vec::new();
     let mut batches = Vec::new();
