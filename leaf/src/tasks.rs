@@ -157,9 +157,7 @@ async fn resolve(
             seq: key.seq,
         };
         match client
-            .call(|mut c| {
-                async move { c.resolve_batch(req).await }
-            })
+            .call(|mut c| async move { c.resolve_batch(req).await })
             .await
         {
             Ok(r) => {

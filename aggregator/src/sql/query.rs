@@ -152,9 +152,7 @@ fn mem_table(
 type NamedTable = (&'static str, Arc<dyn TableProvider>);
 
 /// The `information_schema` tables, from a catalog snapshot.
-fn information_schema(
-    c: &Catalog,
-) -> Result<Vec<NamedTable>, DataFusionError> {
+fn information_schema(c: &Catalog) -> Result<Vec<NamedTable>, DataFusionError> {
     let mut pipelines = Vec::new();
     let mut offsets = Vec::new();
     let mut batches = Vec::new();
