@@ -491,10 +491,6 @@ fn chaos(moto: Moto, total: usize) -> Result<()> {
     )?;
     c.sql(m, "USE chaos; START PIPELINE chaos_pipeline")?;
 
-    let total: usize = std::env::var("SHARDLINE_CHAOS_RECORDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(4000);
     let producer = {
         let kinesis = kinesis.clone();
         rt.spawn(async move {
