@@ -53,6 +53,8 @@ pub enum Error {
     OffsetConflict { pipeline: String, key: String },
     #[error("Table '{database}.{name}' already exists")]
     TableExists { database: String, name: String },
+    #[error("Duplicate column name '{name}'")]
+    DuplicateColumn { name: String },
     #[error("Table '{database}.{name}' doesn't exist")]
     TableNotFound { database: String, name: String },
     #[error("Kafka Connect pipelines are disabled; enable them with SET GLOBAL experimental_features_config = \"kafka_connect_enabled=true\"")]

@@ -3,13 +3,17 @@
 //! - [`ids`]: newtype ids (`LeafId`, `NodeId`).
 //! - [`catalog`]: the Raft state machine — everything a restart must not lose.
 //! - [`connect`]: the connector API (Kafka Connect shaped), Avro, Kinesis and datagen.
+//! - [`json`]: SingleStore's JSON/base64 function semantics;
+//! - [`expr`]: computed-column expressions, evaluated where rows are written;
 //! - [`variables`]: engine variables, their defaults and validation.
 //! - [`error`]: the catalog error type.
 
 pub mod catalog;
 pub mod connect;
 pub mod error;
+pub mod expr;
 pub mod ids;
+pub mod json;
 pub mod variables;
 
 pub use error::{Error, Result};

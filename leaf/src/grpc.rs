@@ -59,11 +59,45 @@ impl proto::leaf_server::Leaf for LeafServiceImpl {
         request: Request<proto::ScanRequest>,
     ) -> Result<Response<proto::ScanResponse>, Status> {
         let req = request.into_inner();
-        let rows_json = self
+        let mut rows_json = self
             .store
             .scan(&req.database, &req.table)
             .map_err(|e| Status::internal(e.to_string()))?;
+        if !req.columns_json.is_empty() {
+            let (columns, compiled) =
+                crate::tasks::table_columns(&req.columns_json).map_err(Status::invalid_argument)?;
+            for row in rows_json.iter_mut() {
+                let mut values: Vec<serde_json::Value> = serde_json::from_str(row)
+                    .map_err(|e| Status::internal(format!("bad stored row: {e}")))?;
+                if values.len() < columns.len() {
+                    common::expr::complete_row(&mut values, &columns, &compiled);
+                    *row = serde_json::Value::Array(values).to_string();
+                }
+            }
+        }
         Ok(Response::new(proto::ScanResponse { rows_json }))
+    }
+
+    async fn backfill(
+        &self,
+        request: Request<proto::BackfillRequest>,
+    ) -> Result<Response<proto::BackfillResponse>, Status> {
+        let req = request.into_inner();
+        let (columns, compiled) =
+            crate::tasks::table_columns(&req.columns_json).map_err(Status::invalid_argument)?;
+        let store = self.store.clone();
+        let rows_updated = tokio::task::spawn_blocking(move || {
+            store.backfill(
+                &req.database,
+                &req.table,
+                |row| common::expr::complete_row(row, &columns, &compiled),
+                columns.len(),
+            )
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(proto::BackfillResponse { rows_updated }))
     }
 
     async fn test_pipeline(

@@ -181,6 +181,43 @@ impl Store {
             .collect()
     }
 
+    /// Rewrites the rows of a table that lack columns added since they were written, with
+    /// `complete` filling them in. Returns how many rows changed.
+    pub fn backfill(
+        &self,
+        database: &str,
+        table: &str,
+        complete: impl Fn(&mut Vec<serde_json::Value>),
+        width: usize,
+    ) -> Result<u64> {
+        let name = table_tree(database, table);
+        if !self
+            .db
+            .tree_names()
+            .iter()
+            .any(|n| n.as_ref() == name.as_bytes())
+        {
+            return Ok(0);
+        }
+        let tree = self.db.open_tree(name)?;
+        let mut n = 0;
+        for item in tree.iter() {
+            let (k, v) = item?;
+            let mut row: Vec<serde_json::Value> =
+                serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            if row.len() >= width {
+                continue;
+            }
+            complete(&mut row);
+            let new = serde_json::to_vec(&row).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            // Only replace what we read: a concurrent writer's version wins.
+            if tree.compare_and_swap(&k, Some(v), Some(new))?.is_ok() {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     pub async fn flush(&self) -> Result<()> {
         self.db.flush_async().await?;
         Ok(())

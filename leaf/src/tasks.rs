@@ -20,6 +20,22 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// A table's columns and their compiled computed expressions, from the catalog's JSON.
+pub fn table_columns(
+    json: &str,
+) -> Result<
+    (
+        Vec<common::catalog::tables::TableColumn>,
+        Vec<Option<common::expr::Expr>>,
+    ),
+    String,
+> {
+    let columns: Vec<common::catalog::tables::TableColumn> =
+        serde_json::from_str(json).map_err(|e| format!("bad table columns: {e}"))?;
+    let compiled = common::expr::compile_table(&columns)?;
+    Ok((columns, compiled))
+}
+
 /// Parses the `offsets_json` of an assignment.
 pub fn parse_offsets(json: &str, start_override: &str) -> CommittedOffsets {
     let mut out = CommittedOffsets {
@@ -339,6 +355,12 @@ impl Runner {
                     a.database
                 )));
             }
+            // The loader: static columns from the record, computed ones evaluated here.
+            let (columns, compiled) = if a.columns_json.is_empty() {
+                (vec![], vec![])
+            } else {
+                table_columns(&a.columns_json).map_err(RunError::Failed)?
+            };
             let mut used = std::collections::BTreeSet::new();
             let rows: Vec<(u32, String)> = rows
                 .into_iter()
@@ -346,7 +368,9 @@ impl Runner {
                     let p = a.partitions[next_partition % a.partitions.len()];
                     next_partition += 1;
                     used.insert(p);
-                    (p, serde_json::json!([r.topic, r.id, r.record]).to_string())
+                    let values =
+                        common::expr::build_row(r.topic, r.id, r.record, &columns, &compiled);
+                    (p, Json::Array(values).to_string())
                 })
                 .collect();
             // Offsets: per source partition, from the committed offset to the last record.

@@ -125,6 +125,10 @@ pub fn assignments(catalog: &Catalog, leaf: LeafId) -> Vec<proto::TaskAssignment
             .map(|(k, o)| (k.clone(), json!({"value": o.value, "finished": o.finished})))
             .collect();
         let offsets_json = canonical_json(&serde_json::Value::Object(offsets));
+        let columns_json = catalog
+            .table(&p.database, &p.table)
+            .and_then(|t| serde_json::to_string(&t.columns).ok())
+            .unwrap_or_default();
         for t in p
             .tasks
             .iter()
@@ -154,6 +158,7 @@ pub fn assignments(catalog: &Catalog, leaf: LeafId) -> Vec<proto::TaskAssignment
                     catalog.variable_u32("pipelines_max_retries_per_batch_partition")
                 }),
                 partitions: partitions.clone(),
+                columns_json: columns_json.clone(),
             });
         }
     }

@@ -9,6 +9,7 @@
 //! as UTF-8, and invalid UTF-8 is invalid JSON.
 
 use base64::Engine as _;
+use common::json::{extract, from_base64, Extracted, JsonKind};
 use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, BinaryArray, Float64Array, Int64Array, StringArray,
 };
@@ -18,68 +19,7 @@ use datafusion::error::Result;
 use datafusion::logical_expr::{
     ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
 };
-use serde_json::Value as Json;
 use std::sync::Arc;
-
-/// What a `JSON_EXTRACT_*` returns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum JsonKind {
-    String,
-    BigInt,
-    Double,
-    Json,
-}
-
-/// Follows a path of keys / indexes. `None` when missing.
-pub fn json_path<'a>(mut v: &'a Json, path: &[&str]) -> Option<&'a Json> {
-    for key in path {
-        v = match v {
-            Json::Object(m) => m.get(*key)?,
-            Json::Array(a) => a.get(key.trim().parse::<usize>().ok()?)?,
-            _ => return None,
-        };
-    }
-    Some(v)
-}
-
-/// The scalar semantics, on one row.
-pub fn extract(json: &str, path: &[&str], kind: JsonKind) -> Option<Extracted> {
-    let doc: Json = serde_json::from_str(json).ok()?;
-    let v = json_path(&doc, path)?;
-    if v.is_null() {
-        return None;
-    }
-    Some(match kind {
-        JsonKind::String => Extracted::Text(match v {
-            Json::String(s) => s.clone(),
-            other => other.to_string(),
-        }),
-        JsonKind::Json => Extracted::Text(v.to_string()),
-        JsonKind::BigInt => Extracted::Int(match v {
-            Json::Bool(b) => i64::from(*b),
-            Json::Number(n) => n
-                .as_i64()
-                .or_else(|| n.as_f64().map(|f| f.round() as i64))
-                .unwrap_or(0),
-            Json::String(_) => 0,
-            _ => return None,
-        }),
-        JsonKind::Double => Extracted::Double(match v {
-            Json::Bool(b) => f64::from(u8::from(*b)),
-            Json::Number(n) => n.as_f64().unwrap_or(0.0),
-            Json::String(_) => 0.0,
-            _ => return None,
-        }),
-    })
-}
-
-/// One extracted value.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Extracted {
-    Text(String),
-    Int(i64),
-    Double(f64),
-}
 
 /// Any string or binary array as UTF-8 strings (invalid UTF-8 becomes NULL).
 fn as_utf8(col: &ArrayRef) -> Result<Vec<Option<String>>> {
@@ -179,12 +119,6 @@ impl ScalarUDFImpl for JsonExtract {
 struct Base64 {
     decode: bool,
     signature: Signature,
-}
-
-/// `FROM_BASE64`: NULL on NULL or invalid input (whitespace is ignored).
-pub fn from_base64(s: &str) -> Option<Vec<u8>> {
-    let clean: String = s.chars().filter(|c| !c.is_whitespace()).collect();
-    base64::engine::general_purpose::STANDARD.decode(clean).ok()
 }
 
 impl ScalarUDFImpl for Base64 {

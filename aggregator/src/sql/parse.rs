@@ -104,6 +104,13 @@ pub enum Stmt {
         name: String,
         if_exists: bool,
     },
+    /// `ALTER TABLE t ADD [COLUMN] c [AS <expr> PERSISTED] <type>`.
+    AddColumn {
+        table: String,
+        name: String,
+        data_type: sqlparser::ast::DataType,
+        computed: Option<String>,
+    },
 }
 
 /// `CREATE [OR REPLACE] [INFERRED] PIPELINE ... AS LOAD DATA KAFKACONNECT ...`.
@@ -374,6 +381,31 @@ fn parse_stmt(p: &mut Parser, sql: &str) -> Parsed {
     if eat(p, "ALTER") {
         if eat(p, "PIPELINE") {
             return parse_alter_pipeline(p).map(Ok);
+        }
+        if eat(p, "TABLE") {
+            let table = p.parse_identifier()?.value;
+            expect(p, "ADD")?;
+            let _ = eat(p, "COLUMN");
+            let name = p.parse_identifier()?.value;
+            if eat(p, "AS") {
+                let expr = p.parse_expr()?;
+                expect(p, "PERSISTED")?;
+                let data_type = p.parse_data_type()?;
+                return Ok(Ok(Stmt::AddColumn {
+                    table,
+                    name,
+                    data_type,
+                    computed: Some(expr.to_string()),
+                }));
+            }
+            let data_type = p.parse_data_type()?;
+            let _ = eat(p, "NULL");
+            return Ok(Ok(Stmt::AddColumn {
+                table,
+                name,
+                data_type,
+                computed: None,
+            }));
         }
         return unsupported_or_error(sql);
     }

@@ -348,6 +348,37 @@ impl SqlEngine {
                 .await?;
                 Ok(QueryOutput::ok())
             }
+            Stmt::AddColumn {
+                table,
+                name,
+                data_type,
+                computed,
+            } => {
+                let db = self.database(session)?;
+                let existing = self
+                    .raft()
+                    .read_catalog(|c| c.table(&db, &table).cloned())
+                    .ok_or_else(|| {
+                        SqlError::new(1146, format!("Table '{db}.{table}' doesn't exist"))
+                    })?;
+                if let Some(sql) = &computed {
+                    common::expr::compile(sql, &existing.columns).map_err(bad_args)?;
+                }
+                let column = TableColumn {
+                    name,
+                    ty: column_type(&data_type)?,
+                    nullable: true,
+                    computed,
+                };
+                self.propose(Command::AddColumn {
+                    database: db.clone(),
+                    table: table.clone(),
+                    column,
+                })
+                .await?;
+                self.backfill(&db, &table).await;
+                Ok(QueryOutput::ok())
+            }
             Stmt::DropTable { name, if_exists } => {
                 let db = self.database(session)?;
                 self.propose(Command::DropTable {
@@ -360,6 +391,33 @@ impl SqlEngine {
             }
             other => Err(SqlError::unsupported(format!("{other:?}"))),
         }
+    }
+
+    /// Asks every leaf holding the table to compute and store its new columns. Best effort:
+    /// a leaf that misses it fills them when its rows are scanned.
+    async fn backfill(&self, db: &str, table: &str) {
+        let (leaves, columns) = self.raft().read_catalog(|c| {
+            (
+                leaf_client::online_leaves(c, Some(db)),
+                c.table(db, table)
+                    .and_then(|t| serde_json::to_string(&t.columns).ok())
+                    .unwrap_or_default(),
+            )
+        });
+        let calls = leaves.iter().map(|addr| {
+            let req = proto::BackfillRequest { database: db.into(), table: table.into(), columns_json: columns.clone() };
+            async move {
+                match leaf_client::client(addr, Duration::from_secs(300)) {
+                    Ok(mut c) => {
+                        if let Err(s) = c.backfill(req).await {
+                            tracing::warn!(leaf = %addr, "backfill failed (rows are filled at scan time): {}", s.message());
+                        }
+                    }
+                    Err(e) => tracing::warn!("{e}"),
+                }
+            }
+        });
+        futures::future::join_all(calls).await;
     }
 
     async fn create_pipeline(

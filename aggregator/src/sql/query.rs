@@ -379,6 +379,8 @@ struct ClusterTable {
     database: String,
     table: String,
     schema: SchemaRef,
+    /// The catalog's columns (JSON), so leaves can fill computed columns.
+    columns_json: String,
     /// (leaf address, online, partitions on it).
     leaves: Vec<(String, bool, Vec<u32>)>,
 }
@@ -411,6 +413,7 @@ impl TableProvider for ClusterTable {
             let req = proto::ScanRequest {
                 database: self.database.clone(),
                 table: self.table.clone(),
+                columns_json: self.columns_json.clone(),
             };
             async move {
                 let mut c = leaf_client::client(&addr, Duration::from_secs(60))
@@ -542,6 +545,7 @@ pub async fn run(
                     database: db.name.clone(),
                     table: t.name.clone(),
                     schema: table_schema(t),
+                    columns_json: serde_json::to_string(&t.columns).unwrap_or_default(),
                     leaves: leaves.values().cloned().collect(),
                 });
                 (t.name.clone(), provider)

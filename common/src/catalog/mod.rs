@@ -109,6 +109,12 @@ pub enum Command {
         name: String,
         if_exists: bool,
     },
+    /// `ALTER TABLE t ADD COLUMN c ...` (computed columns are filled on the leaves).
+    AddColumn {
+        database: String,
+        table: String,
+        column: tables::TableColumn,
+    },
     CreatePipeline {
         def: PipelineDef,
         or_replace: bool,
@@ -344,6 +350,22 @@ impl Catalog {
                     None if if_exists => Ok(Output::Unchanged),
                     None => Err(Error::TableNotFound { database, name }),
                 }
+            }
+            Command::AddColumn {
+                database,
+                table,
+                column,
+            } => {
+                let db = self.database_mut(&database)?;
+                let t = db.tables.get_mut(&table).ok_or(Error::TableNotFound {
+                    database: database.clone(),
+                    name: table.clone(),
+                })?;
+                if t.column(&column.name).is_some() {
+                    return Err(Error::DuplicateColumn { name: column.name });
+                }
+                t.columns.push(column);
+                Ok(Output::Done)
             }
             Command::CreatePipeline {
                 def,

@@ -877,3 +877,107 @@ fn throttling_and_expiring_iterators_lose_nothing_and_stay_running() -> Result<(
     assert_eq!(state, vec![vec!["Running".to_string()]]);
     Ok(())
 }
+
+#[test]
+fn the_spec_computed_columns_work_for_old_and_new_rows_while_running() -> Result<()> {
+    let sim = Moto::sim(&[])?;
+    let rt = runtime();
+    let kinesis = sim.client();
+    let mut c = Cluster::start(ClusterSpec {
+        leaf_env: sim.leaf_env(),
+        ..Default::default()
+    })?;
+    let m = c.wait_for_master(START)?;
+    c.wait_for_leaves_online(m, 2, START)?;
+    setup(&c, m, "cc")?;
+    rt.block_on(create_stream(&kinesis, "kinesis-data-stream", 1))?;
+    let spec: Vec<(String, Vec<u8>)> = [
+        (1, "first", "user-a"),
+        (2, "second", "user-b"),
+        (3, "third", "user-a"),
+        (4, "fourth", "user-c"),
+        (5, "fifth", "user-b"),
+    ]
+    .iter()
+    .map(|(seq, msg, key)| {
+        (
+            key.to_string(),
+            format!(r#"{{"seq":{seq},"msg":"{msg}"}}"#).into_bytes(),
+        )
+    })
+    .collect();
+    let mut put = rt.block_on(put_records(&kinesis, "kinesis-data-stream", &spec[..3]))?;
+    c.sql(
+        m,
+        &format!(
+            "USE cc; {}",
+            create_pipeline_sql("kinesis_pipeline", "kinesis-data-stream", 4)
+        ),
+    )?;
+    c.sql(m, "USE cc; START PIPELINE kinesis_pipeline")?;
+    wait_for("3 rows", START, || {
+        (count(&c, m, "cc", "kinesis_pipeline")? == 3).then_some(())
+    })?;
+    // The spec's three ALTERs, verbatim, while the pipeline runs.
+    c.sql(
+        m,
+        "USE cc;
+ALTER TABLE kinesis_pipeline ADD COLUMN partition_key
+  AS JSON_EXTRACT_STRING(record, 'partitionKey') PERSISTED VARCHAR(128);
+
+ALTER TABLE kinesis_pipeline ADD COLUMN seq
+  AS JSON_EXTRACT_BIGINT(
+    FROM_BASE64(JSON_EXTRACT_STRING(record, 'data')),
+    'seq'
+  ) PERSISTED BIGINT;
+
+ALTER TABLE kinesis_pipeline ADD COLUMN msg
+  AS JSON_EXTRACT_STRING(
+    FROM_BASE64(JSON_EXTRACT_STRING(record, 'data')),
+    'msg'
+  ) PERSISTED VARCHAR(512);",
+    )?;
+    put.extend(rt.block_on(put_records(&kinesis, "kinesis-data-stream", &spec[3..]))?);
+    wait_for("5 rows", START, || {
+        (count(&c, m, "cc", "kinesis_pipeline")? == 5).then_some(())
+    })?;
+    let rows = c
+        .sql(
+            (m + 1) % 3,
+            "USE cc; SELECT topic, partition_key, seq, msg, record
+FROM kinesis_pipeline
+WHERE seq > 3
+ORDER BY seq;",
+        )?
+        .rows;
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(rows[0][..4], ["kinesis-topic", "user-c", "4", "fourth"]);
+    assert_eq!(rows[1][..4], ["kinesis-topic", "user-b", "5", "fifth"]);
+    assert!(rows[0][4].contains(r#""data":"eyJzZXEiOjQsIm1zZyI6ImZvdXJ0aCJ9""#));
+    // Computed columns agree with the JSON expression on every row, old and new.
+    let all = c
+        .sql(m, "USE cc; SELECT seq, JSON_EXTRACT_BIGINT(FROM_BASE64(JSON_EXTRACT_STRING(record, 'data')), 'seq'), partition_key, JSON_EXTRACT_STRING(record, 'partitionKey') FROM kinesis_pipeline ORDER BY seq")?
+        .rows;
+    assert_eq!(all.len(), 5);
+    for r in &all {
+        assert_eq!(r[0], r[1]);
+        assert_eq!(r[2], r[3]);
+    }
+    let ddl = c
+        .sql(m, "USE cc; SHOW CREATE TABLE kinesis_pipeline")?
+        .rows
+        .concat()
+        .join("\n");
+    assert!(ddl.contains("`seq` AS JSON_EXTRACT_BIGINT("), "{ddl}");
+    let err = c.sql(m, "USE cc; ALTER TABLE kinesis_pipeline ADD COLUMN seq AS JSON_EXTRACT_STRING(record, 'x') PERSISTED BIGINT").expect_err("duplicate");
+    assert!(err.to_string().contains("Duplicate column"), "{err}");
+    let err = c
+        .sql(
+            m,
+            "USE cc; ALTER TABLE kinesis_pipeline ADD COLUMN z AS NOW() PERSISTED BIGINT",
+        )
+        .expect_err("bad expr");
+    assert!(err.to_string().contains("not supported"), "{err}");
+    assert_exactly_once(&c, m, "cc", "kinesis_pipeline", &put)?;
+    Ok(())
+}
