@@ -53,6 +53,12 @@ pub enum Error {
     OffsetConflict { pipeline: String, key: String },
     #[error("Table '{database}.{name}' already exists")]
     TableExists { database: String, name: String },
+    #[error("Duplicate key name '{name}'")]
+    DuplicateIndex { name: String },
+    #[error("Can't DROP '{name}'; check that column/key exists")]
+    UnknownIndex { name: String },
+    #[error("Key column '{name}' doesn't exist in table")]
+    UnknownColumn { name: String },
     #[error("Duplicate column name '{name}'")]
     DuplicateColumn { name: String },
     #[error("Table '{database}.{name}' doesn't exist")]

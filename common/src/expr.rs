@@ -239,6 +239,48 @@ pub fn build_row(
     row
 }
 
+/// An order-preserving byte encoding of a stored value, for index keys: NULL < numbers <
+/// text; integers and doubles each in numeric order, text bytewise (NUL escaped, terminated).
+pub fn index_key(v: &Json) -> Vec<u8> {
+    match v {
+        Json::Null => vec![0x00],
+        Json::Bool(b) => index_key(&Json::from(i64::from(*b))),
+        Json::Number(n) => match n.as_i64() {
+            Some(i) => {
+                let mut out = vec![0x10];
+                out.extend_from_slice(&((i as u64) ^ (1 << 63)).to_be_bytes());
+                out
+            }
+            None => {
+                let f = n.as_f64().unwrap_or(0.0);
+                let bits = f.to_bits();
+                let ordered = if f.is_sign_negative() {
+                    !bits
+                } else {
+                    bits ^ (1 << 63)
+                };
+                let mut out = vec![0x20];
+                out.extend_from_slice(&ordered.to_be_bytes());
+                out
+            }
+        },
+        Json::String(s) => {
+            let mut out = vec![0x30];
+            for b in s.bytes() {
+                if b == 0 {
+                    out.extend_from_slice(&[0x00, 0xFF]);
+                } else {
+                    out.push(b);
+                }
+            }
+            out.push(0x00);
+            out.push(0x00);
+            out
+        }
+        other => index_key(&Json::String(other.to_string())),
+    }
+}
+
 /// Compiles every computed column of a table (`None` for stored ones).
 pub fn compile_table(columns: &[TableColumn]) -> Result<Vec<Option<Expr>>, String> {
     columns
@@ -257,6 +299,26 @@ pub fn compile_table(columns: &[TableColumn]) -> Result<Vec<Option<Expr>>, Strin
 mod tests {
     use super::*;
     use crate::catalog::tables::Table;
+
+    #[test]
+    fn index_keys_keep_order() {
+        let ints: Vec<Vec<u8>> = [-5i64, -1, 0, 3, 1000]
+            .iter()
+            .map(|i| index_key(&Json::from(*i)))
+            .collect();
+        assert!(ints.windows(2).all(|w| w[0] < w[1]));
+        let texts: Vec<Vec<u8>> = ["", "a", "ab", "b"]
+            .iter()
+            .map(|s| index_key(&Json::from(*s)))
+            .collect();
+        assert!(texts.windows(2).all(|w| w[0] < w[1]));
+        let doubles: Vec<Vec<u8>> = [-2.5f64, -0.5, 0.5, 7.25]
+            .iter()
+            .map(|d| index_key(&Json::from(*d)))
+            .collect();
+        assert!(doubles.windows(2).all(|w| w[0] < w[1]));
+        assert!(index_key(&Json::Null) < ints[0]);
+    }
 
     #[test]
     fn the_spec_computed_columns() {

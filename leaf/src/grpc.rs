@@ -59,10 +59,33 @@ impl proto::leaf_server::Leaf for LeafServiceImpl {
         request: Request<proto::ScanRequest>,
     ) -> Result<Response<proto::ScanResponse>, Status> {
         let req = request.into_inner();
-        let mut rows_json = self
-            .store
-            .scan(&req.database, &req.table)
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let indexed = match &req.index_range {
+            Some(r) => {
+                let parse = |v: &Option<String>,
+                             inclusive: bool|
+                 -> Result<Option<(serde_json::Value, bool)>, Status> {
+                    v.as_deref()
+                        .map(|j| serde_json::from_str(j).map(|v| (v, inclusive)))
+                        .transpose()
+                        .map_err(|e| Status::invalid_argument(format!("bad index bound: {e}")))
+                };
+                let range = crate::store::Range {
+                    lower: parse(&r.lower_json, r.lower_inclusive)?,
+                    upper: parse(&r.upper_json, r.upper_inclusive)?,
+                };
+                self.store
+                    .scan_index(&req.database, &req.table, &r.index, &range)
+                    .map_err(|e| Status::internal(e.to_string()))?
+            }
+            None => None,
+        };
+        let mut rows_json = match indexed {
+            Some(rows) => rows,
+            None => self
+                .store
+                .scan(&req.database, &req.table)
+                .map_err(|e| Status::internal(e.to_string()))?,
+        };
         if !req.columns_json.is_empty() {
             let (columns, compiled) =
                 crate::tasks::table_columns(&req.columns_json).map_err(Status::invalid_argument)?;
@@ -98,6 +121,38 @@ impl proto::leaf_server::Leaf for LeafServiceImpl {
         .map_err(|e| Status::internal(e.to_string()))?
         .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(proto::BackfillResponse { rows_updated }))
+    }
+
+    async fn build_index(
+        &self,
+        request: Request<proto::BuildIndexRequest>,
+    ) -> Result<Response<proto::BuildIndexResponse>, Status> {
+        let r = request.into_inner();
+        let store = self.store.clone();
+        let rows_indexed = tokio::task::spawn_blocking(move || {
+            store.build_index(
+                &r.database,
+                &r.table,
+                &r.index,
+                r.position as usize,
+                &r.columns_json,
+            )
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(proto::BuildIndexResponse { rows_indexed }))
+    }
+
+    async fn drop_index(
+        &self,
+        request: Request<proto::DropIndexRequest>,
+    ) -> Result<Response<proto::DropIndexResponse>, Status> {
+        let r = request.into_inner();
+        self.store
+            .drop_index(&r.database, &r.table, &r.index)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(proto::DropIndexResponse {}))
     }
 
     async fn test_pipeline(

@@ -5,6 +5,9 @@
 //! - tree `staging`: rows of prepared batches, key = batch key + row key;
 //! - tree `prepared`: one marker per prepared batch (which table).
 //!
+//! - tree `indexes`: registered secondary indexes; tree `index/<db>/<table>/<index>`: key =
+//!   order-preserving value encoding + row key, maintained when rows become visible.
+//!
 //! A prepared batch is durable and invisible. Finalizing copies its rows into the table under
 //! the row keys chosen at prepare time, so finalizing twice (after a crash) writes the same
 //! rows again rather than new ones. Aborting deletes the staged rows.
@@ -41,6 +44,23 @@ impl BatchKey {
     }
 }
 
+/// A registered index: which column, and the table's columns to compute it for old rows.
+#[derive(Clone, Serialize, Deserialize)]
+struct IndexDef {
+    database: String,
+    table: String,
+    name: String,
+    position: usize,
+    columns_json: String,
+}
+
+/// Bounds of an index range scan (values as stored JSON).
+#[derive(Debug, Clone)]
+pub struct Range {
+    pub lower: Option<(serde_json::Value, bool)>,
+    pub upper: Option<(serde_json::Value, bool)>,
+}
+
 #[derive(Serialize, Deserialize)]
 struct Marker {
     database: String,
@@ -65,10 +85,38 @@ pub struct Store {
     db: sled::Db,
     staging: sled::Tree,
     prepared: sled::Tree,
+    indexes: sled::Tree,
 }
 
 fn table_tree(database: &str, table: &str) -> String {
     format!("table/{}", serde_json::json!([database, table]))
+}
+
+fn index_tree(database: &str, table: &str, index: &str) -> String {
+    format!("index/{}", serde_json::json!([database, table, index]))
+}
+
+fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+/// The indexed value of a stored row, computing a column the row predates.
+fn indexed_value(
+    row: &[u8],
+    def: &IndexDef,
+    compiled: &(
+        Vec<common::catalog::tables::TableColumn>,
+        Vec<Option<common::expr::Expr>>,
+    ),
+) -> Result<serde_json::Value> {
+    let mut values: Vec<serde_json::Value> = serde_json::from_slice(row).map_err(corrupt)?;
+    if values.len() <= def.position {
+        common::expr::complete_row(&mut values, &compiled.0, &compiled.1);
+    }
+    Ok(values
+        .get(def.position)
+        .cloned()
+        .unwrap_or(serde_json::Value::Null))
 }
 
 impl Store {
@@ -77,6 +125,7 @@ impl Store {
         Ok(Self {
             staging: db.open_tree("staging")?,
             prepared: db.open_tree("prepared")?,
+            indexes: db.open_tree("indexes")?,
             db,
         })
     }
@@ -130,10 +179,160 @@ impl Store {
             staged.remove(sk);
             n += 1;
         }
+        let indexes = self.table_indexes(&marker.database, &marker.table)?;
+        let mut index_batches: Vec<sled::Batch> =
+            indexes.iter().map(|_| sled::Batch::default()).collect();
+        for item in self.staging.scan_prefix(k) {
+            let (sk, v) = item?;
+            let row_key = &sk[k.len()..];
+            for ((def, compiled), batch) in indexes.iter().zip(index_batches.iter_mut()) {
+                let mut key = common::expr::index_key(&indexed_value(&v, def, compiled)?);
+                key.extend_from_slice(row_key);
+                batch.insert(key, &[] as &[u8]);
+            }
+        }
+        // Index entries first: a row is never visible without them.
+        for ((def, _), batch) in indexes.iter().zip(index_batches) {
+            self.db
+                .open_tree(index_tree(&def.database, &def.table, &def.name))?
+                .apply_batch(batch)?;
+        }
         tree.apply_batch(rows)?;
         self.staging.apply_batch(staged)?;
         self.prepared.remove(k)?;
         Ok(n)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn table_indexes(
+        &self,
+        database: &str,
+        table: &str,
+    ) -> Result<
+        Vec<(
+            IndexDef,
+            (
+                Vec<common::catalog::tables::TableColumn>,
+                Vec<Option<common::expr::Expr>>,
+            ),
+        )>,
+    > {
+        let prefix = serde_json::json!([database, table]).to_string();
+        let prefix = &prefix[..prefix.len() - 1];
+        let mut out = Vec::new();
+        for item in self.indexes.scan_prefix(prefix.as_bytes()) {
+            let (_, v) = item?;
+            let def: IndexDef = serde_json::from_slice(&v).map_err(corrupt)?;
+            if def.database != database || def.table != table {
+                continue;
+            }
+            let columns: Vec<common::catalog::tables::TableColumn> =
+                serde_json::from_str(&def.columns_json).map_err(corrupt)?;
+            let compiled = common::expr::compile_table(&columns).map_err(corrupt)?;
+            out.push((def, (columns, compiled)));
+        }
+        Ok(out)
+    }
+
+    /// Registers an index (maintained by every later finalize) and indexes the rows already
+    /// visible. Returns how many rows were indexed.
+    pub fn build_index(
+        &self,
+        database: &str,
+        table: &str,
+        name: &str,
+        position: usize,
+        columns_json: &str,
+    ) -> Result<u64> {
+        let def = IndexDef {
+            database: database.into(),
+            table: table.into(),
+            name: name.into(),
+            position,
+            columns_json: columns_json.into(),
+        };
+        let key = serde_json::json!([database, table, name]).to_string();
+        self.indexes
+            .insert(key.as_bytes(), serde_json::to_vec(&def).map_err(corrupt)?)?;
+        let columns: Vec<common::catalog::tables::TableColumn> =
+            serde_json::from_str(columns_json).map_err(corrupt)?;
+        let compiled = (
+            columns.clone(),
+            common::expr::compile_table(&columns).map_err(corrupt)?,
+        );
+        let index = self.db.open_tree(index_tree(database, table, name))?;
+        let name = table_tree(database, table);
+        if !self
+            .db
+            .tree_names()
+            .iter()
+            .any(|n| n.as_ref() == name.as_bytes())
+        {
+            return Ok(0);
+        }
+        let tree = self.db.open_tree(name)?;
+        let mut n = 0;
+        let mut batch = sled::Batch::default();
+        for item in tree.iter() {
+            let (k, v) = item?;
+            let mut key = common::expr::index_key(&indexed_value(&v, &def, &compiled)?);
+            key.extend_from_slice(&k);
+            batch.insert(key, &[] as &[u8]);
+            n += 1;
+        }
+        index.apply_batch(batch)?;
+        Ok(n)
+    }
+
+    pub fn drop_index(&self, database: &str, table: &str, name: &str) -> Result<()> {
+        let key = serde_json::json!([database, table, name]).to_string();
+        self.indexes.remove(key.as_bytes())?;
+        self.db.drop_tree(index_tree(database, table, name))?;
+        Ok(())
+    }
+
+    /// Committed rows whose indexed value is in `range`, via the index; `None` if this leaf
+    /// has no such index (the caller scans instead).
+    pub fn scan_index(
+        &self,
+        database: &str,
+        table: &str,
+        index: &str,
+        range: &Range,
+    ) -> Result<Option<Vec<String>>> {
+        let key = serde_json::json!([database, table, index]).to_string();
+        if self.indexes.get(key.as_bytes())?.is_none() {
+            return Ok(None);
+        }
+        let tree = self.db.open_tree(table_tree(database, table))?;
+        let idx = self.db.open_tree(index_tree(database, table, index))?;
+        let after = |v: &serde_json::Value| {
+            let mut k = common::expr::index_key(v);
+            k.extend_from_slice(&[0xFF; 13]);
+            k
+        };
+        let lo = match &range.lower {
+            None => vec![],
+            Some((v, true)) => common::expr::index_key(v),
+            Some((v, false)) => after(v),
+        };
+        let hi = match &range.upper {
+            None => vec![0xFF; 16],
+            Some((v, true)) => after(v),
+            Some((v, false)) => common::expr::index_key(v),
+        };
+        if lo >= hi {
+            return Ok(Some(vec![]));
+        }
+        let mut out = Vec::new();
+        for item in idx.range(lo..hi) {
+            let (k, _) = item?;
+            let row_key = &k[k.len().saturating_sub(12)..];
+            if let Some(v) = tree.get(row_key)? {
+                out.push(String::from_utf8(v.to_vec()).map_err(corrupt)?);
+            }
+        }
+        Ok(Some(out))
     }
 
     /// Drops a batch that will never commit.

@@ -104,6 +104,15 @@ pub enum Stmt {
         name: String,
         if_exists: bool,
     },
+    CreateIndex {
+        name: String,
+        table: String,
+        column: String,
+    },
+    DropIndex {
+        name: String,
+        table: String,
+    },
     /// `ALTER TABLE t ADD [COLUMN] c [AS <expr> PERSISTED] <type>`.
     AddColumn {
         table: String,
@@ -423,6 +432,19 @@ fn parse_stmt(p: &mut Parser, sql: &str) -> Parsed {
         if inferred || or_replace {
             return p.expected("PIPELINE", p.peek_token());
         }
+        if eat(p, "INDEX") {
+            let name = p.parse_identifier()?.value;
+            expect(p, "ON")?;
+            let table = p.parse_identifier()?.value;
+            p.expect_token(&Token::LParen)?;
+            let column = p.parse_identifier()?.value;
+            p.expect_token(&Token::RParen)?;
+            return Ok(Ok(Stmt::CreateIndex {
+                name,
+                table,
+                column,
+            }));
+        }
         if word_is(&p.peek_token().token, "TABLE") {
             let parsed = Parser::parse_sql(&MySqlDialect {}, sql)?;
             // The whole text was parsed above: move our parser past it.
@@ -463,6 +485,12 @@ fn parse_stmt(p: &mut Parser, sql: &str) -> Parsed {
             let if_exists = p.parse_keywords(&[Keyword::IF, Keyword::EXISTS]);
             let name = p.parse_identifier()?.value;
             return Ok(Ok(Stmt::DropTable { name, if_exists }));
+        }
+        if eat(p, "INDEX") {
+            let name = p.parse_identifier()?.value;
+            expect(p, "ON")?;
+            let table = p.parse_identifier()?.value;
+            return Ok(Ok(Stmt::DropIndex { name, table }));
         }
         if p.parse_one_of_keywords(&[Keyword::DATABASE, Keyword::SCHEMA])
             .is_some()

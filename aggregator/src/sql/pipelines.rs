@@ -342,6 +342,7 @@ impl SqlEngine {
                         name,
                         columns,
                         created_ms: now_ms(),
+                        indexes: vec![],
                     },
                     if_not_exists: ct.if_not_exists,
                 })
@@ -379,6 +380,58 @@ impl SqlEngine {
                 self.backfill(&db, &table).await;
                 Ok(QueryOutput::ok())
             }
+            Stmt::CreateIndex {
+                name,
+                table,
+                column,
+            } => {
+                let db = self.database(session)?;
+                self.propose(Command::CreateIndex {
+                    database: db.clone(),
+                    table: table.clone(),
+                    index: common::catalog::tables::Index {
+                        name: name.clone(),
+                        column,
+                    },
+                })
+                .await?;
+                if let Err(e) = self.build_index(&db, &table, &name).await {
+                    // Not usable everywhere: take it back rather than answer from half an index.
+                    let _ = self
+                        .propose(Command::DropIndex {
+                            database: db,
+                            table,
+                            name,
+                        })
+                        .await;
+                    return Err(e);
+                }
+                Ok(QueryOutput::ok())
+            }
+            Stmt::DropIndex { name, table } => {
+                let db = self.database(session)?;
+                self.propose(Command::DropIndex {
+                    database: db.clone(),
+                    table: table.clone(),
+                    name: name.clone(),
+                })
+                .await?;
+                let leaves = self
+                    .raft()
+                    .read_catalog(|c| leaf_client::online_leaves(c, Some(&db)));
+                for addr in leaves {
+                    if let Ok(mut c) = leaf_client::client(&addr, Duration::from_secs(60)) {
+                        let _ = c
+                            .drop_index(proto::DropIndexRequest {
+                                database: db.clone(),
+                                table: table.clone(),
+                                index: name.clone(),
+                            })
+                            .await;
+                    }
+                }
+                Ok(QueryOutput::ok())
+            }
             Stmt::DropTable { name, if_exists } => {
                 let db = self.database(session)?;
                 self.propose(Command::DropTable {
@@ -391,6 +444,77 @@ impl SqlEngine {
             }
             other => Err(SqlError::unsupported(format!("{other:?}"))),
         }
+    }
+
+    /// Builds an index on every leaf holding the table; all must succeed.
+    async fn build_index(&self, db: &str, table: &str, index: &str) -> Result<(), SqlError> {
+        let (holders, offline, columns, position) = self.raft().read_catalog(|c| {
+            let holders: Vec<_> = c
+                .databases
+                .get(db)
+                .map(|d| {
+                    let mut ids: Vec<_> = d.partitions.iter().map(|p| p.leaf).collect();
+                    ids.sort();
+                    ids.dedup();
+                    ids.into_iter()
+                        .filter_map(|id| c.leaves.get(&id))
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default();
+            let t = c.table(db, table);
+            let column = t
+                .and_then(|t| t.indexes.iter().find(|i| i.name == index))
+                .map(|i| i.column.clone());
+            let position = t.zip(column).and_then(|(t, col)| {
+                t.columns
+                    .iter()
+                    .position(|c| c.name.eq_ignore_ascii_case(&col))
+            });
+            let offline: Vec<String> = holders
+                .iter()
+                .filter(|l: &&common::catalog::Leaf| !l.online)
+                .map(|l| l.address.clone())
+                .collect();
+            (
+                holders,
+                offline,
+                t.and_then(|t| serde_json::to_string(&t.columns).ok())
+                    .unwrap_or_default(),
+                position,
+            )
+        });
+        if !offline.is_empty() {
+            return Err(SqlError::new(
+                codes::UNKNOWN,
+                format!("cannot build index '{index}': leaves {offline:?} are offline"),
+            ));
+        }
+        let position =
+            position.ok_or_else(|| SqlError::new(codes::UNKNOWN, "index column not found"))?;
+        for leaf in holders {
+            let mut c = leaf_client::client(&leaf.address, Duration::from_secs(600))
+                .map_err(|e| SqlError::new(codes::UNKNOWN, e))?;
+            c.build_index(proto::BuildIndexRequest {
+                database: db.into(),
+                table: table.into(),
+                index: index.into(),
+                position: position as u32,
+                columns_json: columns.clone(),
+            })
+            .await
+            .map_err(|s| {
+                SqlError::new(
+                    codes::UNKNOWN,
+                    format!(
+                        "building index '{index}' on leaf {} failed: {}",
+                        leaf.address,
+                        s.message()
+                    ),
+                )
+            })?;
+        }
+        Ok(())
     }
 
     /// Asks every leaf holding the table to compute and store its new columns. Best effort:

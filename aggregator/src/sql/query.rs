@@ -18,7 +18,7 @@ use datafusion::catalog::{
 use datafusion::datasource::memory::{DataSourceExec, MemorySourceConfig};
 use datafusion::datasource::MemTable;
 use datafusion::error::DataFusionError;
-use datafusion::logical_expr::{Expr, TableType};
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
 use datafusion::scalar::ScalarValue;
@@ -381,6 +381,8 @@ struct ClusterTable {
     schema: SchemaRef,
     /// The catalog's columns (JSON), so leaves can fill computed columns.
     columns_json: String,
+    /// Secondary indexes: (index name, column).
+    indexes: Vec<(String, String)>,
     /// (leaf address, online, partitions on it).
     leaves: Vec<(String, bool, Vec<u32>)>,
 }
@@ -395,11 +397,29 @@ impl TableProvider for ClusterTable {
         TableType::Base
     }
 
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> Result<Vec<TableProviderFilterPushDown>, DataFusionError> {
+        // Filters on indexed columns go to the leaves, which read only matching rows; the
+        // filter is still applied here (Inexact), so a leaf without the index stays correct.
+        Ok(filters
+            .iter()
+            .map(|f| {
+                if self.index_bound(f).is_some() {
+                    TableProviderFilterPushDown::Inexact
+                } else {
+                    TableProviderFilterPushDown::Unsupported
+                }
+            })
+            .collect())
+    }
+
     async fn scan(
         &self,
         _state: &dyn DfSession,
         projection: Option<&Vec<usize>>,
-        _filters: &[Expr],
+        filters: &[Expr],
         limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>, DataFusionError> {
         if let Some((addr, _, parts)) = self.leaves.iter().find(|(_, online, _)| !online) {
@@ -408,12 +428,30 @@ impl TableProvider for ClusterTable {
                 self.database
             )));
         }
+        // One index; every pushed-down bound on it narrows the range (AND of filters).
+        let bounds: Vec<proto::IndexRange> =
+            filters.iter().filter_map(|f| self.index_bound(f)).collect();
+        let index_range = bounds.first().map(|first| {
+            let mut r = first.clone();
+            for b in bounds.iter().skip(1).filter(|b| b.index == first.index) {
+                if r.lower_json.is_none() && b.lower_json.is_some() {
+                    r.lower_json = b.lower_json.clone();
+                    r.lower_inclusive = b.lower_inclusive;
+                }
+                if r.upper_json.is_none() && b.upper_json.is_some() {
+                    r.upper_json = b.upper_json.clone();
+                    r.upper_inclusive = b.upper_inclusive;
+                }
+            }
+            r
+        });
         let calls = self.leaves.iter().map(|(addr, _, _)| {
             let addr = addr.clone();
             let req = proto::ScanRequest {
                 database: self.database.clone(),
                 table: self.table.clone(),
                 columns_json: self.columns_json.clone(),
+                index_range: index_range.clone(),
             };
             async move {
                 let mut c = leaf_client::client(&addr, Duration::from_secs(60))
@@ -455,6 +493,48 @@ impl TableProvider for ClusterTable {
             MemorySourceConfig::try_new(&[vec![b]], self.schema.clone(), projection.cloned())?
                 .with_limit(limit);
         Ok(DataSourceExec::from_data_source(src))
+    }
+}
+
+impl ClusterTable {
+    /// An index range for `column <op> literal` (either side) on an indexed column.
+    fn index_bound(&self, f: &Expr) -> Option<proto::IndexRange> {
+        use datafusion::logical_expr::{BinaryExpr, Operator};
+        let Expr::BinaryExpr(BinaryExpr { left, op, right }) = f else {
+            return None;
+        };
+        let (col, lit, op) = match (left.as_ref(), right.as_ref()) {
+            (Expr::Column(c), Expr::Literal(v, _)) => (c, v, *op),
+            (Expr::Literal(v, _), Expr::Column(c)) => (c, v, op.swap()?),
+            _ => return None,
+        };
+        let (index, _) = self
+            .indexes
+            .iter()
+            .find(|(_, column)| column.eq_ignore_ascii_case(&col.name))?;
+        let field = self.schema.field_with_name(&col.name).ok()?;
+        let value = match (lit, field.data_type()) {
+            (ScalarValue::Int64(Some(v)), DataType::Int64) => serde_json::json!(v),
+            (ScalarValue::Int32(Some(v)), DataType::Int64) => serde_json::json!(v),
+            (ScalarValue::Utf8(Some(v)), DataType::Utf8) => serde_json::json!(v),
+            _ => return None,
+        }
+        .to_string();
+        let (lower, upper) = match op {
+            Operator::Eq => (Some((value.clone(), true)), Some((value, true))),
+            Operator::Gt => (Some((value, false)), None),
+            Operator::GtEq => (Some((value, true)), None),
+            Operator::Lt => (None, Some((value, false))),
+            Operator::LtEq => (None, Some((value, true))),
+            _ => return None,
+        };
+        Some(proto::IndexRange {
+            index: index.clone(),
+            lower_inclusive: lower.as_ref().is_some_and(|l| l.1),
+            lower_json: lower.map(|l| l.0),
+            upper_inclusive: upper.as_ref().is_some_and(|u| u.1),
+            upper_json: upper.map(|u| u.0),
+        })
     }
 }
 
@@ -546,6 +626,11 @@ pub async fn run(
                     table: t.name.clone(),
                     schema: table_schema(t),
                     columns_json: serde_json::to_string(&t.columns).unwrap_or_default(),
+                    indexes: t
+                        .indexes
+                        .iter()
+                        .map(|i| (i.name.clone(), i.column.clone()))
+                        .collect(),
                     leaves: leaves.values().cloned().collect(),
                 });
                 (t.name.clone(), provider)

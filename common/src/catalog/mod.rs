@@ -115,6 +115,16 @@ pub enum Command {
         table: String,
         column: tables::TableColumn,
     },
+    CreateIndex {
+        database: String,
+        table: String,
+        index: tables::Index,
+    },
+    DropIndex {
+        database: String,
+        table: String,
+        name: String,
+    },
     CreatePipeline {
         def: PipelineDef,
         or_replace: bool,
@@ -367,6 +377,34 @@ impl Catalog {
                 t.columns.push(column);
                 Ok(Output::Done)
             }
+            Command::CreateIndex {
+                database,
+                table,
+                index,
+            } => {
+                let t = self.table_mut(&database, &table)?;
+                if t.indexes.iter().any(|i| i.name == index.name) {
+                    return Err(Error::DuplicateIndex { name: index.name });
+                }
+                if t.column(&index.column).is_none() {
+                    return Err(Error::UnknownColumn { name: index.column });
+                }
+                t.indexes.push(index);
+                Ok(Output::Done)
+            }
+            Command::DropIndex {
+                database,
+                table,
+                name,
+            } => {
+                let t = self.table_mut(&database, &table)?;
+                let before = t.indexes.len();
+                t.indexes.retain(|i| i.name != name);
+                if t.indexes.len() == before {
+                    return Err(Error::UnknownIndex { name });
+                }
+                Ok(Output::Done)
+            }
             Command::CreatePipeline {
                 def,
                 or_replace,
@@ -577,6 +615,16 @@ impl Catalog {
             .get_mut(&id)
             .ok_or_else(|| Error::PipelineNotFound {
                 name: format!("#{id}"),
+            })
+    }
+
+    fn table_mut(&mut self, database: &str, table: &str) -> Result<&mut Table> {
+        self.database_mut(database)?
+            .tables
+            .get_mut(table)
+            .ok_or_else(|| Error::TableNotFound {
+                database: database.to_string(),
+                name: table.to_string(),
             })
     }
 

@@ -40,6 +40,13 @@ pub struct TableColumn {
     pub computed: Option<String>,
 }
 
+/// A secondary index on one column.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Index {
+    pub name: String,
+    pub column: String,
+}
+
 /// A table.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Table {
@@ -47,6 +54,8 @@ pub struct Table {
     pub name: String,
     pub columns: Vec<TableColumn>,
     pub created_ms: u64,
+    #[serde(default)]
+    pub indexes: Vec<Index>,
 }
 
 /// The three columns every Kafka Connect pipeline loads.
@@ -70,6 +79,7 @@ impl Table {
                 col("record", ColumnType::Json),
             ],
             created_ms,
+            indexes: vec![],
         }
     }
 
@@ -125,6 +135,9 @@ impl Table {
                 " NOT NULL"
             };
             out.push_str(&format!("`{}` {ty}{null},\n", c.name));
+        }
+        for i in &self.indexes {
+            out.push_str(&format!("KEY `{}` (`{}`),\n", i.name, i.column));
         }
         out.push_str("SORT KEY `__UNORDERED` (),\nSHARD KEY ()\n)");
         out.push_str(

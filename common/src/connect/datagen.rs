@@ -131,7 +131,9 @@ impl SourceTask for DatagenTask {
             .map_or(0, |s| s + 1);
         *self = DatagenTask {
             msg: "x".repeat(s.payload),
-            finished: offsets.finished(&partition),
+            // A partition ends at the configured count; a larger count (ALTER ... SET CONFIG)
+            // reopens it.
+            finished: s.limit.is_some_and(|l| next_seq >= l),
             settings: Some(s),
             task: id,
             partition,

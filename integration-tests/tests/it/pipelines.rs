@@ -981,3 +981,80 @@ ORDER BY seq;",
     assert_exactly_once(&c, m, "cc", "kinesis_pipeline", &put)?;
     Ok(())
 }
+
+fn datagen_config(per_task: usize) -> String {
+    format!(
+        "{{\"connector.class\":\"io.shardline.connect.datagen.DatagenSourceConnector\",\"datagen.rate\":0,\"datagen.records\":{per_task},\"tasks.max\":2}}"
+    )
+}
+
+#[test]
+fn an_index_on_a_computed_column_answers_like_the_json_expression_on_100k_rows() -> Result<()> {
+    let mut c = Cluster::start(ClusterSpec::default())?;
+    let m = c.wait_for_master(START)?;
+    c.wait_for_leaves_online(m, 2, START)?;
+    setup(&c, m, "idx")?;
+    c.sql(m, "SET GLOBAL pipelines_extractor_batch_size = 10000")?;
+    c.sql(m, &format!("USE idx; CREATE INFERRED PIPELINE gen AS LOAD DATA KAFKACONNECT 'datagen' CONFIG '{}' FORMAT AVRO", datagen_config(50_000)))?;
+    c.sql(m, "USE idx; START PIPELINE gen FOREGROUND")?;
+    assert_eq!(count(&c, m, "idx", "gen"), Some(100_000));
+    c.sql(m, "USE idx; ALTER TABLE gen ADD COLUMN seq AS JSON_EXTRACT_BIGINT(record, 'seq') PERSISTED BIGINT")?;
+    c.sql(m, "USE idx; ALTER TABLE gen ADD COLUMN task AS JSON_EXTRACT_STRING(record, 'task') PERSISTED VARCHAR(8)")?;
+    let queries = [
+        ("seq > 49990", "JSON_EXTRACT_BIGINT(record, 'seq') > 49990"),
+        ("seq = 12345", "JSON_EXTRACT_BIGINT(record, 'seq') = 12345"),
+        ("seq >= 100 AND seq < 200", "JSON_EXTRACT_BIGINT(record, 'seq') >= 100 AND JSON_EXTRACT_BIGINT(record, 'seq') < 200"),
+        ("task = '1' AND seq <= 3", "JSON_EXTRACT_STRING(record, 'task') = '1' AND JSON_EXTRACT_BIGINT(record, 'seq') <= 3"),
+    ];
+    let answer = |w: &str| -> Result<Vec<Vec<String>>> {
+        Ok(c.sql(
+            m,
+            &format!("USE idx; SELECT COUNT(*), SUM(seq), MIN(task), MAX(task) FROM gen WHERE {w}"),
+        )?
+        .rows)
+    };
+    let mut plain = Vec::new();
+    for (computed, json) in &queries {
+        let t = Instant::now();
+        let a = answer(computed)?;
+        let without_index = t.elapsed();
+        let t = Instant::now();
+        let b = answer(json)?;
+        let json_time = t.elapsed();
+        assert_eq!(a, b, "{computed} vs {json}");
+        plain.push((a, without_index, json_time));
+    }
+    c.sql(m, "USE idx; CREATE INDEX idx_seq ON gen (seq)")?;
+    c.sql(m, "USE idx; CREATE INDEX idx_task ON gen (task)")?;
+    for ((computed, json), (expected, without_index, json_time)) in queries.iter().zip(&plain) {
+        let t = Instant::now();
+        let got = answer(computed)?;
+        println!("WHERE {computed}: json expr {json_time:?}, computed column {without_index:?}, with index {:?} ({json})", t.elapsed());
+        assert_eq!(&got, expected, "{computed} with the index");
+    }
+    assert_eq!(answer("seq = 12345")?[0][0], "2");
+    // Rows loaded after the index exist are indexed too.
+    c.sql(
+        m,
+        &format!(
+            "USE idx; ALTER PIPELINE gen SET CONFIG '{}'",
+            datagen_config(50_100)
+        ),
+    )?;
+    c.sql(m, "USE idx; START PIPELINE gen FOREGROUND")?;
+    assert_eq!(count(&c, m, "idx", "gen"), Some(100_200));
+    assert_eq!(
+        answer("seq > 50050")?,
+        answer("JSON_EXTRACT_BIGINT(record, 'seq') > 50050")?
+    );
+    assert_eq!(answer("seq > 50050")?[0][0], "98");
+    let ddl = c
+        .sql(m, "USE idx; SHOW CREATE TABLE gen")?
+        .rows
+        .concat()
+        .join("\n");
+    assert!(ddl.contains("KEY `idx_seq` (`seq`)"), "{ddl}");
+    c.sql(m, "USE idx; DROP INDEX idx_seq ON gen")?;
+    assert_eq!(answer("seq = 12345")?[0][0], "2");
+    Ok(())
+}
