@@ -121,7 +121,7 @@ impl Table {
         for c in &self.columns {
             let ty = match (&c.ty, &c.computed) {
                 (ColumnType::Text, None) => {
-                    "text CHARACTER SET utf8mb4 COLLATE utf8mb4_bin".to_string()
+                    "TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin".to_string()
                 }
                 (ColumnType::Json, None) => "JSON COLLATE utf8mb4_bin".to_string(),
                 (ty, None) => ty.to_string(),
@@ -139,9 +139,9 @@ impl Table {
         for i in &self.indexes {
             out.push_str(&format!("KEY `{}` (`{}`),\n", i.name, i.column));
         }
-        out.push_str("SORT KEY `__UNORDERED` (),\nSHARD KEY ()\n)");
+        out.push_str("SORT KEY `__UNORDERED` (),\nSHARD KEY ()\n)\n");
         out.push_str(
-            " AUTOSTATS_CARDINALITY_MODE=INCREMENTAL AUTOSTATS_HISTOGRAM_MODE=CREATE AUTOSTATS_SAMPLING=ON SQL_MODE='STRICT_ALL_TABLES,NO_AUTO_CREATE_USER'",
+            "AUTOSTATS_CARDINALITY_MODE = INCREMENTAL\nAUTOSTATS_HISTOGRAM_MODE = CREATE\nAUTOSTATS_SAMPLING = ON\nSQL_MODE = 'STRICT_ALL_TABLES,NO_AUTO_CREATE_USER'\nCHARACTER SET = utf8mb4\nCOLLATE = utf8mb4_bin",
         );
         out
     }
@@ -156,7 +156,21 @@ mod tests {
         let t = Table::kafka_connect_static("d", "kinesis_pipeline", 0);
         t.check_static_schema().unwrap();
         let sql = t.create_sql();
-        assert!(sql.starts_with("CREATE TABLE `kinesis_pipeline` (\n`topic` text CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,\n`id` JSON COLLATE utf8mb4_bin NOT NULL,\n`record` JSON COLLATE utf8mb4_bin NOT NULL,\nSORT KEY `__UNORDERED` (),\nSHARD KEY ()\n)"), "{sql}");
+        // The spec's DDL, verbatim (without the statement's terminating semicolon).
+        let spec = "CREATE TABLE `kinesis_pipeline` (
+`topic` TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+`id` JSON COLLATE utf8mb4_bin NOT NULL,
+`record` JSON COLLATE utf8mb4_bin NOT NULL,
+SORT KEY `__UNORDERED` (),
+SHARD KEY ()
+)
+AUTOSTATS_CARDINALITY_MODE = INCREMENTAL
+AUTOSTATS_HISTOGRAM_MODE = CREATE
+AUTOSTATS_SAMPLING = ON
+SQL_MODE = 'STRICT_ALL_TABLES,NO_AUTO_CREATE_USER'
+CHARACTER SET = utf8mb4
+COLLATE = utf8mb4_bin";
+        assert_eq!(sql, spec);
         let mut bad = t.clone();
         bad.columns.remove(1);
         assert!(bad.check_static_schema().unwrap_err().contains("'id'"));
