@@ -1058,3 +1058,50 @@ fn an_index_on_a_computed_column_answers_like_the_json_expression_on_100k_rows()
     assert_eq!(answer("seq = 12345")?[0][0], "2");
     Ok(())
 }
+
+#[test]
+fn a_query_that_would_miss_a_down_leaf_fails_and_names_it() -> Result<()> {
+    let mut c = Cluster::start(ClusterSpec {
+        aggregators: 1,
+        ..Default::default()
+    })?;
+    c.wait_for_master(START)?;
+    c.wait_for_leaves_online(0, 2, START)?;
+    setup(&c, 0, "down")?;
+    c.sql(0, &format!("USE down; CREATE INFERRED PIPELINE gen AS LOAD DATA KAFKACONNECT 'datagen' CONFIG '{}' FORMAT AVRO", datagen_config(100)))?;
+    c.sql(0, "USE down; START PIPELINE gen FOREGROUND")?;
+    assert_eq!(count(&c, 0, "down", "gen"), Some(200));
+    c.leaves[1].kill();
+    wait_for("the leaf offline", Duration::from_secs(10), || {
+        (c.leaf_states(0)
+            .ok()?
+            .iter()
+            .filter(|(_, s)| s == "offline")
+            .count()
+            == 1)
+            .then_some(())
+    })?;
+    let err = c
+        .sql(0, "SELECT COUNT(*) FROM down.gen")
+        .expect_err("incomplete answer")
+        .to_string();
+    assert!(
+        err.contains("offline") && err.contains("partitions") && err.contains("incomplete"),
+        "{err}"
+    );
+    // Errors for unknown tables and columns are MySQL's.
+    let err = c
+        .sql(0, "SELECT * FROM down.nope")
+        .expect_err("no table")
+        .to_string();
+    assert!(err.contains("ERROR 1146"), "{err}");
+    c.leaves[1].start()?;
+    c.wait_for_leaves_online(0, 2, START)?;
+    assert_eq!(count(&c, 0, "down", "gen"), Some(200));
+    let err = c
+        .sql(0, "SELECT nope FROM down.gen")
+        .expect_err("no column")
+        .to_string();
+    assert!(err.contains("ERROR 1054"), "{err}");
+    Ok(())
+}
