@@ -31,6 +31,22 @@ pub struct SimConfig {
     /// Turn AWS's throughput limits off (benchmarks).
     #[arg(long, env = "KINESIS_SIM_NO_LIMITS")]
     pub no_limits: bool,
+    /// Records written per second per shard (AWS: 1000).
+    #[arg(
+        long,
+        env = "KINESIS_SIM_WRITE_RECORDS_PER_SEC",
+        default_value_t = 1000
+    )]
+    pub write_records_per_sec: u64,
+    /// Bytes written per second per shard (AWS: 1 MiB).
+    #[arg(long, env = "KINESIS_SIM_WRITE_BYTES_PER_SEC", default_value_t = 1024 * 1024)]
+    pub write_bytes_per_sec: u64,
+    /// GetRecords calls per second per shard (AWS: 5).
+    #[arg(long, env = "KINESIS_SIM_READ_CALLS_PER_SEC", default_value_t = 5)]
+    pub read_calls_per_sec: u64,
+    /// Bytes read per second per shard (AWS: 2 MiB).
+    #[arg(long, env = "KINESIS_SIM_READ_BYTES_PER_SEC", default_value_t = 2 * 1024 * 1024)]
+    pub read_bytes_per_sec: u64,
     /// Shard iterators expire after this long (AWS: 300000).
     #[arg(long, env = "KINESIS_SIM_ITERATOR_TTL_MS", default_value_t = 300_000)]
     pub iterator_ttl_ms: u64,
@@ -100,8 +116,11 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let limits = model::Limits {
         enabled: !config.no_limits,
+        write_records_per_sec: config.write_records_per_sec,
+        write_bytes_per_sec: config.write_bytes_per_sec,
+        read_calls_per_sec: config.read_calls_per_sec,
+        read_bytes_per_sec: config.read_bytes_per_sec,
         iterator_ttl_ms: config.iterator_ttl_ms,
-        ..Default::default()
     };
     let faults = api::Faults {
         latency_ms: config.latency_ms,

@@ -86,14 +86,32 @@ impl proto::leaf_server::Leaf for LeafServiceImpl {
                 .scan(&req.database, &req.table)
                 .map_err(|e| Status::internal(e.to_string()))?,
         };
-        if !req.columns_json.is_empty() {
-            let (columns, compiled) =
-                crate::tasks::table_columns(&req.columns_json).map_err(Status::invalid_argument)?;
+        if !req.columns_json.is_empty() || req.project {
+            let (columns, compiled) = if req.columns_json.is_empty() {
+                (vec![], vec![])
+            } else {
+                crate::tasks::table_columns(&req.columns_json).map_err(Status::invalid_argument)?
+            };
             for row in rows_json.iter_mut() {
                 let mut values: Vec<serde_json::Value> = serde_json::from_str(row)
                     .map_err(|e| Status::internal(format!("bad stored row: {e}")))?;
-                if values.len() < columns.len() {
+                let short = values.len() < columns.len();
+                if short {
                     common::expr::complete_row(&mut values, &columns, &compiled);
+                }
+                if req.project {
+                    let projected: Vec<serde_json::Value> = req
+                        .projection
+                        .iter()
+                        .map(|i| {
+                            values
+                                .get(*i as usize)
+                                .cloned()
+                                .unwrap_or(serde_json::Value::Null)
+                        })
+                        .collect();
+                    *row = serde_json::Value::Array(projected).to_string();
+                } else if short {
                     *row = serde_json::Value::Array(values).to_string();
                 }
             }

@@ -452,6 +452,10 @@ impl TableProvider for ClusterTable {
                 table: self.table.clone(),
                 columns_json: self.columns_json.clone(),
                 index_range: index_range.clone(),
+                project: projection.is_some(),
+                projection: projection
+                    .map(|p| p.iter().map(|i| *i as u32).collect())
+                    .unwrap_or_default(),
             };
             async move {
                 let mut c = leaf_client::client(&addr, Duration::from_secs(60))
@@ -488,10 +492,23 @@ impl TableProvider for ClusterTable {
                 );
             }
         }
-        let b = batch(&self.schema, &rows)?;
-        let src =
-            MemorySourceConfig::try_new(&[vec![b]], self.schema.clone(), projection.cloned())?
-                .with_limit(limit);
+        // Leaves already projected: the batch has just the asked-for columns.
+        let schema = match projection {
+            Some(p) => Arc::new(self.schema.project(p)?),
+            None => self.schema.clone(),
+        };
+        let b = if schema.fields().is_empty() {
+            RecordBatch::try_new_with_options(
+                schema.clone(),
+                vec![],
+                &datafusion::arrow::array::RecordBatchOptions::new()
+                    .with_row_count(Some(rows.len())),
+            )
+            .map_err(|e| DataFusionError::ArrowError(Box::new(e), None))?
+        } else {
+            batch(&schema, &rows)?
+        };
+        let src = MemorySourceConfig::try_new(&[vec![b]], schema, None)?.with_limit(limit);
         Ok(DataSourceExec::from_data_source(src))
     }
 }

@@ -261,7 +261,7 @@ fn the_spec_example_end_to_end_with_secrets_hidden() -> Result<()> {
         .concat()
         .join("\n");
     assert!(
-        ddl.contains("`topic` text CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL"),
+        ddl.contains("`topic` TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL"),
         "{ddl}"
     );
     c.sql(m, "USE spec; START PIPELINE kinesis_pipeline")?;
@@ -941,15 +941,18 @@ ALTER TABLE kinesis_pipeline ADD COLUMN msg
     wait_for("5 rows", START, || {
         (count(&c, m, "cc", "kinesis_pipeline")? == 5).then_some(())
     })?;
-    let rows = c
-        .sql(
+    // Another aggregator answers once it has applied the ALTERs (followers lag by a heartbeat).
+    let rows = wait_for("the computed columns on a follower", START, || {
+        c.sql(
             (m + 1) % 3,
             "USE cc; SELECT topic, partition_key, seq, msg, record
 FROM kinesis_pipeline
 WHERE seq > 3
 ORDER BY seq;",
-        )?
-        .rows;
+        )
+        .ok()
+    })?
+    .rows;
     assert_eq!(rows.len(), 2, "{rows:?}");
     assert_eq!(rows[0][..4], ["kinesis-topic", "user-c", "4", "fourth"]);
     assert_eq!(rows[1][..4], ["kinesis-topic", "user-b", "5", "fifth"]);
