@@ -261,16 +261,9 @@ impl Store {
             common::expr::compile_table(&columns).map_err(corrupt)?,
         );
         let index = self.db.open_tree(index_tree(database, table, name))?;
-        let name = table_tree(database, table);
-        if !self
-            .db
-            .tree_names()
-            .iter()
-            .any(|n| n.as_ref() == name.as_bytes())
-        {
+        let Some(tree) = self.table(database, table)? else {
             return Ok(0);
-        }
-        let tree = self.db.open_tree(name)?;
+        };
         let mut n = 0;
         let mut batch = sled::Batch::default();
         for item in tree.iter() {
@@ -361,16 +354,9 @@ impl Store {
 
     /// Committed rows of a table (JSON arrays).
     pub fn scan(&self, database: &str, table: &str) -> Result<Vec<String>> {
-        let name = table_tree(database, table);
-        if !self
-            .db
-            .tree_names()
-            .iter()
-            .any(|n| n.as_ref() == name.as_bytes())
-        {
+        let Some(tree) = self.table(database, table)? else {
             return Ok(vec![]);
-        }
-        let tree = self.db.open_tree(name)?;
+        };
         tree.iter()
             .values()
             .map(|v| {
@@ -389,16 +375,9 @@ impl Store {
         complete: impl Fn(&mut Vec<serde_json::Value>),
         width: usize,
     ) -> Result<u64> {
-        let name = table_tree(database, table);
-        if !self
-            .db
-            .tree_names()
-            .iter()
-            .any(|n| n.as_ref() == name.as_bytes())
-        {
+        let Some(tree) = self.table(database, table)? else {
             return Ok(0);
-        }
-        let tree = self.db.open_tree(name)?;
+        };
         let mut n = 0;
         for item in tree.iter() {
             let (k, v) = item?;
@@ -415,6 +394,20 @@ impl Store {
             }
         }
         Ok(n)
+    }
+
+    /// A table's tree, if any row of it was ever stored here.
+    fn table(&self, database: &str, table: &str) -> Result<Option<sled::Tree>> {
+        let name = table_tree(database, table);
+        if !self
+            .db
+            .tree_names()
+            .iter()
+            .any(|n| n.as_ref() == name.as_bytes())
+        {
+            return Ok(None);
+        }
+        Ok(Some(self.db.open_tree(name)?))
     }
 
     pub async fn flush(&self) -> Result<()> {
