@@ -30,7 +30,7 @@ def _free_base(count):
 
 
 class LocalCluster:
-    def __init__(self):
+    def __init__(self, emulator="sim"):
         self.data_dir = tempfile.mkdtemp(prefix="shardline-py-")
         self.env = dict(os.environ)
         self.env.update(
@@ -41,6 +41,7 @@ class LocalCluster:
             AGG_GRPC_PORT=str(_free_base(3)),
             LEAF_PORT=str(_free_base(2)),
             KINESIS_PORT=str(_free_base(1)),
+            KINESIS_EMULATOR=emulator,
             READY_TIMEOUT="60",
         )
         bin_dir = os.environ.get("SHARDLINE_BIN_DIR")
@@ -72,12 +73,22 @@ class LocalCluster:
         )
 
 
-@pytest.fixture(scope="session")
-def cluster():
-    c = LocalCluster()
+def _run(emulator):
+    c = LocalCluster(emulator)
     c.up()
     yield c
     try:
         c.down()
     finally:
         shutil.rmtree(c.data_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    yield from _run("sim")
+
+
+@pytest.fixture(scope="module")
+def moto_cluster():
+    """A cluster whose Kinesis is moto_server, the independent implementation."""
+    yield from _run("moto")

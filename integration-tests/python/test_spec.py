@@ -89,7 +89,8 @@ def run(conn, sql):
         return names, list(cur.fetchall())
 
 
-def test_the_spec_verbatim(cluster):
+def test_the_spec_verbatim(moto_cluster):
+    cluster = moto_cluster
     k = boto3.client("kinesis", endpoint_url=f"http://127.0.0.1:{cluster.env['KINESIS_PORT']}",
                      region_name="us-east-1", aws_access_key_id="test", aws_secret_access_key="test")
     k.create_stream(StreamName="kinesis-data-stream", ShardCount=1)
@@ -165,4 +166,30 @@ GROUP BY TASK_ID;""")
     run(conn, "SET GLOBAL pipelines_extractor_batch_size = 10000;")
     run(conn, "SET GLOBAL pipelines_extractor_max_batch_interval_ms = 1000;")
     run(conn, "CREATE INDEX idx_seq ON kinesis_pipeline(seq)")
+    check_cli(cluster)
     assert [r[:4] for r in run(conn, Q_COMPUTED)[1]] == [("kinesis-topic", "user-c", 4, "fourth"), ("kinesis-topic", "user-b", 5, "fifth")]
+
+
+def check_cli(cluster):
+    """The mariadb CLI prints the spec's tables (values that differ by nature aside)."""
+    out = cluster.mariadb("USE spec; " + Q_COMPUTED.replace("SELECT topic, partition_key, seq, msg, record", "SELECT topic, partition_key, seq, msg")).stdout
+    assert out.splitlines() == [
+        "+---------------+---------------+------+--------+",
+        "| topic         | partition_key | seq  | msg    |",
+        "+---------------+---------------+------+--------+",
+        "| kinesis-topic | user-c        |    4 | fourth |",
+        "| kinesis-topic | user-b        |    5 | fifth  |",
+        "+---------------+---------------+------+--------+",
+    ], out
+    out = cluster.mariadb("SHOW VARIABLES LIKE 'experimental_features_config'").stdout
+    assert out.splitlines() == [
+        "+------------------------------+----------------------------+",
+        "| Variable_name                | Value                      |",
+        "+------------------------------+----------------------------+",
+        "| experimental_features_config | kafka_connect_enabled=true |",
+        "+------------------------------+----------------------------+",
+    ], out
+    out = cluster.mariadb("USE spec; " + Q_FILTER).stdout
+    assert '| kinesis-topic | {"partitionKey":"user-c"} | {"approximateArrivalTimestamp":' in out, out
+    assert '"data":"eyJzZXEiOjQsIm1zZyI6ImZvdXJ0aCJ9","partitionKey":"user-c","sequenceNumber":"' in out, out
+    assert '","shardId":"shardId-000000000000","streamName":"kinesis-data-stream"} |' in out, out
