@@ -1,5 +1,6 @@
 //! Types shared by the aggregator and the leaf.
 //!
+//! - [`arrow`]: table rows as Arrow record batches (IPC between leaves and aggregators);
 //! - [`ids`]: newtype ids (`LeafId`, `NodeId`).
 //! - [`catalog`]: the Raft state machine — everything a restart must not lose.
 //! - [`connect`]: the connector API (Kafka Connect shaped), Avro, Kinesis and datagen.
@@ -8,6 +9,7 @@
 //! - [`variables`]: engine variables, their defaults and validation.
 //! - [`error`]: the catalog error type.
 
+pub mod arrow;
 pub mod catalog;
 pub mod connect;
 pub mod error;

@@ -79,44 +79,44 @@ impl proto::leaf_server::Leaf for LeafServiceImpl {
             }
             None => None,
         };
-        let mut rows_json = match indexed {
+        let stored = match indexed {
             Some(rows) => rows,
             None => self
                 .store
                 .scan(&req.database, &req.table)
                 .map_err(|e| Status::internal(e.to_string()))?,
         };
-        if !req.columns_json.is_empty() || req.project {
-            let (columns, compiled) = if req.columns_json.is_empty() {
-                (vec![], vec![])
-            } else {
-                crate::tasks::table_columns(&req.columns_json).map_err(Status::invalid_argument)?
-            };
-            for row in rows_json.iter_mut() {
-                let mut values: Vec<serde_json::Value> = serde_json::from_str(row)
-                    .map_err(|e| Status::internal(format!("bad stored row: {e}")))?;
-                let short = values.len() < columns.len();
-                if short {
-                    common::expr::complete_row(&mut values, &columns, &compiled);
-                }
-                if req.project {
-                    let projected: Vec<serde_json::Value> = req
-                        .projection
-                        .iter()
-                        .map(|i| {
-                            values
-                                .get(*i as usize)
-                                .cloned()
-                                .unwrap_or(serde_json::Value::Null)
-                        })
-                        .collect();
-                    *row = serde_json::Value::Array(projected).to_string();
-                } else if short {
-                    *row = serde_json::Value::Array(values).to_string();
-                }
+        let (columns, compiled) =
+            crate::tasks::table_columns(&req.columns_json).map_err(Status::invalid_argument)?;
+        let positions: Vec<usize> = if req.project {
+            req.projection.iter().map(|i| *i as usize).collect()
+        } else {
+            (0..columns.len()).collect()
+        };
+        let schema = std::sync::Arc::new(
+            common::arrow::table_schema(&columns)
+                .project(&positions)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?,
+        );
+        let mut rows = Vec::with_capacity(stored.len());
+        for row in &stored {
+            let mut values: Vec<serde_json::Value> = serde_json::from_str(row)
+                .map_err(|e| Status::internal(format!("bad stored row: {e}")))?;
+            if values.len() < columns.len() {
+                common::expr::complete_row(&mut values, &columns, &compiled);
             }
+            rows.push(
+                positions
+                    .iter()
+                    .map(|i| values.get(*i).cloned().unwrap_or(serde_json::Value::Null))
+                    .collect::<Vec<_>>(),
+            );
         }
-        Ok(Response::new(proto::ScanResponse { rows_json }))
+        let batch = common::arrow::rows_to_batch(&schema, &rows)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let arrow_ipc =
+            common::arrow::encode_ipc(&batch).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(proto::ScanResponse { arrow_ipc }))
     }
 
     async fn backfill(

@@ -145,6 +145,9 @@ impl TaskManager {
                 },
             );
             let runner = Runner {
+                // Unique per epoch even across restarts of this task or of the leaf: the master
+                // recognises a retried commit by (epoch, seq).
+                next_seq: now_ms().saturating_mul(1000),
                 store: self.store.clone(),
                 client: MasterClient::new(self.aggregators.clone()),
                 address: self.address.clone(),
@@ -201,6 +204,7 @@ async fn resolve(
 }
 
 struct Runner {
+    next_seq: u64,
     store: Store,
     client: MasterClient,
     address: String,
@@ -307,7 +311,6 @@ impl Runner {
             _ = self.cancel.cancelled() => return Ok(()),
             r = task.start(&config, &task_config, &committed) => r.map_err(|e| RunError::Failed(e.to_string()))?,
         }
-        let mut seq = 0u64;
         let mut next_partition = 0usize;
         loop {
             if self.cancel.is_cancelled() {
@@ -390,7 +393,8 @@ impl Runner {
                     finished: *fin,
                 })
                 .collect();
-            seq += 1;
+            self.next_seq += 1;
+            let seq = self.next_seq;
             let key = BatchKey {
                 pipeline_id: a.pipeline_id,
                 task_id: a.task_id,

@@ -5,7 +5,7 @@ use super::exec::{Session, SqlEngine};
 use super::functions;
 use super::result::{codes, Column, ColumnKind, QueryOutput, SqlError, Value};
 use crate::cluster::leaf_client;
-use common::catalog::tables::{ColumnType, Table};
+use common::catalog::tables::Table;
 use common::catalog::Catalog;
 use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, BinaryArray, Float64Array, Int64Array, RecordBatch, StringArray,
@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Field metadata key telling the MySQL layer a text column is JSON.
-pub const MYSQL_TYPE: &str = "mysql.type";
+pub use common::arrow::MYSQL_TYPE;
 
 fn df_err(e: DataFusionError) -> SqlError {
     let root = e.find_root();
@@ -359,18 +359,7 @@ fn information_schema(c: &Catalog) -> Result<Vec<NamedTable>, DataFusionError> {
 
 /// The Arrow schema of a table.
 pub fn table_schema(t: &Table) -> SchemaRef {
-    Arc::new(Schema::new(
-        t.columns
-            .iter()
-            .map(|c| match c.ty {
-                ColumnType::Json => json_field(&c.name),
-                ColumnType::BigInt | ColumnType::Int => int(&c.name),
-                ColumnType::Double => double(&c.name),
-                ColumnType::Blob => Field::new(&c.name, DataType::Binary, true),
-                ColumnType::Text | ColumnType::Varchar(_) => text(&c.name),
-            })
-            .collect::<Vec<_>>(),
-    ))
+    common::arrow::table_schema(&t.columns)
 }
 
 /// A table whose rows live on leaves: a scan asks every leaf holding its partitions.
@@ -460,55 +449,31 @@ impl TableProvider for ClusterTable {
             async move {
                 let mut c = leaf_client::client(&addr, Duration::from_secs(60))
                     .map_err(DataFusionError::Execution)?;
-                c.scan(req)
+                let bytes = c
+                    .scan(req)
                     .await
-                    .map(|r| r.into_inner().rows_json)
+                    .map(|r| r.into_inner().arrow_ipc)
                     .map_err(|s| {
                         DataFusionError::Execution(format!(
                             "scan on leaf {addr} failed: {}",
                             s.message()
                         ))
-                    })
+                    })?;
+                common::arrow::decode_ipc(&bytes).map_err(|e| {
+                    DataFusionError::Execution(format!("bad batch from leaf {addr}: {e}"))
+                })
             }
         });
-        let mut rows = Vec::new();
-        for result in futures::future::join_all(calls).await {
-            for row in result? {
-                let values: Vec<serde_json::Value> = serde_json::from_str(&row)
-                    .map_err(|e| DataFusionError::Execution(format!("bad row from a leaf: {e}")))?;
-                rows.push(
-                    values
-                        .into_iter()
-                        .map(|v| match v {
-                            serde_json::Value::Null => Value::Null,
-                            serde_json::Value::String(s) => Value::Text(s),
-                            serde_json::Value::Number(n) => n.as_i64().map_or_else(
-                                || Value::Double(n.as_f64().unwrap_or(0.0)),
-                                Value::Int,
-                            ),
-                            other => Value::Text(other.to_string()),
-                        })
-                        .collect(),
-                );
-            }
-        }
-        // Leaves already projected: the batch has just the asked-for columns.
+        // Leaves already projected: their batches have just the asked-for columns.
         let schema = match projection {
             Some(p) => Arc::new(self.schema.project(p)?),
             None => self.schema.clone(),
         };
-        let b = if schema.fields().is_empty() {
-            RecordBatch::try_new_with_options(
-                schema.clone(),
-                vec![],
-                &datafusion::arrow::array::RecordBatchOptions::new()
-                    .with_row_count(Some(rows.len())),
-            )
-            .map_err(|e| DataFusionError::ArrowError(Box::new(e), None))?
-        } else {
-            batch(&schema, &rows)?
-        };
-        let src = MemorySourceConfig::try_new(&[vec![b]], schema, None)?.with_limit(limit);
+        let mut partitions = Vec::new();
+        for result in futures::future::join_all(calls).await {
+            partitions.push(result?);
+        }
+        let src = MemorySourceConfig::try_new(&partitions, schema, None)?.with_limit(limit);
         Ok(DataSourceExec::from_data_source(src))
     }
 }

@@ -312,13 +312,13 @@ impl Pipeline {
         }
     }
 
-    /// Whether a batch of a task's epoch committed, and with which BATCH_ID (0 when an older
-    /// batch of that epoch is asked about: it committed, but its id is no longer kept).
+    /// Whether a batch committed: it is the last one its task committed in that epoch (a leaf
+    /// has at most one batch in flight per task, and never reuses a sequence number within an
+    /// epoch, so only the last one can be asked about).
     pub fn committed_batch(&self, task_id: u32, epoch: u64, seq: u64) -> Option<u64> {
         let task = self.tasks.iter().find(|t| t.task_id == task_id)?;
         match task.committed.get(&epoch) {
             Some((last, batch_id)) if *last == seq => Some(*batch_id),
-            Some((last, _)) if *last > seq => Some(0),
             _ => None,
         }
     }
@@ -543,6 +543,21 @@ mod tests {
             p.commit(batch(0, e2, 2, Some("20"), "30"), 10),
             Err(Error::PipelineNotRunning { .. })
         ));
+    }
+
+    #[test]
+    fn only_the_last_batch_of_an_epoch_counts_as_a_retry() {
+        let mut p = pipeline();
+        let e = p.assign(0, Some(LeafId(1))).unwrap();
+        assert_eq!(p.commit(batch(0, e, 5, None, "10"), 10).unwrap(), 1);
+        // A different batch under an older sequence number is not "already committed": it
+        // goes through the offset check like any other (and here fails it).
+        assert!(matches!(
+            p.commit(batch(0, e, 1, None, "3"), 10),
+            Err(Error::OffsetConflict { .. })
+        ));
+        assert_eq!(p.committed_batch(0, e, 1), None);
+        assert_eq!(p.committed_batch(0, e, 5), Some(1));
     }
 
     #[test]
