@@ -24,7 +24,7 @@ sql() {
 MYSQL_PWD="${SHARDLINE_ROOT_PASSWORD:-}" mariadb -h127.0.0.1 -P"$MYSQL_PORT" -uroot -e "CREATE DATABASE IF NOT EXISTS demo"
 sql 'SET GLOBAL experimental_features_config = "kafka_connect_enabled=true"'
 sql "SHOW VARIABLES LIKE 'experimental_features_config'"
-sql "CREATE OR REPLACE INFERRED PIPELINE kinesis_pipeline
+sql "CREATE INFERRED PIPELINE IF NOT EXISTS kinesis_pipeline
 AS LOAD DATA KAFKACONNECT 'kafka-connector'
 CONFIG '{
   \"connector.class\": \"com.singlestore.kafka.connect.kinesis.KinesisSourceConnector\",

@@ -24,7 +24,7 @@ mkdir -p "$PID_DIR" "$LOG_DIR"
 if [ -z "$KINESIS_ENDPOINT" ]; then
   if ! pid_alive "$PID_DIR/kinesis.pid"; then
     case "$KINESIS_EMULATOR" in
-      sim) emulator=("$BIN_DIR/kinesis-sim" --listen "127.0.0.1:$KINESIS_PORT") ;;
+      sim) emulator=("$BIN_DIR/kinesis-sim" --listen "127.0.0.1:$KINESIS_PORT" --data-dir "$DATA_DIR/kinesis") ;;
       moto)
         if [ ! -x "$VENV/bin/moto_server" ]; then
           echo "up.sh: $VENV/bin/moto_server not found; run scripts/setup.sh" >&2

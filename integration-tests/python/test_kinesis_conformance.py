@@ -168,3 +168,43 @@ def test_bad_input(kinesis):
         kinesis.get_shard_iterator(StreamName="c8", ShardId="shardId-000000000009", ShardIteratorType="TRIM_HORIZON")
     with pytest.raises(botocore.exceptions.ClientError):
         kinesis.split_shard(StreamName="c8", ShardToSplit="shardId-000000000000", NewStartingHashKey="0")
+
+
+def test_sim_keeps_streams_across_restarts_with_a_data_dir(tmp_path):
+    """kinesis-sim --data-dir: streams, records and sequence numbers survive a restart."""
+    bin_dir = Path(os.environ.get("SHARDLINE_BIN_DIR", REPO / "target/debug"))
+
+    def start():
+        port = free_port()
+        proc = subprocess.Popen([str(bin_dir / "kinesis-sim"), "--listen", f"127.0.0.1:{port}",
+                                 "--data-dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        client = boto3.client("kinesis", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+                              aws_access_key_id="test", aws_secret_access_key="test")
+        return proc, client
+
+    proc, k = start()
+    make_stream(k, "kept", 2)
+    seqs = [k.put_record(StreamName="kept", Data=f"r{i}".encode(), PartitionKey=f"k{i}")["SequenceNumber"] for i in range(6)]
+    k.split_shard(StreamName="kept", ShardToSplit="shardId-000000000000", NewStartingHashKey=str(2 ** 126))
+    proc.kill()
+    proc.wait()
+    proc, k = start()
+    try:
+        shards = [s["ShardId"] for s in k.list_shards(StreamName="kept")["Shards"]]
+        assert len(shards) == 4
+        got = []
+        for shard in shards[:2]:
+            recs, _ = read_all(k, "kept", shard)
+            got.extend(r["SequenceNumber"] for r in recs)
+        assert sorted(got, key=int) == sorted(seqs, key=int)
+        after = k.put_record(StreamName="kept", Data=b"new", PartitionKey="k0")["SequenceNumber"]
+        assert int(after) > max(int(s) for s in seqs)
+    finally:
+        proc.kill()
+        proc.wait()

@@ -21,6 +21,79 @@ pub struct Api {
     pub state: Mutex<State>,
     pub limits: Limits,
     pub faults: Faults,
+    /// Journal of every change (optional persistence), replayed at start.
+    journal: Option<Mutex<std::io::BufWriter<std::fs::File>>>,
+}
+
+/// Applies one journal entry to the state (start-up replay).
+fn replay(st: &mut State, e: &Json) -> std::result::Result<(), String> {
+    let s = |k: &str| {
+        e.get(k)
+            .and_then(Json::as_str)
+            .map(String::from)
+            .ok_or_else(|| format!("journal entry lacks {k}"))
+    };
+    let n = |k: &str| {
+        e.get(k)
+            .and_then(Json::as_u64)
+            .ok_or_else(|| format!("journal entry lacks {k}"))
+    };
+    let stream = |st: &mut State, name: &str| st.stream(name).map_err(|e| e.message).map(|_| ());
+    match e.get("op").and_then(Json::as_str) {
+        Some("create") => {
+            let name = s("name")?;
+            st.generation += 1;
+            let g = st.generation;
+            st.streams.insert(
+                name.clone(),
+                Stream::new(&name, n("count")? as usize, n("now")?, g),
+            );
+        }
+        Some("delete") => {
+            st.streams.remove(&s("name")?);
+        }
+        Some("put") => {
+            let name = s("stream")?;
+            stream(st, &name)?;
+            let data = b64().decode(s("data")?).map_err(|e| e.to_string())?;
+            let shard = n("shard")? as usize;
+            let now = n("now")?;
+            let pk = s("pk")?;
+            if let Ok(x) = st.stream(&name) {
+                if shard >= x.shards.len() {
+                    return Err("journal names a missing shard".into());
+                }
+                x.append(shard, &pk, data, now);
+            }
+        }
+        Some("split") => {
+            let name = s("stream")?;
+            st.stream(&name)
+                .map_err(|e| e.message)?
+                .split(&s("shard")?, &s("key")?)
+                .map_err(|e| e.message)?;
+        }
+        Some("merge") => {
+            let name = s("stream")?;
+            st.stream(&name)
+                .map_err(|e| e.message)?
+                .merge(&s("a")?, &s("b")?)
+                .map_err(|e| e.message)?;
+        }
+        Some("scale") => {
+            let name = s("stream")?;
+            st.stream(&name)
+                .map_err(|e| e.message)?
+                .update_shard_count(n("target")? as usize)
+                .map_err(|e| e.message)?;
+        }
+        Some("retention") => {
+            let name = s("stream")?;
+            st.stream(&name).map_err(|e| e.message)?.retention_hours = n("hours")? as u32;
+        }
+        other => return Err(format!("unknown journal entry {other:?}")),
+    }
+    Ok(())
 }
 
 fn now_ms() -> u64 {
@@ -71,7 +144,69 @@ impl Api {
             state: Mutex::new(State::default()),
             limits,
             faults,
+            journal: None,
         }
+    }
+
+    /// Like [`Api::new`], keeping every change in `<dir>/journal.jsonl` and replaying it first.
+    pub fn open(
+        limits: Limits,
+        faults: Faults,
+        dir: &std::path::Path,
+    ) -> std::result::Result<Self, String> {
+        use std::io::BufRead;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let path = dir.join("journal.jsonl");
+        let mut state = State::default();
+        if path.exists() {
+            let f = std::fs::File::open(&path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+                let line = line.map_err(|e| e.to_string())?;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                // A torn last line (crash mid-write) is dropped; anything else is corruption.
+                let Ok(entry) = serde_json::from_str::<Json>(&line) else {
+                    tracing::warn!(line = i + 1, "ignoring a torn journal line");
+                    continue;
+                };
+                replay(&mut state, &entry)
+                    .map_err(|e| format!("{} line {}: {e}", path.display(), i + 1))?;
+            }
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        Ok(Self {
+            state: Mutex::new(state),
+            limits,
+            faults,
+            journal: Some(Mutex::new(std::io::BufWriter::new(file))),
+        })
+    }
+
+    fn record(&self, entries: &[Json]) -> Result<()> {
+        use std::io::Write;
+        let Some(j) = &self.journal else {
+            return Ok(());
+        };
+        let mut w = j.lock().unwrap_or_else(|p| p.into_inner());
+        for e in entries {
+            writeln!(w, "{e}").map_err(|e| ApiError {
+                kind: "InternalFailure",
+                message: format!("journal: {e}"),
+                status: 500,
+            })?;
+        }
+        w.flush().map_err(|e| ApiError {
+            kind: "InternalFailure",
+            message: format!("journal: {e}"),
+            status: 500,
+        })
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -102,6 +237,7 @@ impl Api {
                         format!("Stream {name} under account 000000000000 already exists."),
                     ));
                 }
+                self.record(&[json!({"op": "create", "name": name, "count": count, "now": now})])?;
                 st.generation += 1;
                 let g = st.generation;
                 st.streams
@@ -112,6 +248,7 @@ impl Api {
                 let name = stream_name(req)?;
                 let mut st = self.state();
                 st.stream(&name)?;
+                self.record(&[json!({"op": "delete", "name": name})])?;
                 st.streams.remove(&name);
                 Ok(json!({}))
             }
@@ -165,6 +302,7 @@ impl Api {
                 let s = st.stream(&name)?;
                 let shard = s.route(pk, req.get("ExplicitHashKey").and_then(Json::as_str))?;
                 s.check_write(shard, (data.len() + pk.len()) as u64, &self.limits, now)?;
+                self.record(&[json!({"op": "put", "stream": name, "shard": shard, "pk": pk, "data": b64().encode(&data), "now": now})])?;
                 let (id, sq) = s.append(shard, pk, data, now);
                 Ok(json!({"ShardId": id, "SequenceNumber": sq, "EncryptionType": "NONE"}))
             }
@@ -206,10 +344,14 @@ impl Api {
                 let s = st.stream(&name)?;
                 let mut failed = 0;
                 let mut out = Vec::new();
+                let mut journal = Vec::new();
                 for (pk, data, ehk) in decoded {
                     let shard = s.route(&pk, ehk.as_deref())?;
                     match s.check_write(shard, (data.len() + pk.len()) as u64, &self.limits, now) {
                         Ok(()) => {
+                            if self.journal.is_some() {
+                                journal.push(json!({"op": "put", "stream": name, "shard": shard, "pk": pk, "data": b64().encode(&data), "now": now}));
+                            }
                             let (id, sq) = s.append(shard, &pk, data, now);
                             out.push(json!({"ShardId": id, "SequenceNumber": sq}));
                         }
@@ -219,6 +361,7 @@ impl Api {
                         }
                     }
                 }
+                self.record(&journal)?;
                 Ok(json!({"FailedRecordCount": failed, "Records": out, "EncryptionType": "NONE"}))
             }
             "GetShardIterator" => self.get_shard_iterator(req, now),
@@ -226,19 +369,23 @@ impl Api {
             "SplitShard" => {
                 let name = stream_name(req)?;
                 let mut st = self.state();
-                st.stream(&name)?.split(
+                let (shard, key) = (
                     str_arg(req, "ShardToSplit")?,
                     str_arg(req, "NewStartingHashKey")?,
-                )?;
+                );
+                st.stream(&name)?.split(shard, key)?;
+                self.record(&[json!({"op": "split", "stream": name, "shard": shard, "key": key})])?;
                 Ok(json!({}))
             }
             "MergeShards" => {
                 let name = stream_name(req)?;
                 let mut st = self.state();
-                st.stream(&name)?.merge(
+                let (a, b) = (
                     str_arg(req, "ShardToMerge")?,
                     str_arg(req, "AdjacentShardToMerge")?,
-                )?;
+                );
+                st.stream(&name)?.merge(a, b)?;
+                self.record(&[json!({"op": "merge", "stream": name, "a": a, "b": b})])?;
                 Ok(json!({}))
             }
             "UpdateShardCount" => {
@@ -251,6 +398,7 @@ impl Api {
                 let s = st.stream(&name)?;
                 let current = s.open_shards();
                 s.update_shard_count(target)?;
+                self.record(&[json!({"op": "scale", "stream": name, "target": target})])?;
                 Ok(
                     json!({"StreamName": name, "CurrentShardCount": current, "TargetShardCount": target}),
                 )
@@ -268,6 +416,7 @@ impl Api {
                 }
                 let mut st = self.state();
                 st.stream(&name)?.retention_hours = hours as u32;
+                self.record(&[json!({"op": "retention", "stream": name, "hours": hours})])?;
                 Ok(json!({}))
             }
             other => Err(ApiError::new(

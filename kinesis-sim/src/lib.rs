@@ -56,6 +56,10 @@ pub struct SimConfig {
     /// Fraction (0..1) of GetRecords calls throttled on purpose.
     #[arg(long, env = "KINESIS_SIM_THROTTLE_RATE", default_value_t = 0.0)]
     pub throttle_rate: f64,
+    /// Keep streams and records in this directory (a journal replayed at start); memory only
+    /// when not given.
+    #[arg(long, env = "KINESIS_SIM_DATA_DIR")]
+    pub data_dir: Option<std::path::PathBuf>,
     /// Fraction (0..1) of calls failed with a 500 on purpose.
     #[arg(long, env = "KINESIS_SIM_ERROR_RATE", default_value_t = 0.0)]
     pub error_rate: f64,
@@ -127,7 +131,10 @@ pub async fn run(
         throttle_rate: config.throttle_rate,
         error_rate: config.error_rate,
     };
-    let api = Arc::new(api::Api::new(limits, faults));
+    let api = Arc::new(match &config.data_dir {
+        Some(dir) => api::Api::open(limits, faults, dir).map_err(|e| anyhow::anyhow!(e))?,
+        None => api::Api::new(limits, faults),
+    });
     let latency = Duration::from_millis(config.latency_ms);
     let app = axum::Router::new()
         .route(
