@@ -4,4 +4,5 @@
 mod bad_input;
 mod cluster;
 mod harness;
+mod kinesis;
 mod pipelines;
