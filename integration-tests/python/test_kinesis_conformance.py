@@ -26,12 +26,12 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module", params=["sim", "moto"])
-def kinesis(request):
+def start_emulator(kind, *args):
+    """Starts kinesis-sim or moto_server on a free port; returns (process, boto3 client)."""
     port = free_port()
-    if request.param == "sim":
+    if kind == "sim":
         bin_dir = Path(os.environ.get("SHARDLINE_BIN_DIR", REPO / "target/debug"))
-        cmd = [str(bin_dir / "kinesis-sim"), "--listen", f"127.0.0.1:{port}"]
+        cmd = [str(bin_dir / "kinesis-sim"), "--listen", f"127.0.0.1:{port}", *args]
     else:
         cmd = [str(REPO / ".venv/bin/moto_server"), "-H", "127.0.0.1", "-p", str(port)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -44,7 +44,13 @@ def kinesis(request):
     client = boto3.client("kinesis", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
                           aws_access_key_id="test", aws_secret_access_key="test",
                           config=botocore.config.Config(retries={"max_attempts": 1}))
-    client.impl = request.param
+    client.impl = kind
+    return proc, client
+
+
+@pytest.fixture(scope="module", params=["sim", "moto"])
+def kinesis(request):
+    proc, client = start_emulator(request.param)
     yield client
     proc.kill()
     proc.wait()
@@ -172,21 +178,8 @@ def test_bad_input(kinesis):
 
 def test_sim_keeps_streams_across_restarts_with_a_data_dir(tmp_path):
     """kinesis-sim --data-dir: streams, records and sequence numbers survive a restart."""
-    bin_dir = Path(os.environ.get("SHARDLINE_BIN_DIR", REPO / "target/debug"))
-
     def start():
-        port = free_port()
-        proc = subprocess.Popen([str(bin_dir / "kinesis-sim"), "--listen", f"127.0.0.1:{port}",
-                                 "--data-dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        client = boto3.client("kinesis", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
-                              aws_access_key_id="test", aws_secret_access_key="test")
-        return proc, client
+        return start_emulator("sim", "--data-dir", str(tmp_path))
 
     proc, k = start()
     make_stream(k, "kept", 2)

@@ -186,18 +186,18 @@ pub struct BatchCommit {
 
 impl Pipeline {
     pub fn new(id: u64, def: PipelineDef, now_ms: u64) -> Self {
-        Pipeline {
+        let mut p = Pipeline {
             id,
-            database: def.database,
-            name: def.name,
-            connector: def.connector,
-            config: def.config,
-            credentials: def.credentials,
-            table: def.table,
-            inferred: def.inferred,
-            batch_interval_ms: def.batch_interval_ms,
-            max_retries: def.max_retries,
-            stop_on_error: def.stop_on_error,
+            database: def.database.clone(),
+            name: def.name.clone(),
+            connector: String::new(),
+            config: serde_json::Map::new(),
+            credentials: String::new(),
+            table: String::new(),
+            inferred: false,
+            batch_interval_ms: None,
+            max_retries: None,
+            stop_on_error: None,
             state: PipelineState::Stopped,
             created_ms: now_ms,
             altered_ms: now_ms,
@@ -210,7 +210,9 @@ impl Pipeline {
             batches: VecDeque::new(),
             errors: VecDeque::new(),
             next_error_id: 1,
-        }
+        };
+        p.redefine(def, now_ms);
+        p
     }
 
     /// Replaces the definition (CREATE OR REPLACE), keeping offsets, history and id.
