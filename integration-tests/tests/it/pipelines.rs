@@ -1108,3 +1108,57 @@ fn a_query_that_would_miss_a_down_leaf_fails_and_names_it() -> Result<()> {
     assert!(err.contains("ERROR 1054"), "{err}");
     Ok(())
 }
+
+#[test]
+fn alter_pipeline_moves_offsets_and_settings() -> Result<()> {
+    let mut c = Cluster::start(ClusterSpec {
+        aggregators: 1,
+        ..Default::default()
+    })?;
+    c.wait_for_master(START)?;
+    c.wait_for_leaves_online(0, 2, START)?;
+    setup(&c, 0, "alt")?;
+    let config = "{\"connector.class\":\"io.shardline.connect.datagen.DatagenSourceConnector\",\"datagen.rate\":0,\"datagen.records\":100,\"tasks.max\":1}";
+    c.sql(0, &format!("USE alt; CREATE INFERRED PIPELINE g AS LOAD DATA KAFKACONNECT 'datagen' CONFIG '{config}' BATCH_INTERVAL 100 FORMAT AVRO"))?;
+    c.sql(0, "USE alt; START PIPELINE g FOREGROUND")?;
+    assert_eq!(count(&c, 0, "alt", "g"), Some(100));
+    // Settings that change what is read need a stopped pipeline.
+    c.sql(0, "USE alt; START PIPELINE g")?;
+    let err = c
+        .sql(0, "USE alt; ALTER PIPELINE g SET OFFSETS EARLIEST")
+        .expect_err("running")
+        .to_string();
+    assert!(err.contains("already running"), "{err}");
+    c.sql(0, "USE alt; ALTER PIPELINE g SET BATCH_INTERVAL 200")?;
+    c.sql(0, "USE alt; STOP PIPELINE g")?;
+    // Back to seq 89: 90..99 load again.
+    c.sql(
+        0,
+        r#"USE alt; ALTER PIPELINE g SET OFFSETS '[{"KEY": {"task": 0}, "VALUE": {"seq": 89}}]'"#,
+    )?;
+    let offsets = c.sql(0, "SELECT `KEY`, `VALUE` FROM information_schema.PIPELINES_SOURCE_OFFSETS WHERE PIPELINE_NAME = 'g'")?.rows;
+    assert_eq!(
+        offsets,
+        vec![vec![
+            r#"{"task":0}"#.to_string(),
+            r#"{"seq":89}"#.to_string()
+        ]]
+    );
+    c.sql(0, "USE alt; START PIPELINE g FOREGROUND")?;
+    assert_eq!(count(&c, 0, "alt", "g"), Some(110));
+    c.sql(0, "USE alt; ALTER PIPELINE g SET OFFSETS EARLIEST")?;
+    c.sql(0, "USE alt; START PIPELINE g FOREGROUND")?;
+    assert_eq!(count(&c, 0, "alt", "g"), Some(210));
+    let create = c
+        .sql(0, "USE alt; SHOW CREATE PIPELINE g")?
+        .rows
+        .concat()
+        .join(" ");
+    assert!(create.contains("BATCH_INTERVAL 200"), "{create}");
+    let err = c
+        .sql(0, "USE alt; ALTER PIPELINE g SET CONFIG 'nope'")
+        .expect_err("bad json")
+        .to_string();
+    assert!(err.contains("not valid JSON"), "{err}");
+    Ok(())
+}
