@@ -12,8 +12,8 @@ cargo build --workspace --bins --tests --locked
 echo "== cargo fmt --check, clippy"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-echo "== cargo test (unit tests, then the real-process tests three at a time on this 2-core box)"
-cargo test --workspace --locked --exclude integration-tests
-cargo test -p integration-tests --locked -- --test-threads 3
+echo "== cargo test (unit tests and the real-process tests, three at a time on this 2-core box)"
+# One invocation over the whole workspace: the same features as the build, so nothing rebuilds.
+cargo test --workspace --locked -- --test-threads 3
 echo "== python client tests"
 SHARDLINE_BIN_DIR="$REPO_ROOT/target/debug" "$REPO_ROOT/.venv/bin/python" -m pytest -q integration-tests/python
