@@ -35,6 +35,10 @@ pub struct AggregatorConfig {
     #[arg(long, env = "SHARDLINE_MYSQL_ADVERTISE")]
     pub mysql_advertise: Option<String>,
 
+    /// Address to serve Prometheus metrics on (`GET /metrics`); off when not given.
+    #[arg(long, env = "SHARDLINE_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+
     /// Directory for the Raft log, snapshots and hard state.
     #[arg(long, env = "SHARDLINE_DATA_DIR", default_value = "./data/aggregator")]
     pub data_dir: PathBuf,

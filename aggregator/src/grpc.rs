@@ -14,6 +14,7 @@ pub struct AggregatorServiceImpl {
     pub leaves: Arc<LeafMonitor>,
     pub connections: Arc<AtomicUsize>,
     pub mysql_address: String,
+    pub metrics: Arc<common::metrics::Metrics>,
 }
 
 #[tonic::async_trait]
@@ -89,12 +90,18 @@ impl proto::aggregator_server::Aggregator for AggregatorServiceImpl {
         let batch: common::catalog::pipelines::BatchCommit =
             serde_json::from_slice(&request.into_inner().batch_json)
                 .map_err(|e| Status::invalid_argument(format!("bad batch: {e}")))?;
+        let rows = batch.rows;
         let resp = match batches::commit(&self.raft, batch).await? {
-            Ok(batch_id) => proto::CommitBatchResponse {
-                committed: true,
-                batch_id,
-                reason: String::new(),
-            },
+            Ok(batch_id) => {
+                self.metrics.add("shardline_batches_committed_total", 1.0);
+                self.metrics
+                    .add("shardline_rows_committed_total", rows as f64);
+                proto::CommitBatchResponse {
+                    committed: true,
+                    batch_id,
+                    reason: String::new(),
+                }
+            }
             Err(reason) => proto::CommitBatchResponse {
                 committed: false,
                 batch_id: 0,

@@ -32,6 +32,7 @@ pub async fn run(
     config: AggregatorConfig,
     grpc_listener: TcpListener,
     mysql_listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     config.validate()?;
@@ -54,11 +55,58 @@ pub async fn run(
         config.leaf_heartbeat_timeout(),
     ));
 
+    let metrics = Arc::new(common::metrics::Metrics::default());
+    metrics.describe(
+        "shardline_batches_committed_total",
+        "Batches committed through Raft by this master.",
+    );
+    metrics.describe(
+        "shardline_task_assignments_total",
+        "Tasks (re)assigned to leaves by this master.",
+    );
+    metrics.describe("shardline_raft_term", "Current Raft term.");
+    metrics.describe(
+        "shardline_raft_is_leader",
+        "1 while this aggregator is the master.",
+    );
+    if let Some(listener) = metrics_listener {
+        let m = metrics.clone();
+        let r = raft.clone();
+        let c = engine.connections.clone();
+        let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
+            let st = r.status();
+            m.set("shardline_raft_term", st.term as f64);
+            m.set(
+                "shardline_raft_is_leader",
+                f64::from(u8::from(st.is_leader())),
+            );
+            m.set(
+                "shardline_raft_leader_node",
+                st.leader.map_or(0.0, |l| l.0 as f64),
+            );
+            m.set("shardline_raft_applied_index", st.applied as f64);
+            m.set(
+                "shardline_mysql_connections",
+                c.load(std::sync::atomic::Ordering::Relaxed) as f64,
+            );
+            m.render()
+        });
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            if let Err(e) =
+                common::metrics::serve(listener, render, async move { stop.cancelled().await })
+                    .await
+            {
+                tracing::error!("metrics server failed: {e}");
+            }
+        });
+    }
     let service = grpc::AggregatorServiceImpl {
         raft: raft.clone(),
         leaves: leaves.clone(),
         connections: engine.connections.clone(),
         mysql_address: config.mysql_address(),
+        metrics: metrics.clone(),
     };
     let grpc_shutdown = shutdown.clone();
     tasks.spawn(async move {
@@ -87,7 +135,11 @@ pub async fn run(
     let monitor_shutdown = shutdown.clone();
     tasks.spawn(async move { leaves.run(monitor_shutdown).await });
 
-    tasks.spawn(cluster::scheduler::run(raft.clone(), shutdown.clone()));
+    tasks.spawn(cluster::scheduler::run(
+        raft.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
 
     tasks.spawn(announce_mysql_address(
         raft.clone(),

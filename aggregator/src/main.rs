@@ -62,9 +62,19 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let metrics = match &config.metrics_listen {
+        Some(addr) => match bind("metrics", addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!("aggregator: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
     let token = CancellationToken::new();
     tokio::spawn(shutdown_signal(token.clone()));
-    match aggregator::run(config, grpc, mysql, token).await {
+    match aggregator::run(config, grpc, mysql, metrics, token).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("aggregator: {e}");

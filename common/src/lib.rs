@@ -6,6 +6,7 @@
 //! - [`connect`]: the connector API (Kafka Connect shaped), Avro, Kinesis and datagen.
 //! - [`json`]: SingleStore's JSON/base64 function semantics;
 //! - [`expr`]: computed-column expressions, evaluated where rows are written;
+//! - [`metrics`]: Prometheus counters and gauges;
 //! - [`variables`]: engine variables, their defaults and validation.
 //! - [`error`]: the catalog error type.
 
@@ -16,6 +17,7 @@ pub mod error;
 pub mod expr;
 pub mod ids;
 pub mod json;
+pub mod metrics;
 pub mod variables;
 
 pub use error::{Error, Result};

@@ -21,6 +21,10 @@ pub struct LeafConfig {
     #[arg(long, env = "SHARDLINE_AGGREGATORS", default_value = "127.0.0.1:7001")]
     pub aggregators: String,
 
+    /// Address to serve Prometheus metrics on (`GET /metrics`); off when not given.
+    #[arg(long, env = "SHARDLINE_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+
     /// Directory for the leaf's partition store.
     #[arg(long, env = "SHARDLINE_DATA_DIR", default_value = "./data/leaf")]
     pub data_dir: PathBuf,

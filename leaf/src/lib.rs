@@ -25,6 +25,7 @@ use tokio_util::task::TaskTracker;
 pub async fn run(
     config: LeafConfig,
     listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     config.validate()?;
@@ -42,12 +43,47 @@ pub async fn run(
     })?;
     let tasks = TaskTracker::new();
     let state = Arc::new(membership::Membership::default());
+    let metrics = Arc::new(common::metrics::Metrics::default());
+    metrics.describe(
+        "shardline_rows_loaded_total",
+        "Rows this leaf loaded in committed batches.",
+    );
+    metrics.describe(
+        "shardline_bytes_loaded_total",
+        "Source bytes this leaf loaded in committed batches.",
+    );
+    metrics.describe(
+        "shardline_batches_committed_total",
+        "Batches this leaf committed.",
+    );
+    metrics.describe(
+        "shardline_batches_failed_total",
+        "Batches refused or failed on this leaf.",
+    );
+    metrics.describe(
+        "shardline_commit_seconds_sum",
+        "Time from a batch's prepare to its commit.",
+    );
+    if let Some(listener) = metrics_listener {
+        let m = metrics.clone();
+        let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || m.render());
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            if let Err(e) =
+                common::metrics::serve(listener, render, async move { stop.cancelled().await })
+                    .await
+            {
+                tracing::error!("metrics server failed: {e}");
+            }
+        });
+    }
     let manager = Arc::new(tasks::TaskManager::new(
         store.clone(),
         config.aggregator_addresses(),
         config.advertise_address(),
         tasks.clone(),
         shutdown.clone(),
+        metrics.clone(),
     ));
     let service = grpc::LeafServiceImpl {
         membership: state.clone(),

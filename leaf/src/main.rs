@@ -25,6 +25,16 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let metrics = match &config.metrics_listen {
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!("leaf: cannot listen for metrics on {addr}: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
     let token = CancellationToken::new();
     let signal_token = token.clone();
     tokio::spawn(async move {
@@ -42,7 +52,7 @@ async fn main() -> ExitCode {
         let _ = tokio::signal::ctrl_c().await;
         signal_token.cancel();
     });
-    match leaf::run(config, listener, token).await {
+    match leaf::run(config, listener, metrics, token).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("leaf: {e}");

@@ -66,6 +66,7 @@ pub struct TaskManager {
     running: Mutex<HashMap<(u64, u32), Running>>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
+    metrics: Arc<common::metrics::Metrics>,
 }
 
 impl TaskManager {
@@ -75,6 +76,7 @@ impl TaskManager {
         address: String,
         tasks: TaskTracker,
         shutdown: CancellationToken,
+        metrics: Arc<common::metrics::Metrics>,
     ) -> Self {
         Self {
             store,
@@ -83,6 +85,7 @@ impl TaskManager {
             running: Mutex::new(HashMap::new()),
             tasks,
             shutdown,
+            metrics,
         }
     }
 
@@ -148,6 +151,7 @@ impl TaskManager {
                 // Unique per epoch even across restarts of this task or of the leaf: the master
                 // recognises a retried commit by (epoch, seq).
                 next_seq: now_ms().saturating_mul(1000),
+                metrics: self.metrics.clone(),
                 store: self.store.clone(),
                 client: MasterClient::new(self.aggregators.clone()),
                 address: self.address.clone(),
@@ -205,6 +209,7 @@ async fn resolve(
 
 struct Runner {
     next_seq: u64,
+    metrics: Arc<common::metrics::Metrics>,
     store: Store,
     client: MasterClient,
     address: String,
@@ -418,14 +423,36 @@ impl Runner {
                 bytes: records.iter().map(|r| r.size as u64).sum(),
                 num_partitions: used.len() as u32,
             };
+            let (rows_n, bytes_n) = (commit.rows, commit.bytes);
+            let committing = Instant::now();
+            let label = format!("{{pipeline=\"{}\"}}", common::metrics::label(&a.pipeline));
             match self.commit(key, commit).await? {
                 Outcome::Continue => {
+                    let m = &self.metrics;
+                    m.add(
+                        &format!("shardline_rows_loaded_total{label}"),
+                        rows_n as f64,
+                    );
+                    m.add(
+                        &format!("shardline_bytes_loaded_total{label}"),
+                        bytes_n as f64,
+                    );
+                    m.add(&format!("shardline_batches_committed_total{label}"), 1.0);
+                    m.add(
+                        &format!("shardline_commit_seconds_sum{label}"),
+                        committing.elapsed().as_secs_f64(),
+                    );
+                    m.add(&format!("shardline_commit_seconds_count{label}"), 1.0);
                     for (k, v) in last {
                         committed.offsets.insert(k, v);
                     }
                     task.commit(&committed);
                 }
-                Outcome::Refused(reason) => return Err(RunError::Refused(reason)),
+                Outcome::Refused(reason) => {
+                    self.metrics
+                        .add(&format!("shardline_batches_failed_total{label}"), 1.0);
+                    return Err(RunError::Refused(reason));
+                }
             }
         }
     }

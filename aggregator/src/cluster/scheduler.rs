@@ -71,7 +71,11 @@ pub fn plan(catalog: &Catalog) -> Vec<Command> {
 }
 
 /// Applies [`plan`] while this node is the master.
-pub async fn run(raft: RaftHandle, shutdown: CancellationToken) {
+pub async fn run(
+    raft: RaftHandle,
+    metrics: std::sync::Arc<common::metrics::Metrics>,
+    shutdown: CancellationToken,
+) {
     let mut ticker = tokio::time::interval(Duration::from_millis(200));
     loop {
         tokio::select! {
@@ -95,6 +99,7 @@ pub async fn run(raft: RaftHandle, shutdown: CancellationToken) {
                 tracing::warn!("task assignment failed: {e}");
                 break;
             }
+            metrics.add("shardline_task_assignments_total", 1.0);
         }
     }
 }

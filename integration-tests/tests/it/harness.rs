@@ -190,6 +190,8 @@ pub struct ClusterSpec {
     pub aggregator_args: Vec<String>,
     /// Extra environment for every leaf (e.g. the Kinesis endpoint).
     pub leaf_env: Vec<(String, String)>,
+    /// Serve /metrics on every node.
+    pub metrics: bool,
 }
 
 impl Default for ClusterSpec {
@@ -200,6 +202,7 @@ impl Default for ClusterSpec {
             password: String::new(),
             aggregator_args: vec![],
             leaf_env: vec![],
+            metrics: false,
         }
     }
 }
@@ -211,6 +214,8 @@ pub struct Cluster {
     pub leaves: Vec<Node>,
     pub mysql_ports: Vec<u16>,
     pub password: String,
+    /// /metrics ports: aggregators first, then leaves (when `ClusterSpec::metrics`).
+    pub metrics_ports: Vec<u16>,
 }
 
 impl Cluster {
@@ -229,6 +234,15 @@ impl Cluster {
             .map(|p| format!("127.0.0.1:{p}"))
             .collect::<Vec<_>>()
             .join(",");
+        let mut metrics_ports = Vec::new();
+        let mut metrics_args = || -> Vec<String> {
+            if !spec.metrics {
+                return vec![];
+            }
+            let port = free_port();
+            metrics_ports.push(port);
+            vec!["--metrics-listen".into(), format!("127.0.0.1:{port}")]
+        };
         let mut aggregators = Vec::new();
         for i in 0..spec.aggregators {
             let name = format!("aggregator-{}", i + 1);
@@ -247,6 +261,7 @@ impl Cluster {
                 spec.password.clone(),
             ];
             args.extend(spec.aggregator_args.iter().cloned());
+            args.extend(metrics_args());
             aggregators.push(Node {
                 log: dir.path().join(format!("{name}.log")),
                 name,
@@ -259,7 +274,7 @@ impl Cluster {
         let mut leaves = Vec::new();
         for i in 0..spec.leaves {
             let name = format!("leaf-{}", i + 1);
-            let args: Vec<String> = vec![
+            let mut args: Vec<String> = vec![
                 "--listen".into(),
                 format!("127.0.0.1:{}", free_port()),
                 "--aggregators".into(),
@@ -267,6 +282,7 @@ impl Cluster {
                 "--data-dir".into(),
                 dir.path().join(&name).to_string_lossy().into(),
             ];
+            args.extend(metrics_args());
             leaves.push(Node {
                 log: dir.path().join(format!("{name}.log")),
                 name,
@@ -282,6 +298,7 @@ impl Cluster {
             leaves,
             mysql_ports,
             password: spec.password,
+            metrics_ports,
         };
         for n in cluster
             .aggregators
@@ -364,6 +381,26 @@ impl Drop for Cluster {
             let _ = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir")).keep();
         }
     }
+}
+
+/// `GET /metrics` from a node: the Prometheus text.
+pub fn scrape(port: u16) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())
+}
+
+/// The sum of every sample of a metric family in Prometheus text.
+pub fn metric_sum(text: &str, family: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(family) && !l.starts_with('#'))
+        .filter(|l| l[family.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// A Kinesis emulator process on a free loopback port: moto_server (the independent peer)

@@ -1162,3 +1162,51 @@ fn alter_pipeline_moves_offsets_and_settings() -> Result<()> {
     assert!(err.contains("not valid JSON"), "{err}");
     Ok(())
 }
+
+#[test]
+fn every_node_serves_prometheus_metrics() -> Result<()> {
+    use crate::harness::{metric_sum, scrape};
+    let mut c = Cluster::start(ClusterSpec {
+        metrics: true,
+        ..Default::default()
+    })?;
+    let m = c.wait_for_master(START)?;
+    c.wait_for_leaves_online(m, 2, START)?;
+    setup(&c, m, "met")?;
+    c.sql(m, &format!("USE met; CREATE INFERRED PIPELINE gen AS LOAD DATA KAFKACONNECT 'datagen' CONFIG '{}' FORMAT AVRO", datagen_config(500)))?;
+    c.sql(m, "USE met; START PIPELINE gen FOREGROUND")?;
+    let aggs: Vec<String> = (0..3)
+        .map(|i| scrape(c.metrics_ports[i]))
+        .collect::<Result<_>>()?;
+    let leaves: Vec<String> = (3..5)
+        .map(|i| scrape(c.metrics_ports[i]))
+        .collect::<Result<_>>()?;
+    assert_eq!(
+        aggs.iter()
+            .map(|t| metric_sum(t, "shardline_raft_is_leader"))
+            .sum::<f64>(),
+        1.0
+    );
+    assert_eq!(metric_sum(&aggs[m], "shardline_raft_is_leader"), 1.0);
+    assert!(
+        metric_sum(&aggs[m], "shardline_batches_committed_total") >= 1.0,
+        "{}",
+        aggs[m]
+    );
+    assert!(
+        metric_sum(&aggs[m], "shardline_task_assignments_total") >= 2.0,
+        "{}",
+        aggs[m]
+    );
+    assert_eq!(
+        leaves
+            .iter()
+            .map(|t| metric_sum(t, "shardline_rows_loaded_total"))
+            .sum::<f64>(),
+        1000.0
+    );
+    assert!(leaves
+        .iter()
+        .all(|t| t.contains("# TYPE shardline_rows_loaded_total counter")));
+    Ok(())
+}
