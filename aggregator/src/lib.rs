@@ -92,14 +92,9 @@ pub async fn run(
             m.render()
         });
         let stop = shutdown.clone();
-        tasks.spawn(async move {
-            if let Err(e) =
-                common::metrics::serve(listener, render, async move { stop.cancelled().await })
-                    .await
-            {
-                tracing::error!("metrics server failed: {e}");
-            }
-        });
+        tasks.spawn(common::metrics::serve(listener, render, async move {
+            stop.cancelled().await
+        }));
     }
     let service = grpc::AggregatorServiceImpl {
         raft: raft.clone(),

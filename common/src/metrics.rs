@@ -74,12 +74,13 @@ pub fn label(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// Serves `GET /metrics` (the text of `render`) until `shutdown` completes.
+/// Serves `GET /metrics` (the text of `render`) until `shutdown` completes; a failure is
+/// logged (metrics never take a node down).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     render: std::sync::Arc<dyn Fn() -> String + Send + Sync>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+) {
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
@@ -87,9 +88,12 @@ pub async fn serve(
             async move { ([("content-type", "text/plain; version=0.0.4")], render()) }
         }),
     );
-    axum::serve(listener, app)
+    if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
+    {
+        tracing::error!("metrics server failed: {e}");
+    }
 }
 
 #[cfg(test)]

@@ -68,14 +68,9 @@ pub async fn run(
         let m = metrics.clone();
         let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || m.render());
         let stop = shutdown.clone();
-        tasks.spawn(async move {
-            if let Err(e) =
-                common::metrics::serve(listener, render, async move { stop.cancelled().await })
-                    .await
-            {
-                tracing::error!("metrics server failed: {e}");
-            }
-        });
+        tasks.spawn(common::metrics::serve(listener, render, async move {
+            stop.cancelled().await
+        }));
     }
     let manager = Arc::new(tasks::TaskManager::new(
         store.clone(),

@@ -99,6 +99,19 @@ async fn put_records(
     Ok(out)
 }
 
+/// A cluster whose leaves reach `kinesis`, once a master is elected and every leaf is online,
+/// with `db` created and the pipeline variables set; returns it and the master's index.
+fn pipeline_cluster(kinesis: &Moto, spec: ClusterSpec, db: &str) -> Result<(Cluster, usize)> {
+    let mut c = Cluster::start(ClusterSpec {
+        leaf_env: kinesis.leaf_env(),
+        ..spec
+    })?;
+    let m = c.wait_for_master(START)?;
+    c.wait_for_leaves_online(m, c.leaves.len(), START)?;
+    setup(&c, m, db)?;
+    Ok((c, m))
+}
+
 fn setup(c: &Cluster, m: usize, db: &str) -> Result<()> {
     c.sql(
         m,
@@ -574,13 +587,13 @@ fn resharding_mid_stream_loses_and_doubles_nothing() -> Result<()> {
     let moto = Moto::sim(&[])?;
     let rt = runtime();
     let kinesis = moto.client();
-    let mut c = Cluster::start(ClusterSpec {
-        leaf_env: moto.leaf_env(),
-        ..Default::default()
-    })?;
-    let m = c.wait_for_master(START)?;
-    c.wait_for_leaves_online(m, 2, START)?;
-    setup(&c, m, "reshard")?;
+    let (c, m) = pipeline_cluster(
+        &moto,
+        ClusterSpec {
+            ..Default::default()
+        },
+        "reshard",
+    )?;
     rt.block_on(create_stream(&kinesis, "reshard-stream", 2))?;
     let batch = |from: usize, n: usize| -> Vec<(String, Vec<u8>)> {
         (from..from + n)
@@ -650,14 +663,14 @@ fn a_frozen_leaf_that_wakes_up_doubles_nothing() -> Result<()> {
     let moto = Moto::start()?;
     let rt = runtime();
     let kinesis = moto.client();
-    let mut c = Cluster::start(ClusterSpec {
-        leaf_env: moto.leaf_env(),
-        aggregator_args: vec!["--leaf-heartbeat-timeout-ms".into(), "1000".into()],
-        ..Default::default()
-    })?;
-    let m = c.wait_for_master(START)?;
-    c.wait_for_leaves_online(m, 2, START)?;
-    setup(&c, m, "fence")?;
+    let (c, m) = pipeline_cluster(
+        &moto,
+        ClusterSpec {
+            aggregator_args: vec!["--leaf-heartbeat-timeout-ms".into(), "1000".into()],
+            ..Default::default()
+        },
+        "fence",
+    )?;
     rt.block_on(create_stream(&kinesis, "fence-stream", 2))?;
     c.sql(
         m,
@@ -883,13 +896,13 @@ fn the_spec_computed_columns_work_for_old_and_new_rows_while_running() -> Result
     let sim = Moto::sim(&[])?;
     let rt = runtime();
     let kinesis = sim.client();
-    let mut c = Cluster::start(ClusterSpec {
-        leaf_env: sim.leaf_env(),
-        ..Default::default()
-    })?;
-    let m = c.wait_for_master(START)?;
-    c.wait_for_leaves_online(m, 2, START)?;
-    setup(&c, m, "cc")?;
+    let (c, m) = pipeline_cluster(
+        &sim,
+        ClusterSpec {
+            ..Default::default()
+        },
+        "cc",
+    )?;
     rt.block_on(create_stream(&kinesis, "kinesis-data-stream", 1))?;
     let spec: Vec<(String, Vec<u8>)> = [
         (1, "first", "user-a"),
