@@ -19,7 +19,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "== creating Python venv at $VENV"
   python3 -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c "import pymysql, pytest, moto, boto3, flask" 2>/dev/null; then
+if ! "$VENV/bin/python" -c "import pymysql, pytest, moto, boto3, flask, kubernetes_validate" 2>/dev/null; then
   echo "== pip install (test clients)"
   "$VENV/bin/pip" install -q --disable-pip-version-check -r "$REPO_ROOT/scripts/requirements.txt"
 fi

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The test command: installs what is missing, builds the debug binaries once, runs the Rust
-# unit and integration tests (real processes), then the Python client tests (pymysql and the
-# mariadb CLI against a cluster started by deploy/local/up.sh).
+# The test command: installs what is missing, builds the debug binaries once, builds the container
+# image from them and validates the Kubernetes manifests, runs the Rust unit and integration tests
+# (real processes, the CI chaos profile among them), then the Python tests (pymysql and the mariadb
+# CLI against deploy/local/up.sh, Kinesis conformance, and the docker-compose cluster).
 set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO_ROOT"
@@ -12,8 +13,11 @@ cargo build --workspace --bins --tests --locked
 echo "== cargo fmt --check, clippy"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== container image (debootstrap base, debug binaries) and Kubernetes manifests"
+BIN_DIR="$REPO_ROOT/target/debug" bash deploy/docker/build.sh
+bash deploy/k8s/validate.sh
 echo "== cargo test (unit tests and the real-process tests, three at a time on this 2-core box)"
 # One invocation over the whole workspace: the same features as the build, so nothing rebuilds.
 cargo test --workspace --locked -- --test-threads 3
 echo "== python client tests"
-SHARDLINE_BIN_DIR="$REPO_ROOT/target/debug" "$REPO_ROOT/.venv/bin/python" -m pytest -q integration-tests/python
+SHARDLINE_BIN_DIR="$REPO_ROOT/target/debug" "$REPO_ROOT/.venv/bin/python" -m pytest -q -rs integration-tests/python

@@ -43,6 +43,11 @@ pub struct AggregatorConfig {
     #[arg(long, env = "SHARDLINE_DATA_DIR", default_value = "./data/aggregator")]
     pub data_dir: PathBuf,
 
+    /// Refuse to start unless the data directory is a mounted volume (the container image sets
+    /// this, so a container started without its volume fails instead of losing its data).
+    #[arg(long, env = "SHARDLINE_REQUIRE_VOLUME")]
+    pub require_volume: bool,
+
     /// Password of the MySQL user `root`. Empty (the default) allows a password-less login.
     #[arg(
         long,
@@ -133,10 +138,23 @@ impl AggregatorConfig {
                 )));
             }
         }
-        if !peers.contains_key(&NodeId(self.node_id)) {
+        let Some(own) = peers.get(&NodeId(self.node_id)) else {
             return Err(ConfigError(format!(
                 "--node-id {} is not in --peers ({})",
                 self.node_id, self.peers
+            )));
+        };
+        if *own != self.grpc_address() {
+            return Err(ConfigError(format!(
+                "--peers gives node {} the address {own}, but this node's gRPC address is {} (set --grpc-advertise to the address the peers use)",
+                self.node_id,
+                self.grpc_address()
+            )));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        if let Some(dup) = peers.values().find(|a| !seen.insert(a.as_str())) {
+            return Err(ConfigError(format!(
+                "address {dup} appears twice in --peers"
             )));
         }
         Ok(peers)
@@ -205,9 +223,36 @@ mod tests {
 
     #[test]
     fn peers_parse_and_validate() {
-        let c = cfg(&["--node-id", "2", "--peers", "1=a:1,2=b:2,3=c:3"]);
+        let c = cfg(&[
+            "--node-id",
+            "2",
+            "--peers",
+            "1=a:1,2=b:2,3=c:3",
+            "--grpc-advertise",
+            "b:2",
+        ]);
         c.validate().unwrap();
         assert_eq!(c.peer_map().unwrap().len(), 3);
+        // The peers must reach this node where it says it is, and at one address per node.
+        let c = cfg(&["--node-id", "2", "--peers", "1=a:1,2=b:2,3=c:3"]);
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("gives node 2 the address b:2"));
+        let c = cfg(&[
+            "--node-id",
+            "1",
+            "--peers",
+            "1=a:1,2=a:1",
+            "--grpc-advertise",
+            "a:1",
+        ]);
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("appears twice"));
         for bad in ["1=a:1,1=b:2", "x=a:1", "1=a", "1=a:99999", "0=a:1", "2"] {
             let c = cfg(&["--node-id", "1", "--peers", bad]);
             assert!(c.validate().is_err(), "{bad} should be rejected");

@@ -36,12 +36,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     config.validate()?;
-    std::fs::create_dir_all(&config.data_dir).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot create data directory {}: {e}",
-            config.data_dir.display()
-        )
-    })?;
+    common::datadir::prepare(&config.data_dir, config.require_volume)
+        .map_err(anyhow::Error::msg)?;
     let tasks = TaskTracker::new();
     let raft = raft::RaftHandle::start(&config, &tasks, shutdown.clone()).map_err(|e| {
         anyhow::anyhow!(
@@ -104,6 +100,11 @@ pub async fn run(
         metrics: metrics.clone(),
     };
     let grpc_shutdown = shutdown.clone();
+    let ready_raft = raft.clone();
+    let health = common::health::service(
+        move || ready_raft.status().leader.is_some(),
+        shutdown.clone().cancelled_owned(),
+    );
     tasks.spawn(async move {
         let server = proto::aggregator_server::AggregatorServer::new(service)
             .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
@@ -111,6 +112,7 @@ pub async fn run(
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
         if let Err(e) = tonic::transport::Server::builder()
             .add_service(server)
+            .add_service(health)
             .serve_with_incoming_shutdown(incoming, grpc_shutdown.cancelled())
             .await
         {

@@ -13,8 +13,10 @@
 pub mod arrow;
 pub mod catalog;
 pub mod connect;
+pub mod datadir;
 pub mod error;
 pub mod expr;
+pub mod health;
 pub mod ids;
 pub mod json;
 pub mod metrics;

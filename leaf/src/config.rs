@@ -29,6 +29,11 @@ pub struct LeafConfig {
     #[arg(long, env = "SHARDLINE_DATA_DIR", default_value = "./data/leaf")]
     pub data_dir: PathBuf,
 
+    /// Refuse to start unless the data directory is a mounted volume (the container image sets
+    /// this, so a container started without its volume fails instead of losing its data).
+    #[arg(long, env = "SHARDLINE_REQUIRE_VOLUME")]
+    pub require_volume: bool,
+
     /// How often the leaf reports to the master aggregator.
     #[arg(long, env = "SHARDLINE_HEARTBEAT_INTERVAL_MS", default_value_t = 250)]
     pub heartbeat_interval_ms: u64,

@@ -29,12 +29,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     config.validate()?;
-    std::fs::create_dir_all(&config.data_dir).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot create data directory {}: {e}",
-            config.data_dir.display()
-        )
-    })?;
+    common::datadir::prepare(&config.data_dir, config.require_volume)
+        .map_err(anyhow::Error::msg)?;
     let store = store::Store::open(&config.data_dir.join("store")).map_err(|e| {
         anyhow::anyhow!(
             "cannot open the partition store in {}: {e}",
@@ -85,10 +81,16 @@ pub async fn run(
         store: store.clone(),
     };
     let grpc_shutdown = shutdown.clone();
+    let ready_state = state.clone();
+    let health = common::health::service(
+        move || ready_state.reaches_master(),
+        shutdown.clone().cancelled_owned(),
+    );
     tasks.spawn(async move {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         if let Err(e) = tonic::transport::Server::builder()
             .add_service(proto::leaf_server::LeafServer::new(service))
+            .add_service(health)
             .serve_with_incoming_shutdown(incoming, grpc_shutdown.cancelled())
             .await
         {

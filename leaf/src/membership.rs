@@ -7,7 +7,7 @@
 use crate::client::{CallError, MasterClient};
 use crate::config::LeafConfig;
 use crate::tasks::TaskManager;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -17,6 +17,8 @@ use tokio_util::sync::CancellationToken;
 pub struct Membership {
     /// 0 until registered.
     leaf_id: AtomicU64,
+    /// The last call to the master succeeded.
+    reachable: AtomicBool,
 }
 
 impl Membership {
@@ -25,6 +27,11 @@ impl Membership {
             0 => None,
             id => Some(id),
         }
+    }
+
+    /// Registered, and the last heartbeat reached the master (the leaf's readiness).
+    pub fn reaches_master(&self) -> bool {
+        self.leaf_id().is_some() && self.reachable.load(Ordering::Relaxed)
     }
 }
 
@@ -82,6 +89,7 @@ pub async fn heartbeat_loop(
             Ok(None) => Ok(()),
             Err(e) => Err(e),
         };
+        state.reachable.store(result.is_ok(), Ordering::Relaxed);
         match result {
             Ok(()) => {
                 if failing {

@@ -137,6 +137,13 @@ fn start_up_configuration_errors_exit_with_one_clear_line() -> Result<()> {
             "HOST:PORT",
         ),
         (vec!["--node-id", "1", "--peers", "1=a:1,1=b:2"], "twice"),
+        // The peers would look for this node elsewhere than where it listens.
+        (
+            vec!["--node-id", "1", "--peers", "1=127.0.0.1:1,2=127.0.0.1:2"],
+            "gives node 1 the address 127.0.0.1:1",
+        ),
+        // A data directory that is not a volume when one is required (as in the image).
+        (vec!["--require-volume"], "is not a mounted volume"),
     ];
     for (extra, words) in cases {
         let mut args: Vec<&str> = base.to_vec();
@@ -191,5 +198,16 @@ fn start_up_configuration_errors_exit_with_one_clear_line() -> Result<()> {
         .output()?;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--aggregators"));
+    let out = Command::new(crate::harness::bin_dir().join("leaf"))
+        .args(["--data-dir", &data, "--listen", &grpc])
+        .env("SHARDLINE_REQUIRE_VOLUME", "true")
+        .output()?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.lines().filter(|l| l.starts_with("leaf:")).count() == 1
+            && err.contains("is not a mounted volume"),
+        "{err}"
+    );
     Ok(())
 }

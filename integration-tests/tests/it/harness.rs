@@ -114,6 +114,12 @@ impl Node {
         Ok(())
     }
 
+    /// The value of a flag this node was started with (e.g. `--listen`).
+    pub fn arg(&self, flag: &str) -> Option<&str> {
+        let at = self.args.iter().position(|a| a == flag)?;
+        self.args.get(at + 1).map(String::as_str)
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }

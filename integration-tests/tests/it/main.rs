@@ -2,6 +2,7 @@
 //! Build the binaries first: `cargo build --bins` (the README's test command does).
 
 mod bad_input;
+mod chaos;
 mod cluster;
 mod harness;
 mod kinesis;
