@@ -60,6 +60,10 @@ pub async fn run(
         "shardline_commit_seconds_sum",
         "Time from a batch's prepare to its commit.",
     );
+    metrics.describe(
+        "shardline_source_lag_millis",
+        "How far behind the newest record of the source each read partition is (Kinesis MillisBehindLatest per shard).",
+    );
     if let Some(listener) = metrics_listener {
         let m = metrics.clone();
         let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || m.render());

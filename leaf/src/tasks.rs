@@ -338,6 +338,16 @@ impl Runner {
                     p = task.poll(batch_size - records.len(), deadline) => p.map_err(|e| RunError::Failed(e.to_string()))?,
                 };
                 let ended = !poll.finished.is_empty();
+                for (partition, ms) in &poll.lag_ms {
+                    self.metrics.set(
+                        &format!(
+                            "shardline_source_lag_millis{{pipeline=\"{}\",partition=\"{}\"}}",
+                            common::metrics::label(&a.pipeline),
+                            common::metrics::label(partition)
+                        ),
+                        *ms as f64,
+                    );
+                }
                 records.extend(poll.records);
                 finished.extend(poll.finished);
                 if Instant::now() >= deadline || ended {

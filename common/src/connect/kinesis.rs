@@ -580,6 +580,9 @@ impl KinesisTask {
         match result {
             Ok(out) => {
                 let got = out.records().len();
+                if let Some(ms) = out.millis_behind_latest {
+                    poll.lag_ms.push((shard.to_string(), ms.max(0) as u64));
+                }
                 for r in out.records {
                     let seq = r.sequence_number;
                     let pk = r.partition_key.unwrap_or_default();

@@ -73,6 +73,9 @@ pub struct Poll {
     pub records: Vec<SourceRecord>,
     /// Source partitions that ended (read to their end) with the offset they ended at.
     pub finished: Vec<(String, Json)>,
+    /// How far behind the source's newest record each read partition is (name, milliseconds):
+    /// Kinesis's MillisBehindLatest per shard.
+    pub lag_ms: Vec<(String, u64)>,
 }
 
 /// The connector: validation and splitting work into tasks.

@@ -155,6 +155,7 @@ fn run(total_faults: usize) -> Result<()> {
         &sim,
         ClusterSpec {
             leaves: 3,
+            metrics: true,
             aggregator_args: vec![
                 "--leaf-heartbeat-timeout-ms".into(),
                 HEARTBEAT_TIMEOUT_MS.to_string(),
@@ -319,6 +320,17 @@ fn run(total_faults: usize) -> Result<()> {
         vec![vec![PIPELINE.to_string(), "Running".to_string()]],
         "no pipeline in Error"
     );
+    // Per-shard lag (MillisBehindLatest) is exported by the leaves reading the shards.
+    let lag_samples: usize = c.metrics_ports[c.aggregators.len()..]
+        .iter()
+        .filter_map(|p| crate::harness::scrape(*p).ok())
+        .map(|t| {
+            t.lines()
+                .filter(|l| l.starts_with("shardline_source_lag_millis{"))
+                .count()
+        })
+        .sum();
+    assert!(lag_samples > 0, "no shardline_source_lag_millis samples");
     println!("chaos: duplicates 0, missing 0, offsets = last sequence number per shard");
     Ok(())
 }
