@@ -1,6 +1,8 @@
 //! Task scheduling on the master: every task of a running pipeline runs on an online leaf
 //! that holds partitions of the pipeline's database; a task whose leaf is lost moves to the
-//! least loaded live leaf with a new epoch (which fences the old one).
+//! least loaded live leaf with a new epoch (which fences the old one). When a pipeline's tasks
+//! are uneven over the leaves that could run them (a leaf came back, or joined and got
+//! partitions by REBALANCE PARTITIONS), one task at a time moves from the busiest to the idlest.
 
 use crate::raft::RaftHandle;
 use common::catalog::pipelines::PipelineState;
@@ -43,6 +45,7 @@ pub fn plan(catalog: &Catalog) -> Vec<Command> {
                 v
             })
             .unwrap_or_default();
+        let mut moved = false;
         for t in &p.tasks {
             let healthy = t.epoch != 0
                 && t.leaf
@@ -64,10 +67,48 @@ pub fn plan(catalog: &Catalog) -> Vec<Command> {
                     task_id: t.task_id,
                     leaf: Some(leaf),
                 });
+                moved = true;
+            }
+        }
+        if !moved {
+            if let Some(cmd) = even_out(p, &holders, &load) {
+                out.push(cmd);
             }
         }
     }
     out
+}
+
+/// One task move that evens out a pipeline whose healthy tasks differ by two or more between
+/// the online leaves able to run them; `None` when it is even enough.
+fn even_out(
+    p: &common::catalog::pipelines::Pipeline,
+    holders: &[LeafId],
+    online: &BTreeMap<LeafId, usize>,
+) -> Option<Command> {
+    let mut count: BTreeMap<LeafId, usize> = holders
+        .iter()
+        .filter(|l| online.contains_key(l))
+        .map(|l| (*l, 0))
+        .collect();
+    for t in &p.tasks {
+        if let Some(n) = t.leaf.and_then(|l| count.get_mut(&l)) {
+            *n += 1;
+        }
+    }
+    let (busiest, most) = count
+        .iter()
+        .max_by_key(|(l, n)| (**n, std::cmp::Reverse(**l)))?;
+    let (idlest, least) = count.iter().min_by_key(|(l, n)| (**n, **l))?;
+    if most < &(least + 2) {
+        return None;
+    }
+    let task = p.tasks.iter().rev().find(|t| t.leaf == Some(*busiest))?;
+    Some(Command::AssignTask {
+        pipeline_id: p.id,
+        task_id: task.task_id,
+        leaf: Some(*idlest),
+    })
 }
 
 /// Applies [`plan`] while this node is the master.

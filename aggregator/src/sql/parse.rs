@@ -58,6 +58,10 @@ pub enum Stmt {
     ShowPartitions {
         database: Option<String>,
     },
+    /// `REBALANCE PARTITIONS [ON db]`.
+    RebalancePartitions {
+        database: Option<String>,
+    },
     ShowWarnings,
     /// `BEGIN`, `COMMIT`, `ROLLBACK`: every statement commits on its own.
     Transaction,
@@ -417,6 +421,15 @@ fn parse_stmt(p: &mut Parser, sql: &str) -> Parsed {
             }));
         }
         return unsupported_or_error(sql);
+    }
+    if eat(p, "REBALANCE") {
+        expect(p, "PARTITIONS")?;
+        let database = if p.parse_keyword(Keyword::ON) {
+            Some(p.parse_identifier()?.value)
+        } else {
+            None
+        };
+        return Ok(Ok(Stmt::RebalancePartitions { database }));
     }
     if eat(p, "DESCRIBE") || eat(p, "DESC") {
         return Ok(Ok(Stmt::Describe {

@@ -395,7 +395,7 @@ impl SqlEngine {
                     },
                 })
                 .await?;
-                if let Err(e) = self.build_index(&db, &table, &name).await {
+                if let Err(e) = self.build_index(&db, &table, &name, None).await {
                     // Not usable everywhere: take it back rather than answer from half an index.
                     let _ = self
                         .propose(Command::DropIndex {
@@ -407,6 +407,47 @@ impl SqlEngine {
                     return Err(e);
                 }
                 Ok(QueryOutput::ok())
+            }
+            Stmt::RebalancePartitions { database } => {
+                let db = database
+                    .or_else(|| session.database.clone())
+                    .ok_or_else(no_database)?;
+                let holders = |c: &common::catalog::Catalog| -> Vec<common::ids::LeafId> {
+                    let mut v: Vec<_> = c
+                        .databases
+                        .get(&db)
+                        .map(|d| d.partitions.iter().map(|p| p.leaf).collect())
+                        .unwrap_or_default();
+                    v.sort();
+                    v.dedup();
+                    v
+                };
+                let before = self.raft().read_catalog(holders);
+                self.propose(Command::RebalancePartitions { name: db.clone() })
+                    .await?;
+                let (after, indexes) = self.raft().read_catalog(|c| {
+                    let indexes: Vec<(String, String)> = c
+                        .databases
+                        .get(&db)
+                        .map(|d| {
+                            d.tables
+                                .iter()
+                                .flat_map(|(t, table)| {
+                                    table.indexes.iter().map(|i| (t.clone(), i.name.clone()))
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    (holders(c), indexes)
+                });
+                let added: Vec<_> = after.into_iter().filter(|l| !before.contains(l)).collect();
+                // The new leaves maintain the table's indexes from their first row on.
+                for (table, index) in indexes {
+                    self.build_index(&db, &table, &index, Some(&added)).await?;
+                }
+                Ok(QueryOutput::Ok {
+                    affected_rows: added.len() as u64,
+                })
             }
             Stmt::DropIndex { name, table } => {
                 let db = self.database(session)?;
@@ -446,8 +487,14 @@ impl SqlEngine {
         }
     }
 
-    /// Builds an index on every leaf holding the table; all must succeed.
-    async fn build_index(&self, db: &str, table: &str, index: &str) -> Result<(), SqlError> {
+    /// Builds an index on every leaf holding the table (or only on `only`); all must succeed.
+    async fn build_index(
+        &self,
+        db: &str,
+        table: &str,
+        index: &str,
+        only: Option<&[common::ids::LeafId]>,
+    ) -> Result<(), SqlError> {
         let (holders, offline, columns, position) = self.raft().read_catalog(|c| {
             let holders: Vec<_> = c
                 .databases
@@ -457,6 +504,7 @@ impl SqlEngine {
                     ids.sort();
                     ids.dedup();
                     ids.into_iter()
+                        .filter(|id| only.is_none_or(|o| o.contains(id)))
                         .filter_map(|id| c.leaves.get(&id))
                         .cloned()
                         .collect()

@@ -84,6 +84,12 @@ pub enum Command {
         name: String,
         if_exists: bool,
     },
+    /// `REBALANCE PARTITIONS ON db`: every online leaf that holds no partition of the database
+    /// gets `default_partitions_per_leaf` new, empty ones, so that it stores rows and runs the
+    /// database's pipeline tasks. Rows already loaded stay where they are.
+    RebalancePartitions {
+        name: String,
+    },
     /// Registers a leaf by address; a leaf that registers again (e.g. after losing its data
     /// directory) gets its old id back.
     RegisterLeaf {
@@ -266,6 +272,44 @@ impl Catalog {
                         tables: BTreeMap::new(),
                     },
                 );
+                Ok(Output::Done)
+            }
+            Command::RebalancePartitions { name } => {
+                let per_leaf = self.variable_u32("default_partitions_per_leaf").max(1);
+                let online: Vec<LeafId> = self
+                    .leaves
+                    .values()
+                    .filter(|l| l.online)
+                    .map(|l| l.id)
+                    .collect();
+                let db = self.database_mut(&name)?;
+                let new_leaves: Vec<LeafId> = online
+                    .into_iter()
+                    .filter(|l| !db.partitions.iter().any(|p| p.leaf == *l))
+                    .collect();
+                if new_leaves.is_empty() {
+                    return Ok(Output::Unchanged);
+                }
+                let count = db.partitions.len() as u32 + per_leaf * new_leaves.len() as u32;
+                if count > MAX_PARTITIONS {
+                    return Err(Error::InvalidPartitionCount {
+                        name,
+                        count,
+                        max: MAX_PARTITIONS,
+                    });
+                }
+                let mut ordinal = db
+                    .partitions
+                    .iter()
+                    .map(|p| p.ordinal + 1)
+                    .max()
+                    .unwrap_or(0);
+                for leaf in new_leaves {
+                    for _ in 0..per_leaf {
+                        db.partitions.push(Partition { ordinal, leaf });
+                        ordinal += 1;
+                    }
+                }
                 Ok(Output::Done)
             }
             Command::DropDatabase { name, if_exists } => {

@@ -1240,3 +1240,86 @@ fn every_node_serves_prometheus_metrics() -> Result<()> {
         .all(|t| t.contains("# TYPE shardline_rows_loaded_total counter")));
     Ok(())
 }
+
+/// A leaf that joins after the database was created (what scaling the leaf StatefulSet does)
+/// holds none of its partitions; REBALANCE PARTITIONS gives it some, tasks move to it while
+/// records flow, and every record still lands exactly once.
+#[test]
+fn a_joining_leaf_takes_tasks_after_rebalance_partitions() -> Result<()> {
+    let sim = Moto::sim(&["--no-limits"])?;
+    let rt = runtime();
+    let kinesis = sim.client();
+    let (mut c, m) = pipeline_cluster(
+        &sim,
+        ClusterSpec {
+            leaves: 3,
+            ..Default::default()
+        },
+        "scale_tmp",
+    )?;
+    // Leaf 3 is away while the database is made: it holds none of its partitions.
+    c.leaves[2].kill();
+    wait_for("leaf-3 offline", Duration::from_secs(10), || {
+        let s = c.leaf_states(m).ok()?;
+        (s.iter().filter(|(_, st)| st == "online").count() == 2).then_some(())
+    })?;
+    c.sql(m, "CREATE DATABASE scale")?;
+    rt.block_on(create_stream(&kinesis, "scale-stream", 4))?;
+    c.sql(
+        m,
+        &format!(
+            "USE scale; {}",
+            create_pipeline_sql("scale_pipeline", "scale-stream", 4)
+        ),
+    )?;
+    c.sql(m, "USE scale; START PIPELINE scale_pipeline")?;
+    let batch = |from: usize| -> Vec<(String, Vec<u8>)> {
+        (from..from + 500)
+            .map(|i| {
+                (
+                    format!("key-{}", rand::random::<u32>()),
+                    format!(r#"{{"seq":{i}}}"#).into_bytes(),
+                )
+            })
+            .collect()
+    };
+    let mut put = rt.block_on(put_records(&kinesis, "scale-stream", &batch(0)))?;
+    c.leaves[2].start()?;
+    c.wait_for_leaves_online(m, 3, START)?;
+    put.extend(rt.block_on(put_records(&kinesis, "scale-stream", &batch(500)))?);
+    let partitions_on =
+        |c: &Cluster| -> Result<usize> { Ok(c.sql(m, "SHOW PARTITIONS ON scale")?.rows.len()) };
+    let before = partitions_on(&c)?;
+    assert!(
+        !c.leaves[2].log_text().contains("starting task"),
+        "a leaf without partitions ran a task"
+    );
+    c.sql(m, "REBALANCE PARTITIONS ON scale")?;
+    let after = partitions_on(&c)?;
+    println!("rebalance: {before} -> {after} partitions");
+    assert!(after > before, "the new leaf got partitions");
+    c.sql(m, "USE scale; REBALANCE PARTITIONS")?;
+    assert_eq!(partitions_on(&c)?, after, "a second rebalance is a no-op");
+    for i in 1..6 {
+        put.extend(rt.block_on(put_records(&kinesis, "scale-stream", &batch(500 * (i + 1))))?);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    wait_for("leaf-3 to run a task", Duration::from_secs(20), || {
+        c.leaves[2]
+            .log_text()
+            .contains("starting task")
+            .then_some(())
+    })?;
+    wait_for(
+        &format!("{} rows", put.len()),
+        Duration::from_secs(60),
+        || (count(&c, m, "scale", "scale_pipeline")? >= put.len()).then_some(()),
+    )?;
+    std::thread::sleep(Duration::from_secs(2));
+    assert_exactly_once(&c, m, "scale", "scale_pipeline", &put)?;
+    let err = c
+        .sql(m, "REBALANCE PARTITIONS ON nowhere")
+        .expect_err("unknown database");
+    assert!(err.to_string().contains("1049"), "{err}");
+    Ok(())
+}
