@@ -3,11 +3,13 @@
 # starts a local cluster (3 aggregators, 2 leaves, a Kinesis emulator), puts the spec's demo
 # records into a Kinesis stream, runs the spec's pipeline and queries.
 # Leaves the cluster running; stop it with deploy/local/down.sh.
+# SKIP_UP=1 runs the same against a cluster already running (e.g. the docker-compose one):
+#   SKIP_UP=1 MYSQL_PORT=3306 KINESIS_ENDPOINT=http://127.0.0.1:4567 bash scripts/demo.sh
 set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO_ROOT"
 bash scripts/setup.sh
-bash deploy/local/up.sh
+[ "${SKIP_UP:-0}" = 1 ] || bash deploy/local/up.sh
 source deploy/local/common.sh
 [ -n "$KINESIS_ENDPOINT" ] || KINESIS_ENDPOINT="http://127.0.0.1:$KINESIS_PORT"
 export AWS_ENDPOINT_URL_KINESIS="$KINESIS_ENDPOINT" AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-test}" \
@@ -41,9 +43,12 @@ FORMAT AVRO"
 sql "START PIPELINE IF NOT RUNNING kinesis_pipeline"
 echo
 echo "== waiting for the records to load"
+want=5  # the spec's records (a re-run adds 5 more)
 for _ in $(seq 1 60); do
-  n=$(MYSQL_PWD="${SHARDLINE_ROOT_PASSWORD:-}" mariadb -h127.0.0.1 -P"$MYSQL_PORT" -uroot -D demo -N -e "SELECT COUNT(*) FROM kinesis_pipeline")
-  [ "$n" -ge 5 ] && break
+  progress=$(MYSQL_PWD="${SHARDLINE_ROOT_PASSWORD:-}" mariadb -h127.0.0.1 -P"$MYSQL_PORT" -uroot -D demo -N -e "SELECT (SELECT COUNT(*) FROM kinesis_pipeline), (SELECT COUNT(*) FROM information_schema.PIPELINES_BATCHES_SUMMARY WHERE PIPELINE_NAME = 'kinesis_pipeline')")
+  n=${progress%%$'\t'*}
+  echo "   loaded $n of $want records (batches: ${progress##*$'\t'})"
+  [ "$n" -ge "$want" ] && break
   sleep 0.5
 done
 sql "SELECT PIPELINE_NAME, STATE FROM information_schema.PIPELINES WHERE PIPELINE_NAME = 'kinesis_pipeline'"

@@ -23,9 +23,12 @@ impl proto::aggregator_server::Aggregator for AggregatorServiceImpl {
         &self,
         request: Request<proto::RaftMessage>,
     ) -> Result<Response<proto::RaftAck>, Status> {
-        let msg = raft::eraftpb::Message::parse_from_bytes(&request.into_inner().message)
-            .map_err(|e| Status::invalid_argument(format!("bad raft message: {e}")))?;
-        self.raft.step(msg);
+        let request = request.into_inner();
+        for bytes in std::iter::once(&request.message).chain(&request.more) {
+            let msg = raft::eraftpb::Message::parse_from_bytes(bytes)
+                .map_err(|e| Status::invalid_argument(format!("bad raft message: {e}")))?;
+            self.raft.step(msg);
+        }
         Ok(Response::new(proto::RaftAck {}))
     }
 

@@ -145,6 +145,10 @@ pub async fn run(
         )
         .layer(axum::extract::DefaultBodyLimit::max(16 * 1024 * 1024));
     tracing::info!(listen = %config.listen, limits = !config.no_limits, "kinesis-sim started");
+    // TCP_NODELAY: a GetRecords reply must not wait for the client's delayed ACK.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await?;

@@ -14,6 +14,9 @@ use tokio_util::task::TaskTracker;
 use tonic::transport::Channel;
 
 const QUEUE: usize = 4096;
+/// At most this many messages, or about this many bytes, per call to a peer.
+const MAX_BATCH: usize = 256;
+const MAX_BATCH_BYTES: usize = 32 * 1024 * 1024;
 
 /// Senders to every other aggregator.
 pub struct Transport {
@@ -83,20 +86,49 @@ async fn peer_loop(
         .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(proto::MAX_MESSAGE_BYTES);
     let mut was_down = false;
+    // A snapshot met while batching waits for the next call: it travels alone.
+    let mut carry: Option<Message> = None;
     loop {
-        let msg = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            m = rx.recv() => match m { Some(m) => m, None => return },
+        let first = match carry.take() {
+            Some(m) => m,
+            None => tokio::select! {
+                _ = shutdown.cancelled() => return,
+                m = rx.recv() => match m { Some(m) => m, None => return },
+            },
         };
-        let is_snapshot = msg.get_msg_type() == MessageType::MsgSnapshot;
-        let bytes = match msg.write_to_bytes() {
+        let is_snapshot = first.get_msg_type() == MessageType::MsgSnapshot;
+        // What queued up while the previous call was in flight goes in this one: one round
+        // trip (and one fsync on the peer) for many appends instead of one each.
+        let mut batch = vec![first];
+        let mut bytes_in_batch = 0usize;
+        while !is_snapshot && batch.len() < MAX_BATCH && bytes_in_batch < MAX_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(m) if m.get_msg_type() == MessageType::MsgSnapshot => {
+                    carry = Some(m);
+                    break;
+                }
+                Ok(m) => {
+                    bytes_in_batch += m.compute_size() as usize;
+                    batch.push(m);
+                }
+                Err(_) => break,
+            }
+        }
+        let encoded: Result<Vec<Vec<u8>>, _> = batch.iter().map(|m| m.write_to_bytes()).collect();
+        let mut encoded = match encoded {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(peer = %id, "cannot encode raft message: {e}");
                 continue;
             }
         };
-        let result = client.raft(proto::RaftMessage { message: bytes }).await;
+        let message = encoded.remove(0);
+        let result = client
+            .raft(proto::RaftMessage {
+                message,
+                more: encoded,
+            })
+            .await;
         match result {
             Ok(_) => {
                 if was_down {

@@ -766,22 +766,31 @@ impl SqlEngine {
         let mut seen = 0usize;
         let outcome = loop {
             tokio::time::sleep(Duration::from_millis(50)).await;
-            let (state, batches, rows, error) = self.raft().read_catalog(|c| {
+            let (state, batches, rows, error, moving) = self.raft().read_catalog(|c| {
                 c.pipeline(db, name).map(|p| {
                     let new: Vec<_> = p
                         .batches
                         .iter()
                         .filter(|b| b.batch_id >= from_batch)
                         .collect();
+                    // A task without a live leaf (lost, being moved) is not idle: wait for it.
+                    let moving = p.tasks.iter().any(|t| {
+                        t.epoch == 0
+                            || !t
+                                .leaf
+                                .and_then(|l| c.leaves.get(&l))
+                                .is_some_and(|l| l.online)
+                    });
                     (
                         p.state,
                         new.len(),
                         new.iter().map(|b| b.rows).sum::<u64>(),
                         p.errors.back().map(|e| e.message.clone()),
+                        moving,
                     )
                 })
             })?;
-            if batches > seen {
+            if batches > seen || moving {
                 seen = batches;
                 last_progress = Instant::now();
             }
