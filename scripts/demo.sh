@@ -47,7 +47,7 @@ want=5  # the spec's records (a re-run adds 5 more)
 for _ in $(seq 1 60); do
   progress=$(MYSQL_PWD="${SHARDLINE_ROOT_PASSWORD:-}" mariadb -h127.0.0.1 -P"$MYSQL_PORT" -uroot -D demo -N -e "SELECT (SELECT COUNT(*) FROM kinesis_pipeline), (SELECT COUNT(*) FROM information_schema.PIPELINES_BATCHES_SUMMARY WHERE PIPELINE_NAME = 'kinesis_pipeline')")
   n=${progress%%$'\t'*}
-  echo "   loaded $n of $want records (batches: ${progress##*$'\t'})"
+  echo "   rows loaded: $n, batches committed: ${progress##*$'\t'}"
   [ "$n" -ge "$want" ] && break
   sleep 0.5
 done
