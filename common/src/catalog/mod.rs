@@ -237,12 +237,7 @@ impl Catalog {
                         Err(Error::DatabaseExists { name })
                     };
                 }
-                let online: Vec<LeafId> = self
-                    .leaves
-                    .values()
-                    .filter(|l| l.online)
-                    .map(|l| l.id)
-                    .collect();
+                let online = self.online_leaves();
                 if online.is_empty() {
                     return Err(Error::NoLeavesOnline { name });
                 }
@@ -276,12 +271,7 @@ impl Catalog {
             }
             Command::RebalancePartitions { name } => {
                 let per_leaf = self.variable_u32("default_partitions_per_leaf").max(1);
-                let online: Vec<LeafId> = self
-                    .leaves
-                    .values()
-                    .filter(|l| l.online)
-                    .map(|l| l.id)
-                    .collect();
+                let online = self.online_leaves();
                 let db = self.database_mut(&name)?;
                 let new_leaves: Vec<LeafId> = online
                     .into_iter()
@@ -622,6 +612,15 @@ impl Catalog {
         let id = self.next_pipeline_id;
         self.pipelines.insert(id, Pipeline::new(id, def, now_ms));
         Ok(Output::Pipeline(id))
+    }
+
+    /// The ids of the leaves online now, in id order.
+    fn online_leaves(&self) -> Vec<LeafId> {
+        self.leaves
+            .values()
+            .filter(|l| l.online)
+            .map(|l| l.id)
+            .collect()
     }
 
     fn database_mut(&mut self, name: &str) -> Result<&mut Database> {

@@ -10,12 +10,10 @@
 
 use crate::harness::{signal, wait_for, ClusterSpec, Moto};
 use crate::pipelines::{
-    assert_exactly_once, count, create_pipeline_sql, create_stream, pipeline_cluster, runtime,
-    START,
+    assert_exactly_once, count, create_pipeline_sql, create_stream, pipeline_cluster, put_entries,
+    runtime, START,
 };
 use anyhow::{bail, Result};
-use aws_sdk_kinesis::primitives::Blob;
-use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
@@ -84,15 +82,7 @@ async fn produce(
             if attempts > 200 {
                 bail!("records refused 200 times in a row");
             }
-            let entries = pending
-                .iter()
-                .map(|(k, d)| {
-                    PutRecordsRequestEntry::builder()
-                        .partition_key(k)
-                        .data(Blob::new(d.clone()))
-                        .build()
-                })
-                .collect::<Result<Vec<_>, _>>()?;
+            let entries = put_entries(&pending)?;
             // A refused call (throttled, a shard closing under the put) is retried as a whole.
             if let Ok(r) = client
                 .put_records()

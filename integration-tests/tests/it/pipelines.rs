@@ -67,6 +67,19 @@ pub(crate) async fn create_stream(
     bail!("stream {name} never became ACTIVE")
 }
 
+/// PutRecords entries for (partition key, data) pairs.
+pub(crate) fn put_entries(payloads: &[(String, Vec<u8>)]) -> Result<Vec<PutRecordsRequestEntry>> {
+    Ok(payloads
+        .iter()
+        .map(|(key, data)| {
+            PutRecordsRequestEntry::builder()
+                .partition_key(key)
+                .data(Blob::new(data.clone()))
+                .build()
+        })
+        .collect::<Result<Vec<_>, _>>()?)
+}
+
 /// Puts records; returns (shardId, sequenceNumber) of each.
 async fn put_records(
     client: &aws_sdk_kinesis::Client,
@@ -75,15 +88,7 @@ async fn put_records(
 ) -> Result<Vec<(String, String)>> {
     let mut out = Vec::new();
     for chunk in payloads.chunks(100) {
-        let entries = chunk
-            .iter()
-            .map(|(key, data)| {
-                PutRecordsRequestEntry::builder()
-                    .partition_key(key)
-                    .data(Blob::new(data.clone()))
-                    .build()
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let entries = put_entries(chunk)?;
         let r = client
             .put_records()
             .stream_name(stream)
