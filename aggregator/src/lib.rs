@@ -45,7 +45,11 @@ pub async fn run(
             config.data_dir.display()
         )
     })?;
-    let engine = Arc::new(sql::SqlEngine::new(raft.clone(), config.mysql_address()));
+    let engine = Arc::new(sql::SqlEngine::new(
+        raft.clone(),
+        config.mysql_address(),
+        config.leaf_heartbeat_timeout(),
+    ));
     let leaves = Arc::new(cluster::LeafMonitor::new(
         raft.clone(),
         config.leaf_heartbeat_timeout(),

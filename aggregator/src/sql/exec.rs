@@ -32,6 +32,9 @@ pub struct SqlEngine {
     pub connections: Arc<AtomicUsize>,
     /// The MySQL address this aggregator serves at.
     mysql_address: String,
+    /// How long a silent leaf stays online (`--leaf-heartbeat-timeout-ms`): START PIPELINE
+    /// ... FOREGROUND does not call a pipeline idle before a dead leaf's tasks could move.
+    pub(super) leaf_heartbeat_timeout: std::time::Duration,
 }
 
 pub fn now_ms() -> u64 {
@@ -85,11 +88,16 @@ impl EvalContext for Ctx<'_> {
 }
 
 impl SqlEngine {
-    pub fn new(raft: RaftHandle, mysql_address: String) -> Self {
+    pub fn new(
+        raft: RaftHandle,
+        mysql_address: String,
+        leaf_heartbeat_timeout: std::time::Duration,
+    ) -> Self {
         Self {
             raft,
             connections: Arc::new(AtomicUsize::new(0)),
             mysql_address,
+            leaf_heartbeat_timeout,
         }
     }
 

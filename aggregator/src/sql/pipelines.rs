@@ -755,41 +755,59 @@ impl SqlEngine {
         from_batch: u64,
         limit: Option<u64>,
     ) -> Result<QueryOutput, SqlError> {
+        // Idle: no batch for a max batch interval plus 3 s, and longer than a dead leaf can
+        // go unnoticed (its tasks move only after the heartbeat timeout).
         let idle_after = Duration::from_millis(
             u64::from(
                 self.raft()
                     .read_catalog(|c| c.variable_u32("pipelines_extractor_max_batch_interval_ms")),
             ) + 3000,
-        );
+        )
+        .max(self.leaf_heartbeat_timeout + Duration::from_secs(2));
         let deadline = Instant::now() + Duration::from_secs(300);
         let mut last_progress = Instant::now();
         let mut seen = 0usize;
         let outcome = loop {
             tokio::time::sleep(Duration::from_millis(50)).await;
-            let (state, batches, rows, error, moving) = self.raft().read_catalog(|c| {
-                c.pipeline(db, name).map(|p| {
-                    let new: Vec<_> = p
-                        .batches
-                        .iter()
-                        .filter(|b| b.batch_id >= from_batch)
-                        .collect();
-                    // A task without a live leaf (lost, being moved) is not idle: wait for it.
-                    let moving = p.tasks.iter().any(|t| {
-                        t.epoch == 0
-                            || !t
-                                .leaf
-                                .and_then(|l| c.leaves.get(&l))
-                                .is_some_and(|l| l.online)
-                    });
-                    (
-                        p.state,
-                        new.len(),
-                        new.iter().map(|b| b.rows).sum::<u64>(),
-                        p.errors.back().map(|e| e.message.clone()),
-                        moving,
-                    )
-                })
-            })?;
+            let (state, batches, rows, error, moving, all_ended) =
+                self.raft().read_catalog(|c| {
+                    c.pipeline(db, name).map(|p| {
+                        let new: Vec<_> = p
+                            .batches
+                            .iter()
+                            .filter(|b| b.batch_id >= from_batch)
+                            .collect();
+                        // A task without a live leaf (lost, being moved) is not idle: wait for it.
+                        let moving = p.tasks.iter().any(|t| {
+                            t.epoch == 0
+                                || !t
+                                    .leaf
+                                    .and_then(|l| c.leaves.get(&l))
+                                    .is_some_and(|l| l.online)
+                        });
+                        // Every task's source partitions ended during this run (a bounded
+                        // source read to its end): nothing more will come. An end recorded by
+                        // an earlier run does not count: ALTER PIPELINE may have moved it on.
+                        let all_ended = !p.tasks.is_empty()
+                            && p.tasks.iter().all(|t| {
+                                let mut mine = p
+                                    .offsets
+                                    .values()
+                                    .filter(|o| o.task_id == t.task_id)
+                                    .peekable();
+                                mine.peek().is_some()
+                                    && mine.all(|o| o.finished && o.batch_id >= from_batch)
+                            });
+                        (
+                            p.state,
+                            new.len(),
+                            new.iter().map(|b| b.rows).sum::<u64>(),
+                            p.errors.back().map(|e| e.message.clone()),
+                            moving,
+                            all_ended,
+                        )
+                    })
+                })?;
             if batches > seen || moving {
                 seen = batches;
                 last_progress = Instant::now();
@@ -804,6 +822,7 @@ impl SqlEngine {
                 break Ok(rows);
             }
             if limit.is_some_and(|l| batches as u64 >= l)
+                || all_ended
                 || last_progress.elapsed() > idle_after
                 || Instant::now() > deadline
             {

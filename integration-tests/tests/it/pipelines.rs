@@ -1328,3 +1328,54 @@ fn a_joining_leaf_takes_tasks_after_rebalance_partitions() -> Result<()> {
     assert!(err.to_string().contains("1049"), "{err}");
     Ok(())
 }
+
+/// START PIPELINE ... FOREGROUND while a leaf running one of the tasks dies: the statement waits
+/// for the task to move (the heartbeat timeout, 8 s here: the other task ends long before the
+/// killed one's moves, longer than a plain idle window) instead of
+/// calling the pipeline idle, and returns once every source partition ended, with every record
+/// loaded once.
+#[test]
+fn foreground_outlasts_a_killed_leaf_and_ends_with_its_source() -> Result<()> {
+    let mut c = Cluster::start(ClusterSpec {
+        aggregators: 1,
+        aggregator_args: vec!["--leaf-heartbeat-timeout-ms".into(), "8000".into()],
+        ..Default::default()
+    })?;
+    let m = c.wait_for_master(START)?;
+    c.wait_for_leaves_online(m, 2, START)?;
+    setup(&c, m, "fg")?;
+    let per_task = 8000;
+    c.sql(
+        m,
+        &format!(
+            "USE fg; CREATE INFERRED PIPELINE dg AS LOAD DATA KAFKACONNECT 'datagen' CONFIG '{{\"connector.class\":\"io.shardline.connect.datagen.DatagenSourceConnector\",\"datagen.rate\":2000,\"datagen.records\":{per_task},\"tasks.max\":2}}' FORMAT AVRO"
+        ),
+    )?;
+    let port = c.mysql_ports[m];
+    let foreground = std::thread::spawn(move || {
+        let t = Instant::now();
+        let out = crate::harness::mysql(port, "", "USE fg; START PIPELINE dg FOREGROUND");
+        (out.map(|_| ()), t.elapsed())
+    });
+    // Kill leaf 1 mid-run (both leaves run one task each); it stays dead.
+    wait_for("rows arriving", Duration::from_secs(20), || {
+        (count(&c, m, "fg", "dg")? >= 2000).then_some(())
+    })?;
+    c.leaves[0].kill();
+    let (result, took) = foreground.join().expect("foreground thread");
+    result?;
+    // The dead leaf's rows are readable again once it is back (queries never skip a leaf).
+    c.leaves[0].start()?;
+    c.wait_for_leaves_online(m, 2, START)?;
+    let rows = count(&c, m, "fg", "dg").unwrap_or(0);
+    println!("foreground with a killed leaf: {rows} rows, returned after {took:?}");
+    assert_eq!(
+        rows,
+        2 * per_task,
+        "FOREGROUND returned before the moved task finished"
+    );
+    let distinct =
+        c.sql(m, "SELECT COUNT(DISTINCT record) FROM fg.dg")?.rows[0][0].parse::<usize>()?;
+    assert_eq!(distinct, 2 * per_task);
+    Ok(())
+}
