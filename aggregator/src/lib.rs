@@ -113,17 +113,7 @@ pub async fn run(
         let server = proto::aggregator_server::AggregatorServer::new(service)
             .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(proto::MAX_MESSAGE_BYTES);
-        // Without TCP_NODELAY a reply can sit ~40 ms behind the peer's delayed ACK (Nagle):
-        // that capped Raft and batch commits at tens per second per connection.
-        let incoming = tokio_stream::StreamExt::map(
-            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
-            |s| {
-                if let Ok(s) = &s {
-                    let _ = s.set_nodelay(true);
-                }
-                s
-            },
-        );
+        let incoming = common::net::nodelay_incoming(grpc_listener);
         if let Err(e) = tonic::transport::Server::builder()
             .add_service(server)
             .add_service(health)

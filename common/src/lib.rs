@@ -20,6 +20,7 @@ pub mod health;
 pub mod ids;
 pub mod json;
 pub mod metrics;
+pub mod net;
 pub mod variables;
 
 pub use error::{Error, Result};

@@ -25,9 +25,14 @@ impl proto::leaf_server::Leaf for LeafServiceImpl {
         _request: Request<proto::StatusRequest>,
     ) -> Result<Response<proto::LeafStatusResponse>, Status> {
         let id = self.membership.leaf_id();
+        let prepared = self
+            .store
+            .prepared_batches()
+            .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(proto::LeafStatusResponse {
             leaf_id: id.unwrap_or(0),
             registered: id.is_some(),
+            prepared_batches: prepared.len() as u32,
         }))
     }
 

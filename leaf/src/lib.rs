@@ -91,17 +91,7 @@ pub async fn run(
         shutdown.clone().cancelled_owned(),
     );
     tasks.spawn(async move {
-        // Without TCP_NODELAY a reply can sit ~40 ms behind the peer's delayed ACK (Nagle):
-        // that capped Raft and batch commits at tens per second per connection.
-        let incoming = tokio_stream::StreamExt::map(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            |s| {
-                if let Ok(s) = &s {
-                    let _ = s.set_nodelay(true);
-                }
-                s
-            },
-        );
+        let incoming = common::net::nodelay_incoming(listener);
         if let Err(e) = tonic::transport::Server::builder()
             .add_service(proto::leaf_server::LeafServer::new(service))
             .add_service(health)

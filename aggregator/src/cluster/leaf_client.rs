@@ -20,7 +20,7 @@ pub fn client(address: &str, timeout: Duration) -> Result<LeafClient<Channel>, S
 pub fn online_leaves(catalog: &Catalog, database: Option<&str>) -> Vec<String> {
     let holders: Vec<_> = database
         .and_then(|d| catalog.databases.get(d))
-        .map(|d| d.partitions.iter().map(|p| p.leaf).collect())
+        .map(|d| d.leaves())
         .unwrap_or_default();
     let mut leaves: Vec<_> = catalog.leaves.values().filter(|l| l.online).collect();
     leaves.sort_by_key(|l| (!holders.contains(&l.id), l.id));

@@ -38,12 +38,7 @@ pub fn plan(catalog: &Catalog) -> Vec<Command> {
         let holders: Vec<LeafId> = catalog
             .databases
             .get(&p.database)
-            .map(|d| {
-                let mut v: Vec<LeafId> = d.partitions.iter().map(|pt| pt.leaf).collect();
-                v.sort();
-                v.dedup();
-                v
-            })
+            .map(|d| d.leaves())
             .unwrap_or_default();
         let mut moved = false;
         for t in &p.tasks {

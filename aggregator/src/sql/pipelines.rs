@@ -413,14 +413,7 @@ impl SqlEngine {
                     .or_else(|| session.database.clone())
                     .ok_or_else(no_database)?;
                 let holders = |c: &common::catalog::Catalog| -> Vec<common::ids::LeafId> {
-                    let mut v: Vec<_> = c
-                        .databases
-                        .get(&db)
-                        .map(|d| d.partitions.iter().map(|p| p.leaf).collect())
-                        .unwrap_or_default();
-                    v.sort();
-                    v.dedup();
-                    v
+                    c.databases.get(&db).map(|d| d.leaves()).unwrap_or_default()
                 };
                 let before = self.raft().read_catalog(holders);
                 self.propose(Command::RebalancePartitions { name: db.clone() })
@@ -500,10 +493,8 @@ impl SqlEngine {
                 .databases
                 .get(db)
                 .map(|d| {
-                    let mut ids: Vec<_> = d.partitions.iter().map(|p| p.leaf).collect();
-                    ids.sort();
-                    ids.dedup();
-                    ids.into_iter()
+                    d.leaves()
+                        .into_iter()
                         .filter(|id| only.is_none_or(|o| o.contains(id)))
                         .filter_map(|id| c.leaves.get(&id))
                         .cloned()
@@ -837,9 +828,43 @@ impl SqlEngine {
                 now_ms: now_ms(),
             })
             .await;
+        if outcome.is_ok() {
+            self.wait_for_finalized(db).await;
+        }
         outcome.map(|rows| QueryOutput::Ok {
             affected_rows: rows,
         })
+    }
+
+    /// Waits (up to 10 s) until no online leaf holding `db` has a batch left prepared: a
+    /// committed batch's rows become visible when its leaf finalizes it, just after the master
+    /// commits, so FOREGROUND returns only once what it counted can be read.
+    async fn wait_for_finalized(&self, db: &str) {
+        let leaves = self.raft().read_catalog(|c| {
+            c.databases
+                .get(db)
+                .map(|d| d.leaves())
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|id| c.leaves.get(&id))
+                .filter(|l| l.online)
+                .map(|l| l.address.clone())
+                .collect::<Vec<_>>()
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for address in leaves {
+            let Ok(mut client) = leaf_client::client(&address, Duration::from_secs(2)) else {
+                continue;
+            };
+            while Instant::now() < deadline {
+                match client.status(proto::StatusRequest {}).await {
+                    Ok(s) if s.get_ref().prepared_batches > 0 => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    _ => break,
+                }
+            }
+        }
     }
 
     async fn test_pipeline(

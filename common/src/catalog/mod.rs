@@ -50,6 +50,16 @@ pub struct Database {
     pub tables: BTreeMap<String, Table>,
 }
 
+impl Database {
+    /// The leaves holding at least one partition, in id order.
+    pub fn leaves(&self) -> Vec<LeafId> {
+        let mut ids: Vec<LeafId> = self.partitions.iter().map(|p| p.leaf).collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+}
+
 /// The replicated catalog.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Catalog {
@@ -273,9 +283,10 @@ impl Catalog {
                 let per_leaf = self.variable_u32("default_partitions_per_leaf").max(1);
                 let online = self.online_leaves();
                 let db = self.database_mut(&name)?;
+                let holders = db.leaves();
                 let new_leaves: Vec<LeafId> = online
                     .into_iter()
-                    .filter(|l| !db.partitions.iter().any(|p| p.leaf == *l))
+                    .filter(|l| !holders.contains(l))
                     .collect();
                 if new_leaves.is_empty() {
                     return Ok(Output::Unchanged);
