@@ -36,6 +36,14 @@ impl proto::leaf_server::Leaf for LeafServiceImpl {
         }))
     }
 
+    async fn wake(
+        &self,
+        _request: Request<proto::WakeRequest>,
+    ) -> Result<Response<proto::WakeResponse>, Status> {
+        self.membership.wake();
+        Ok(Response::new(proto::WakeResponse {}))
+    }
+
     async fn plan_tasks(
         &self,
         request: Request<proto::PlanTasksRequest>,

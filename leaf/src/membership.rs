@@ -2,7 +2,8 @@
 //!
 //! The leaf registers by its advertised address (the cluster gives a returning leaf its old
 //! id), then heartbeats every interval. Unreachable aggregators are retried with backoff and
-//! the reason is logged once per outage.
+//! the reason is logged once per outage. The master wakes a leaf whose tasks it changed, so it
+//! learns them at once rather than at its next beat.
 
 use crate::client::{CallError, MasterClient};
 use crate::config::LeafConfig;
@@ -19,6 +20,8 @@ pub struct Membership {
     leaf_id: AtomicU64,
     /// The last call to the master succeeded.
     reachable: AtomicBool,
+    /// Heartbeat now: the master changed this leaf's tasks.
+    wake: tokio::sync::Notify,
 }
 
 impl Membership {
@@ -27,6 +30,11 @@ impl Membership {
             0 => None,
             id => Some(id),
         }
+    }
+
+    /// Cuts the wait before the next heartbeat short (the master's Wake call).
+    pub fn wake(&self) {
+        self.wake.notify_one();
     }
 
     /// Registered, and the last heartbeat reached the master (the leaf's readiness).
@@ -116,6 +124,7 @@ pub async fn heartbeat_loop(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
+            _ = state.wake.notified(), if !failing => {}
         }
     }
 }

@@ -7,7 +7,7 @@ use crate::client::{CallError, MasterClient};
 use crate::store::{BatchKey, Store};
 use common::connect::{self, avro, CommittedOffsets, ConnectorConfig, TaskConfig};
 use serde_json::Value as Json;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{watch, Mutex};
@@ -153,7 +153,9 @@ impl TaskManager {
                 next_seq: now_ms().saturating_mul(1000),
                 metrics: self.metrics.clone(),
                 store: self.store.clone(),
+                aggregators: self.aggregators.clone(),
                 client: MasterClient::new(self.aggregators.clone()),
+                commit_client: None,
                 address: self.address.clone(),
                 assignment: rx,
                 cancel,
@@ -211,7 +213,11 @@ struct Runner {
     next_seq: u64,
     metrics: Arc<common::metrics::Metrics>,
     store: Store,
+    aggregators: Vec<String>,
+    /// For error reports.
     client: MasterClient,
+    /// For commits: travels with the batch in flight and comes back with its outcome.
+    commit_client: Option<MasterClient>,
     address: String,
     assignment: watch::Receiver<proto::TaskAssignment>,
     cancel: CancellationToken,
@@ -225,6 +231,209 @@ enum Outcome {
     Continue,
     /// Refused by the master: this task's view is stale; stop and wait to be reassigned.
     Refused(String),
+}
+
+/// Records taken from the source for one batch.
+struct Extracted {
+    records: Vec<connect::SourceRecord>,
+    /// Source partitions that ended, with their last offset.
+    finished: Vec<(String, Json)>,
+    start: Instant,
+    start_ms: u64,
+    extract_ms: u64,
+}
+
+impl Extracted {
+    fn is_empty(&self) -> bool {
+        self.records.is_empty() && self.finished.is_empty()
+    }
+}
+
+/// Polls the task for one batch: until `batch_size` records, until
+/// `max_batch_interval_ms` elapsed, until a source partition ended, or, once it holds records,
+/// until the source has nothing more to give right away (a batch does not sit on rows it
+/// already has waiting for more). `None` when cancelled.
+async fn extract(
+    task: &mut dyn connect::SourceTask,
+    a: &proto::TaskAssignment,
+    metrics: &common::metrics::Metrics,
+    cancel: &CancellationToken,
+) -> Result<Option<Extracted>, RunError> {
+    let batch_size = a.batch_size.max(1) as usize;
+    let start = Instant::now();
+    let start_ms = now_ms();
+    let deadline = start + Duration::from_millis(a.max_batch_interval_ms.max(1));
+    let mut records = Vec::new();
+    let mut finished = Vec::new();
+    while records.len() < batch_size {
+        // With records in hand, only what is available now.
+        let until = if records.is_empty() {
+            deadline
+        } else {
+            Instant::now().min(deadline)
+        };
+        let poll = tokio::select! {
+            _ = cancel.cancelled() => return Ok(None),
+            p = task.poll(batch_size - records.len(), until) => p.map_err(|e| RunError::Failed(e.to_string()))?,
+        };
+        for (partition, ms) in &poll.lag_ms {
+            metrics.set(
+                &format!(
+                    "shardline_source_lag_millis{{pipeline=\"{}\",partition=\"{}\"}}",
+                    common::metrics::label(&a.pipeline),
+                    common::metrics::label(partition)
+                ),
+                *ms as f64,
+            );
+        }
+        let ended = !poll.finished.is_empty();
+        let drained = !records.is_empty() && poll.records.is_empty();
+        records.extend(poll.records);
+        finished.extend(poll.finished);
+        if ended || drained || Instant::now() >= deadline {
+            break;
+        }
+    }
+    Ok(Some(Extracted {
+        records,
+        finished,
+        start,
+        start_ms,
+        extract_ms: start.elapsed().as_millis() as u64,
+    }))
+}
+
+/// One extracted batch on its way into the table: load, prepare, commit at the master,
+/// finalize. Runs beside the extraction of the next batch.
+struct BatchJob {
+    key: BatchKey,
+    database: String,
+    table: String,
+    rows: Vec<(u32, String)>,
+    commit: common::catalog::pipelines::BatchCommit,
+    pipeline: String,
+    store: Store,
+    client: MasterClient,
+    metrics: Arc<common::metrics::Metrics>,
+    cancel: CancellationToken,
+    leaf_shutdown: CancellationToken,
+}
+
+impl BatchJob {
+    /// The outcome, and the client back for the next batch.
+    async fn run(mut self) -> (MasterClient, Result<Outcome, RunError>) {
+        let result = self.load_and_commit().await;
+        let label = format!(
+            "{{pipeline=\"{}\"}}",
+            common::metrics::label(&self.pipeline)
+        );
+        if let Ok(Outcome::Refused(_)) = &result {
+            self.metrics
+                .add(&format!("shardline_batches_failed_total{label}"), 1.0);
+        }
+        (self.client, result)
+    }
+
+    async fn load_and_commit(&mut self) -> Result<Outcome, RunError> {
+        self.store
+            .prepare(self.key, &self.database, &self.table, &self.rows)
+            .await
+            .map_err(|e| RunError::Failed(e.to_string()))?;
+        let committing = Instant::now();
+        let outcome = self.commit().await?;
+        if let Outcome::Continue = outcome {
+            let m = &self.metrics;
+            let label = format!(
+                "{{pipeline=\"{}\"}}",
+                common::metrics::label(&self.pipeline)
+            );
+            m.add(
+                &format!("shardline_rows_loaded_total{label}"),
+                self.commit.rows as f64,
+            );
+            m.add(
+                &format!("shardline_bytes_loaded_total{label}"),
+                self.commit.bytes as f64,
+            );
+            m.add(&format!("shardline_batches_committed_total{label}"), 1.0);
+            m.add(
+                &format!("shardline_commit_seconds_sum{label}"),
+                committing.elapsed().as_secs_f64(),
+            );
+            m.add(&format!("shardline_commit_seconds_count{label}"), 1.0);
+        }
+        Ok(outcome)
+    }
+
+    /// Commits the prepared batch at the master, retrying while the answer is unknown.
+    async fn commit(&mut self) -> Result<Outcome, RunError> {
+        let key = self.key;
+        let body = serde_json::to_vec(&self.commit).map_err(|e| RunError::Failed(e.to_string()))?;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let req = proto::CommitBatchRequest {
+                batch_json: body.clone(),
+            };
+            match self
+                .client
+                .call(|mut c| {
+                    let req = req.clone();
+                    async move { c.commit_batch(req).await }
+                })
+                .await
+            {
+                Ok(r) if r.committed => {
+                    self.store
+                        .finalize(key)
+                        .map_err(|e| RunError::Failed(e.to_string()))?;
+                    tracing::debug!(
+                        ?key,
+                        batch_id = r.batch_id,
+                        rows = self.commit.rows,
+                        "batch committed"
+                    );
+                    return Ok(Outcome::Continue);
+                }
+                Ok(r) => {
+                    self.store
+                        .abort(key)
+                        .map_err(|e| RunError::Failed(e.to_string()))?;
+                    return Ok(Outcome::Refused(r.reason));
+                }
+                Err(CallError::Rejected(status))
+                    if status.code() == tonic::Code::InvalidArgument =>
+                {
+                    self.store
+                        .abort(key)
+                        .map_err(|e| RunError::Failed(e.to_string()))?;
+                    return Err(RunError::Failed(format!(
+                        "commit refused: {}",
+                        status.message()
+                    )));
+                }
+                Err(e) => {
+                    tracing::debug!(?key, "commit outcome unknown, retrying: {e}");
+                }
+            }
+            if self.cancel.is_cancelled() {
+                // We are being stopped with the outcome unknown: settle it for good.
+                let shutdown = self.leaf_shutdown.clone();
+                match resolve(&self.store, &mut self.client, key, &shutdown).await {
+                    Some(true) => return Ok(Outcome::Continue),
+                    _ => return Ok(Outcome::Refused("stopped".into())),
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+}
+
+/// The batch being loaded and committed while the next one is extracted, with the offsets it
+/// moves to.
+struct InFlight {
+    handle: tokio::task::JoinHandle<(MasterClient, Result<Outcome, RunError>)>,
+    last: BTreeMap<String, (Json, bool)>,
 }
 
 impl Runner {
@@ -298,7 +507,32 @@ impl Runner {
         }
     }
 
-    /// Starts the connector task and runs batches until cancelled or failed.
+    /// Waits for the batch in flight and takes in its outcome: the committed offsets move on,
+    /// a refusal or failure ends this run.
+    async fn settle(
+        &mut self,
+        in_flight: InFlight,
+        committed: &mut CommittedOffsets,
+        task: &mut dyn connect::SourceTask,
+    ) -> Result<(), RunError> {
+        let (client, outcome) = in_flight
+            .handle
+            .await
+            .map_err(|e| RunError::Failed(format!("batch loader stopped: {e}")))?;
+        self.commit_client = Some(client);
+        match outcome? {
+            Outcome::Continue => {
+                committed.offsets.extend(in_flight.last);
+                task.commit(committed);
+                Ok(())
+            }
+            Outcome::Refused(reason) => Err(RunError::Refused(reason)),
+        }
+    }
+
+    /// Starts the connector task and runs batches until cancelled or failed. Batch N+1 is
+    /// extracted while batch N is loaded and committed; N+1's offsets start where N's end, and
+    /// it is prepared only once N committed.
     async fn run_once(&mut self) -> Result<(), RunError> {
         let a = self.current();
         let config: ConnectorConfig = serde_json::from_str(&a.config_json)
@@ -317,45 +551,21 @@ impl Runner {
             r = task.start(&config, &task_config, &committed) => r.map_err(|e| RunError::Failed(e.to_string()))?,
         }
         let mut next_partition = 0usize;
+        let mut in_flight: Option<InFlight> = None;
         loop {
-            if self.cancel.is_cancelled() {
-                return Ok(());
-            }
             if self.assignment.has_changed().unwrap_or(false) {
                 let latest = self.assignment.borrow_and_update().clone();
                 task.observe(&parse_offsets(&latest.offsets_json, &latest.start_override));
             }
             let a = self.current();
-            let batch_size = a.batch_size.max(1) as usize;
-            let start = Instant::now();
-            let start_ms = now_ms();
-            let deadline = start + Duration::from_millis(a.max_batch_interval_ms.max(1));
-            let mut records = Vec::new();
-            let mut finished = Vec::new();
-            while records.len() < batch_size {
-                let poll = tokio::select! {
-                    _ = self.cancel.cancelled() => return Ok(()),
-                    p = task.poll(batch_size - records.len(), deadline) => p.map_err(|e| RunError::Failed(e.to_string()))?,
-                };
-                let ended = !poll.finished.is_empty();
-                for (partition, ms) in &poll.lag_ms {
-                    self.metrics.set(
-                        &format!(
-                            "shardline_source_lag_millis{{pipeline=\"{}\",partition=\"{}\"}}",
-                            common::metrics::label(&a.pipeline),
-                            common::metrics::label(partition)
-                        ),
-                        *ms as f64,
-                    );
-                }
-                records.extend(poll.records);
-                finished.extend(poll.finished);
-                if Instant::now() >= deadline || ended {
-                    break;
-                }
+            let extracted = extract(task.as_mut(), &a, &self.metrics, &self.cancel).await;
+            if let Some(f) = in_flight.take() {
+                self.settle(f, &mut committed, task.as_mut()).await?;
             }
-            let extract_ms = start.elapsed().as_millis() as u64;
-            if records.is_empty() && finished.is_empty() {
+            let Some(batch) = extracted? else {
+                return Ok(()); // cancelled
+            };
+            if batch.is_empty() {
                 // Nothing found: wait BATCH_INTERVAL before the next batch.
                 tokio::select! {
                     _ = self.cancel.cancelled() => return Ok(()),
@@ -363,180 +573,108 @@ impl Runner {
                 }
                 continue;
             }
-            // FORMAT AVRO: the batch travels as Avro; the loader decodes it into rows.
-            let bytes = avro::encode_batch(&schema, &records)
-                .map_err(|e| RunError::Failed(e.to_string()))?;
-            let rows = avro::decode_batch(&bytes).map_err(|e| RunError::Failed(e.to_string()))?;
-            if a.partitions.is_empty() {
-                return Err(RunError::Failed(format!(
-                    "this leaf holds no partition of database '{}'",
-                    a.database
-                )));
+            if self.cancel.is_cancelled() {
+                return Ok(());
             }
-            // The loader: static columns from the record, computed ones evaluated here.
-            let (columns, compiled) = if a.columns_json.is_empty() {
-                (vec![], vec![])
-            } else {
-                table_columns(&a.columns_json).map_err(RunError::Failed)?
-            };
-            let mut used = std::collections::BTreeSet::new();
-            let rows: Vec<(u32, String)> = rows
-                .into_iter()
-                .map(|r| {
-                    let p = a.partitions[next_partition % a.partitions.len()];
-                    next_partition += 1;
-                    used.insert(p);
-                    let values =
-                        common::expr::build_row(r.topic, r.id, r.record, &columns, &compiled);
-                    (p, Json::Array(values).to_string())
-                })
-                .collect();
-            // Offsets: per source partition, from the committed offset to the last record.
-            let mut last: std::collections::BTreeMap<String, (Json, bool)> = Default::default();
-            for r in &records {
-                last.insert(r.source_partition.clone(), (r.source_offset.clone(), false));
-            }
-            for (p, v) in finished {
-                last.insert(p, (v, true));
-            }
-            let offsets: Vec<common::catalog::pipelines::OffsetUpdate> = last
-                .iter()
-                .map(|(k, (to, fin))| common::catalog::pipelines::OffsetUpdate {
-                    key: k.clone(),
-                    from: committed.value(k).cloned(),
-                    to: to.clone(),
-                    finished: *fin,
-                })
-                .collect();
-            self.next_seq += 1;
-            let seq = self.next_seq;
-            let key = BatchKey {
-                pipeline_id: a.pipeline_id,
-                task_id: a.task_id,
-                epoch: a.epoch,
-                seq,
-            };
-            self.store
-                .prepare(key, &a.database, &a.table, &rows)
-                .await
-                .map_err(|e| RunError::Failed(e.to_string()))?;
-            let commit = common::catalog::pipelines::BatchCommit {
-                pipeline_id: a.pipeline_id,
-                task_id: a.task_id,
-                epoch: a.epoch,
-                seq,
-                offsets,
-                start_ms,
-                extractor_wait_ms: extract_ms,
-                batch_time_ms: start.elapsed().as_millis() as u64,
-                rows: rows.len() as u64,
-                bytes: records.iter().map(|r| r.size as u64).sum(),
-                num_partitions: used.len() as u32,
-            };
-            let (rows_n, bytes_n) = (commit.rows, commit.bytes);
-            let committing = Instant::now();
-            let label = format!("{{pipeline=\"{}\"}}", common::metrics::label(&a.pipeline));
-            match self.commit(key, commit).await? {
-                Outcome::Continue => {
-                    let m = &self.metrics;
-                    m.add(
-                        &format!("shardline_rows_loaded_total{label}"),
-                        rows_n as f64,
-                    );
-                    m.add(
-                        &format!("shardline_bytes_loaded_total{label}"),
-                        bytes_n as f64,
-                    );
-                    m.add(&format!("shardline_batches_committed_total{label}"), 1.0);
-                    m.add(
-                        &format!("shardline_commit_seconds_sum{label}"),
-                        committing.elapsed().as_secs_f64(),
-                    );
-                    m.add(&format!("shardline_commit_seconds_count{label}"), 1.0);
-                    for (k, v) in last {
-                        committed.offsets.insert(k, v);
-                    }
-                    task.commit(&committed);
-                }
-                Outcome::Refused(reason) => {
-                    self.metrics
-                        .add(&format!("shardline_batches_failed_total{label}"), 1.0);
-                    return Err(RunError::Refused(reason));
-                }
-            }
+            let (job, last) =
+                self.batch_job(&a, &schema, batch, &committed, &mut next_partition)?;
+            in_flight = Some(InFlight {
+                handle: tokio::spawn(job.run()),
+                last,
+            });
         }
     }
 
-    /// Commits a prepared batch at the master, retrying while the answer is unknown.
-    async fn commit(
+    /// Turns an extracted batch into rows and its commit: FORMAT AVRO (the batch travels as
+    /// Avro; the loader decodes it), computed columns evaluated here, offsets from the
+    /// committed ones to each source partition's last record.
+    fn batch_job(
         &mut self,
-        key: BatchKey,
-        batch: common::catalog::pipelines::BatchCommit,
-    ) -> Result<Outcome, RunError> {
-        let body = serde_json::to_vec(&batch).map_err(|e| RunError::Failed(e.to_string()))?;
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            let req = proto::CommitBatchRequest {
-                batch_json: body.clone(),
-            };
-            match self
-                .client
-                .call(|mut c| {
-                    let req = req.clone();
-                    async move { c.commit_batch(req).await }
-                })
-                .await
-            {
-                Ok(r) if r.committed => {
-                    self.store
-                        .finalize(key)
-                        .map_err(|e| RunError::Failed(e.to_string()))?;
-                    tracing::debug!(
-                        ?key,
-                        batch_id = r.batch_id,
-                        rows = batch.rows,
-                        "batch committed"
-                    );
-                    return Ok(Outcome::Continue);
-                }
-                Ok(r) => {
-                    self.store
-                        .abort(key)
-                        .map_err(|e| RunError::Failed(e.to_string()))?;
-                    return Ok(Outcome::Refused(r.reason));
-                }
-                Err(CallError::Rejected(status))
-                    if status.code() == tonic::Code::InvalidArgument =>
-                {
-                    self.store
-                        .abort(key)
-                        .map_err(|e| RunError::Failed(e.to_string()))?;
-                    return Err(RunError::Failed(format!(
-                        "commit refused: {}",
-                        status.message()
-                    )));
-                }
-                Err(e) => {
-                    tracing::debug!(?key, "commit outcome unknown, retrying: {e}");
-                }
-            }
-            if self.cancel.is_cancelled() {
-                // We are being stopped with the outcome unknown: settle it for good.
-                match resolve(
-                    &self.store,
-                    &mut self.client,
-                    key,
-                    &self.leaf_shutdown.clone(),
-                )
-                .await
-                {
-                    Some(true) => return Ok(Outcome::Continue),
-                    _ => return Ok(Outcome::Refused("stopped".into())),
-                }
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(1));
+        a: &proto::TaskAssignment,
+        schema: &avro::Schema,
+        batch: Extracted,
+        committed: &CommittedOffsets,
+        next_partition: &mut usize,
+    ) -> Result<(BatchJob, BTreeMap<String, (Json, bool)>), RunError> {
+        let bytes = avro::encode_batch(schema, &batch.records)
+            .map_err(|e| RunError::Failed(e.to_string()))?;
+        let decoded = avro::decode_batch(&bytes).map_err(|e| RunError::Failed(e.to_string()))?;
+        if a.partitions.is_empty() {
+            return Err(RunError::Failed(format!(
+                "this leaf holds no partition of database '{}'",
+                a.database
+            )));
         }
+        let (columns, compiled) = if a.columns_json.is_empty() {
+            (vec![], vec![])
+        } else {
+            table_columns(&a.columns_json).map_err(RunError::Failed)?
+        };
+        let mut used = std::collections::BTreeSet::new();
+        let rows: Vec<(u32, String)> = decoded
+            .into_iter()
+            .map(|r| {
+                let p = a.partitions[*next_partition % a.partitions.len()];
+                *next_partition += 1;
+                used.insert(p);
+                let values = common::expr::build_row(r.topic, r.id, r.record, &columns, &compiled);
+                (p, Json::Array(values).to_string())
+            })
+            .collect();
+        let mut last: BTreeMap<String, (Json, bool)> = BTreeMap::new();
+        for r in &batch.records {
+            last.insert(r.source_partition.clone(), (r.source_offset.clone(), false));
+        }
+        for (p, v) in batch.finished {
+            last.insert(p, (v, true));
+        }
+        let offsets = last
+            .iter()
+            .map(|(k, (to, fin))| common::catalog::pipelines::OffsetUpdate {
+                key: k.clone(),
+                from: committed.value(k).cloned(),
+                to: to.clone(),
+                finished: *fin,
+            })
+            .collect();
+        self.next_seq += 1;
+        let key = BatchKey {
+            pipeline_id: a.pipeline_id,
+            task_id: a.task_id,
+            epoch: a.epoch,
+            seq: self.next_seq,
+        };
+        let commit = common::catalog::pipelines::BatchCommit {
+            pipeline_id: a.pipeline_id,
+            task_id: a.task_id,
+            epoch: a.epoch,
+            seq: key.seq,
+            offsets,
+            start_ms: batch.start_ms,
+            extractor_wait_ms: batch.extract_ms,
+            batch_time_ms: batch.start.elapsed().as_millis() as u64,
+            rows: rows.len() as u64,
+            bytes: batch.records.iter().map(|r| r.size as u64).sum(),
+            num_partitions: used.len() as u32,
+        };
+        let client = self
+            .commit_client
+            .take()
+            .unwrap_or_else(|| MasterClient::new(self.aggregators.clone()));
+        let job = BatchJob {
+            key,
+            database: a.database.clone(),
+            table: a.table.clone(),
+            rows,
+            commit,
+            pipeline: a.pipeline.clone(),
+            store: self.store.clone(),
+            client,
+            metrics: self.metrics.clone(),
+            cancel: self.cancel.clone(),
+            leaf_shutdown: self.leaf_shutdown.clone(),
+        };
+        Ok((job, last))
     }
 }
 

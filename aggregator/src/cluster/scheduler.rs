@@ -3,12 +3,15 @@
 //! least loaded live leaf with a new epoch (which fences the old one). When a pipeline's tasks
 //! are uneven over the leaves that could run them (a leaf came back, or joined and got
 //! partitions by REBALANCE PARTITIONS), one task at a time moves from the busiest to the idlest.
+//! The plan is looked at soon after every catalog change and the leaves concerned are woken, so
+//! a started pipeline's tasks run within milliseconds, not a scheduler tick plus a heartbeat.
 
+use crate::cluster::leaf_client;
 use crate::raft::RaftHandle;
 use common::catalog::pipelines::PipelineState;
 use common::catalog::{Catalog, Command};
 use common::ids::LeafId;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -106,22 +109,37 @@ fn even_out(
     })
 }
 
-/// Applies [`plan`] while this node is the master.
+/// How soon after a change to the catalog the plan is looked at again (changes come in bursts:
+/// a START PIPELINE, a leaf marked offline, thousands of batch commits a second).
+const SETTLE: Duration = Duration::from_millis(20);
+
+/// Applies [`plan`] while this node is the master: soon after every change to the catalog
+/// (a pipeline started, a leaf lost or back), and every 200 ms regardless. Leaves that gain or
+/// lose a task are woken, so they heartbeat and learn it at once instead of at their next beat.
 pub async fn run(
     raft: RaftHandle,
     metrics: std::sync::Arc<common::metrics::Metrics>,
     shutdown: CancellationToken,
 ) {
     let mut ticker = tokio::time::interval(Duration::from_millis(200));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut status = raft.watch_status();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
+            changed = status.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                tokio::time::sleep(SETTLE).await;
+            }
         }
         if !raft.is_leader() {
             continue;
         }
         let commands = raft.read_catalog(plan);
+        let mut woken = BTreeSet::new();
         for cmd in commands {
             if let Command::AssignTask {
                 pipeline_id,
@@ -130,6 +148,14 @@ pub async fn run(
             } = &cmd
             {
                 tracing::info!(pipeline = pipeline_id, task = task_id, leaf = ?leaf.map(|l| l.0), "assigning task");
+                let before = raft.read_catalog(|c| {
+                    c.pipelines
+                        .get(pipeline_id)
+                        .and_then(|p| p.tasks.iter().find(|t| t.task_id == *task_id))
+                        .and_then(|t| t.leaf)
+                });
+                woken.extend(before);
+                woken.extend(*leaf);
             }
             if let Err(e) = raft.propose(cmd).await {
                 tracing::warn!("task assignment failed: {e}");
@@ -137,5 +163,30 @@ pub async fn run(
             }
             metrics.add("shardline_task_assignments_total", 1.0);
         }
+        if !woken.is_empty() {
+            wake(&raft, &woken);
+        }
+    }
+}
+
+/// Asks leaves to heartbeat now (best effort: a leaf that misses it learns at its next beat).
+fn wake(raft: &RaftHandle, leaves: &BTreeSet<LeafId>) {
+    let addresses: Vec<String> = raft.read_catalog(|c| {
+        leaves
+            .iter()
+            .filter_map(|id| c.leaves.get(id))
+            .filter(|l| l.online)
+            .map(|l| l.address.clone())
+            .collect()
+    });
+    for address in addresses {
+        tokio::spawn(async move {
+            let Ok(mut client) = leaf_client::client(&address, Duration::from_millis(500)) else {
+                return;
+            };
+            if let Err(e) = client.wake(proto::WakeRequest {}).await {
+                tracing::debug!(leaf = %address, "cannot wake the leaf: {e}");
+            }
+        });
     }
 }

@@ -14,7 +14,7 @@ struct Args {
     stream: String,
     #[arg(long, default_value = "us-east-1")]
     region: String,
-    /// Records per GetRecords call (the connector's kinesis.record.limit default).
+    /// Records per GetRecords call (AWS allows up to 10,000; the connector defaults to 500).
     #[arg(long, default_value_t = 10_000)]
     limit: i32,
 }

@@ -4,7 +4,8 @@
 
 use super::{ConnectError, SourceRecord};
 use apache_avro::types::Value;
-use apache_avro::{Reader, Schema, Writer};
+pub use apache_avro::Schema;
+use apache_avro::{Reader, Writer};
 use base64::Engine as _;
 use serde_json::Value as Json;
 
