@@ -1,19 +1,25 @@
 //! The leaf's partition store in sled.
 //!
 //! - one tree per table (`table/<db>/<table>` as JSON): key = partition (u32 BE) + row id
-//!   (u64 BE), value = the row as a JSON array of column values — committed rows only;
-//! - tree `staging`: rows of prepared batches, key = batch key + row key;
-//! - tree `prepared`: one marker per prepared batch (which table).
-//!
+//!   (u64 BE), value = the row as a JSON array of column values;
+//! - tree `prepared`: one marker per prepared batch: its table, partitions and row id range;
 //! - tree `indexes`: registered secondary indexes; tree `index/<db>/<table>/<index>`: key =
 //!   order-preserving value encoding + row key, maintained when rows become visible.
 //!
-//! A prepared batch is durable and invisible. Finalizing copies its rows into the table under
-//! the row keys chosen at prepare time, so finalizing twice (after a crash) writes the same
-//! rows again rather than new ones. Aborting deletes the staged rows.
+//! Rows are written once. Prepare reserves a contiguous range of row ids for the batch,
+//! records it (in memory and in the batch's durable marker) and writes the rows straight into
+//! their table, where every reader skips them: a reader sees a row only if its id was handed
+//! out before the reader started and lies in no prepared batch's range ([`Visibility`]).
+//! Finalizing writes the batch's index entries and drops the range, which makes its rows
+//! visible; doing it twice (after a crash) changes nothing. Aborting deletes the range's rows.
+//!
+//! Markers written by earlier versions (rows in a `staging` tree, copied at finalize) are
+//! still finalized and aborted that way.
 
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 /// Identifies a batch: (pipeline, task, epoch, leaf-side sequence).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -66,6 +72,61 @@ struct Marker {
     database: String,
     table: String,
     rows: u64,
+    /// The batch's row ids, `first..=last` (absent in markers of staged batches).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ids: Option<(u64, u64)>,
+    /// Partitions the batch wrote to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    partitions: Vec<u32>,
+}
+
+/// Row ids handed out and the ranges of prepared batches, per table tree.
+#[derive(Default)]
+struct Pending {
+    /// The highest row id handed out.
+    high: u64,
+    ranges: HashMap<String, Vec<(BatchKey, u64, u64)>>,
+}
+
+impl Pending {
+    fn remove(&mut self, tree: &str, key: BatchKey) {
+        if let Some(r) = self.ranges.get_mut(tree) {
+            r.retain(|(k, _, _)| *k != key);
+            if r.is_empty() {
+                self.ranges.remove(tree);
+            }
+        }
+    }
+}
+
+/// Which rows of a table a reader that started at one moment may see: those whose ids were
+/// handed out before it and belong to no batch that was still prepared then.
+pub struct Visibility {
+    high: u64,
+    hidden: Vec<(u64, u64)>,
+}
+
+impl Visibility {
+    /// Whether the row under `row_key` (partition + row id, or anything ending in the id) is
+    /// visible.
+    pub fn visible(&self, row_key: &[u8]) -> bool {
+        let Some(id) = row_key
+            .len()
+            .checked_sub(8)
+            .and_then(|at| row_key[at..].try_into().ok())
+            .map(u64::from_be_bytes)
+        else {
+            return false;
+        };
+        id <= self.high && !self.hidden.iter().any(|(a, b)| *a <= id && id <= *b)
+    }
+}
+
+fn row_key(partition: u32, id: u64) -> [u8; 12] {
+    let mut k = [0u8; 12];
+    k[..4].copy_from_slice(&partition.to_be_bytes());
+    k[4..].copy_from_slice(&id.to_be_bytes());
+    k
 }
 
 /// Storage errors.
@@ -86,6 +147,7 @@ pub struct Store {
     staging: sled::Tree,
     prepared: sled::Tree,
     indexes: sled::Tree,
+    pending: Arc<Mutex<Pending>>,
 }
 
 fn table_tree(database: &str, table: &str) -> String {
@@ -122,15 +184,51 @@ fn indexed_value(
 impl Store {
     pub fn open(dir: &Path) -> Result<Self> {
         let db = sled::Config::new().path(dir).open()?;
+        let prepared = db.open_tree("prepared")?;
+        // Every id handed out before this run is below this one.
+        let mut pending = Pending {
+            high: db.generate_id()?,
+            ..Default::default()
+        };
+        for item in prepared.iter() {
+            let (k, m) = item?;
+            let key = BatchKey::from_bytes(&k).ok_or_else(|| corrupt("batch key"))?;
+            let marker: Marker = serde_json::from_slice(&m).map_err(corrupt)?;
+            if let Some((first, last)) = marker.ids {
+                pending
+                    .ranges
+                    .entry(table_tree(&marker.database, &marker.table))
+                    .or_default()
+                    .push((key, first, last));
+            }
+        }
         Ok(Self {
             staging: db.open_tree("staging")?,
-            prepared: db.open_tree("prepared")?,
             indexes: db.open_tree("indexes")?,
+            prepared,
             db,
+            pending: Arc::new(Mutex::new(pending)),
         })
     }
 
-    /// Writes a batch's rows (partition, JSON row) durably and invisibly.
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What a reader starting now may see of a table.
+    pub fn visibility(&self, database: &str, table: &str) -> Visibility {
+        let pending = self.pending();
+        Visibility {
+            high: pending.high,
+            hidden: pending
+                .ranges
+                .get(&table_tree(database, table))
+                .map(|r| r.iter().map(|(_, a, b)| (*a, *b)).collect())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Writes a batch's rows (partition, JSON row) into their table, durably and invisibly.
     pub async fn prepare(
         &self,
         key: BatchKey,
@@ -138,23 +236,70 @@ impl Store {
         table: &str,
         rows: &[(u32, String)],
     ) -> Result<()> {
-        let k = key.bytes();
-        let mut batch = sled::Batch::default();
-        for (partition, row) in rows {
-            let id = self.db.generate_id()?;
-            let mut sk = k.to_vec();
-            sk.extend_from_slice(&partition.to_be_bytes());
-            sk.extend_from_slice(&id.to_be_bytes());
-            batch.insert(sk, row.as_bytes());
+        let result = self.prepare_rows(key, database, table, rows).await;
+        if result.is_err() {
+            // Leave nothing half-written behind.
+            if let Err(e) = self.abort(key) {
+                tracing::warn!(?key, "cannot remove a batch that failed to prepare: {e}");
+            }
         }
-        self.staging.apply_batch(batch)?;
+        result
+    }
+
+    async fn prepare_rows(
+        &self,
+        key: BatchKey,
+        database: &str,
+        table: &str,
+        rows: &[(u32, String)],
+    ) -> Result<()> {
+        let k = key.bytes();
+        let name = table_tree(database, table);
+        let tree = self.db.open_tree(&name)?;
+        let mut partitions: Vec<u32> = rows.iter().map(|(p, _)| *p).collect();
+        partitions.sort_unstable();
+        partitions.dedup();
+        let ids = if rows.is_empty() {
+            None
+        } else {
+            // A contiguous range, registered (so hidden from readers) before any row exists.
+            let mut pending = self.pending();
+            let first = self.db.generate_id()?;
+            let mut last = first;
+            for _ in 1..rows.len() {
+                last = self.db.generate_id()?;
+            }
+            if last - first + 1 != rows.len() as u64 {
+                return Err(StoreError::Corrupt(format!(
+                    "row ids {first}..={last} for {} rows are not contiguous",
+                    rows.len()
+                )));
+            }
+            pending.high = pending.high.max(last);
+            pending
+                .ranges
+                .entry(name.clone())
+                .or_default()
+                .push((key, first, last));
+            Some((first, last))
+        };
         let marker = Marker {
             database: database.into(),
             table: table.into(),
             rows: rows.len() as u64,
+            ids,
+            partitions,
         };
-        let m = serde_json::to_vec(&marker).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        // The marker before the rows: a crash leaves no row that no marker hides.
+        let m = serde_json::to_vec(&marker).map_err(corrupt)?;
         self.prepared.insert(k, m)?;
+        if let Some((first, _)) = ids {
+            let mut batch = sled::Batch::default();
+            for (i, (partition, row)) in rows.iter().enumerate() {
+                batch.insert(&row_key(*partition, first + i as u64), row.as_bytes());
+            }
+            tree.apply_batch(batch)?;
+        }
         self.db.flush_async().await?;
         Ok(())
     }
@@ -165,8 +310,45 @@ impl Store {
         let Some(m) = self.prepared.get(k)? else {
             return Ok(0); // already finalized or aborted
         };
-        let marker: Marker =
-            serde_json::from_slice(&m).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let marker: Marker = serde_json::from_slice(&m).map_err(corrupt)?;
+        let Some((first, last)) = marker.ids else {
+            if marker.rows == 0 {
+                self.prepared.remove(k)?;
+                return Ok(0);
+            }
+            return self.finalize_staged(key, &marker);
+        };
+        let name = table_tree(&marker.database, &marker.table);
+        let tree = self.db.open_tree(&name)?;
+        let indexes = self.table_indexes(&marker.database, &marker.table)?;
+        if !indexes.is_empty() {
+            // Index entries first: a row is never visible without them.
+            let mut batches: Vec<sled::Batch> =
+                indexes.iter().map(|_| sled::Batch::default()).collect();
+            for p in &marker.partitions {
+                for item in tree.range(row_key(*p, first)..=row_key(*p, last)) {
+                    let (rk, v) = item?;
+                    for ((def, compiled), batch) in indexes.iter().zip(batches.iter_mut()) {
+                        let mut ik = common::expr::index_key(&indexed_value(&v, def, compiled)?);
+                        ik.extend_from_slice(&rk);
+                        batch.insert(ik, &[] as &[u8]);
+                    }
+                }
+            }
+            for ((def, _), batch) in indexes.iter().zip(batches) {
+                self.db
+                    .open_tree(index_tree(&def.database, &def.table, &def.name))?
+                    .apply_batch(batch)?;
+            }
+        }
+        self.pending().remove(&name, key);
+        self.prepared.remove(k)?;
+        Ok(marker.rows)
+    }
+
+    /// Finalizes a batch staged by an earlier version: copies its rows into the table.
+    fn finalize_staged(&self, key: BatchKey, marker: &Marker) -> Result<u64> {
+        let k = key.bytes();
         let tree = self
             .db
             .open_tree(table_tree(&marker.database, &marker.table))?;
@@ -191,7 +373,6 @@ impl Store {
                 batch.insert(key, &[] as &[u8]);
             }
         }
-        // Index entries first: a row is never visible without them.
         for ((def, _), batch) in indexes.iter().zip(index_batches) {
             self.db
                 .open_tree(index_tree(&def.database, &def.table, &def.name))?
@@ -234,8 +415,9 @@ impl Store {
         Ok(out)
     }
 
-    /// Registers an index (maintained by every later finalize) and indexes the rows already
-    /// visible. Returns how many rows were indexed.
+    /// Registers an index (maintained by every later finalize) and indexes the rows stored,
+    /// prepared ones too: readers check visibility, and an aborted row's entry finds no row.
+    /// Returns how many visible rows were indexed.
     pub fn build_index(
         &self,
         database: &str,
@@ -261,6 +443,7 @@ impl Store {
             common::expr::compile_table(&columns).map_err(corrupt)?,
         );
         let index = self.db.open_tree(index_tree(database, table, name))?;
+        let visibility = self.visibility(database, table);
         let Some(tree) = self.table(database, table)? else {
             return Ok(0);
         };
@@ -271,7 +454,7 @@ impl Store {
             let mut key = common::expr::index_key(&indexed_value(&v, &def, &compiled)?);
             key.extend_from_slice(&k);
             batch.insert(key, &[] as &[u8]);
-            n += 1;
+            n += u64::from(visibility.visible(&k));
         }
         index.apply_batch(batch)?;
         Ok(n)
@@ -297,6 +480,7 @@ impl Store {
         if self.indexes.get(key.as_bytes())?.is_none() {
             return Ok(None);
         }
+        let visibility = self.visibility(database, table);
         let tree = self.db.open_tree(table_tree(database, table))?;
         let idx = self.db.open_tree(index_tree(database, table, index))?;
         let after = |v: &serde_json::Value| {
@@ -321,6 +505,9 @@ impl Store {
         for item in idx.range(lo..hi) {
             let (k, _) = item?;
             let row_key = &k[k.len().saturating_sub(12)..];
+            if !visibility.visible(row_key) {
+                continue;
+            }
             if let Some(v) = tree.get(row_key)? {
                 out.push(String::from_utf8(v.to_vec()).map_err(corrupt)?);
             }
@@ -328,9 +515,33 @@ impl Store {
         Ok(Some(out))
     }
 
-    /// Drops a batch that will never commit.
+    /// Drops a batch that will never commit (idempotent).
     pub fn abort(&self, key: BatchKey) -> Result<()> {
         let k = key.bytes();
+        let marker: Option<Marker> = match self.prepared.get(k)? {
+            Some(m) => Some(serde_json::from_slice(&m).map_err(corrupt)?),
+            None => None,
+        };
+        if let Some(Marker {
+            database,
+            table,
+            ids: Some((first, last)),
+            partitions,
+            ..
+        }) = &marker
+        {
+            let name = table_tree(database, table);
+            let tree = self.db.open_tree(&name)?;
+            let mut rows = sled::Batch::default();
+            for p in partitions {
+                for item in tree.range(row_key(*p, *first)..=row_key(*p, *last)) {
+                    rows.remove(item?.0);
+                }
+            }
+            tree.apply_batch(rows)?;
+            // Hidden until gone: the range is dropped only after its rows.
+            self.pending().remove(&name, key);
+        }
         let mut staged = sled::Batch::default();
         for item in self.staging.scan_prefix(k) {
             staged.remove(item?.0);
@@ -354,16 +565,18 @@ impl Store {
 
     /// Committed rows of a table (JSON arrays).
     pub fn scan(&self, database: &str, table: &str) -> Result<Vec<String>> {
+        let visibility = self.visibility(database, table);
         let Some(tree) = self.table(database, table)? else {
             return Ok(vec![]);
         };
-        tree.iter()
-            .values()
-            .map(|v| {
-                let v = v?;
-                String::from_utf8(v.to_vec()).map_err(|e| StoreError::Corrupt(e.to_string()))
-            })
-            .collect()
+        let mut out = Vec::new();
+        for item in tree.iter() {
+            let (k, v) = item?;
+            if visibility.visible(&k) {
+                out.push(String::from_utf8(v.to_vec()).map_err(corrupt)?);
+            }
+        }
+        Ok(out)
     }
 
     /// Rewrites the rows of a table that lack columns added since they were written, with
@@ -450,5 +663,108 @@ mod tests {
         rows.sort();
         assert_eq!(rows, vec!["[1]", "[2]"]);
         assert!(s.prepared_batches().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_reader_sees_neither_prepared_rows_nor_rows_newer_than_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.prepare(key(1), "d", "t", &[(0, "[1]".into())])
+            .await
+            .unwrap();
+        s.finalize(key(1)).unwrap();
+        let before = s.visibility("d", "t");
+        s.prepare(key(2), "d", "t", &[(0, "[2]".into()), (3, "[3]".into())])
+            .await
+            .unwrap();
+        s.finalize(key(2)).unwrap();
+        let tree = s.table("d", "t").unwrap().unwrap();
+        let seen: Vec<_> = tree
+            .iter()
+            .keys()
+            .map(|k| k.unwrap())
+            .filter(|k| before.visible(k))
+            .collect();
+        assert_eq!(
+            seen.len(),
+            1,
+            "rows finalized after a reader started are not its"
+        );
+        assert_eq!(s.scan("d", "t").unwrap().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn aborting_deletes_the_rows_and_keeps_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.prepare(key(1), "d", "t", &[(0, "[1]".into()), (1, "[2]".into())])
+            .await
+            .unwrap();
+        s.prepare(key(2), "d", "t", &[(0, "[3]".into()), (1, "[4]".into())])
+            .await
+            .unwrap();
+        s.abort(key(1)).unwrap();
+        s.abort(key(1)).unwrap();
+        assert_eq!(
+            s.finalize(key(1)).unwrap(),
+            0,
+            "an aborted batch stays aborted"
+        );
+        assert!(s.scan("d", "t").unwrap().is_empty());
+        drop(s);
+        let s = Store::open(dir.path()).unwrap();
+        assert!(
+            s.scan("d", "t").unwrap().is_empty(),
+            "still hidden after reopen"
+        );
+        assert_eq!(s.finalize(key(2)).unwrap(), 2);
+        let mut rows = s.scan("d", "t").unwrap();
+        rows.sort();
+        assert_eq!(rows, vec!["[3]", "[4]"]);
+        assert_eq!(s.table("d", "t").unwrap().unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn an_index_built_over_prepared_rows_shows_them_only_once_finalized() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.prepare(key(1), "d", "t", &[(0, "[5]".into()), (0, "[6]".into())])
+            .await
+            .unwrap();
+        s.prepare(key(2), "d", "t", &[(0, "[7]".into())])
+            .await
+            .unwrap();
+        s.finalize(key(2)).unwrap();
+        let columns = r#"[{"name":"v","ty":"BigInt","nullable":true,"computed":null}]"#;
+        assert_eq!(s.build_index("d", "t", "i", 0, columns).unwrap(), 1);
+        let all = Range {
+            lower: None,
+            upper: None,
+        };
+        assert_eq!(
+            s.scan_index("d", "t", "i", &all).unwrap().unwrap(),
+            vec!["[7]"]
+        );
+        s.finalize(key(1)).unwrap();
+        let mut rows = s.scan_index("d", "t", "i", &all).unwrap().unwrap();
+        rows.sort();
+        assert_eq!(rows, vec!["[5]", "[6]", "[7]"]);
+    }
+
+    #[tokio::test]
+    async fn a_batch_staged_by_an_earlier_version_is_finalized_by_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let k = key(9).bytes();
+        let mut sk = k.to_vec();
+        sk.extend_from_slice(&row_key(2, 0));
+        s.staging.insert(sk, "[42]").unwrap(); // ids of earlier runs are below `high`
+        s.prepared
+            .insert(k, r#"{"database":"d","table":"t","rows":1}"#)
+            .unwrap();
+        assert!(s.scan("d", "t").unwrap().is_empty());
+        assert_eq!(s.finalize(key(9)).unwrap(), 1);
+        assert_eq!(s.scan("d", "t").unwrap(), vec!["[42]"]);
+        assert!(s.staging.is_empty());
     }
 }
