@@ -111,7 +111,7 @@ fn even_out(
 
 /// How soon after a change to the catalog the plan is looked at again (changes come in bursts:
 /// a START PIPELINE, a leaf marked offline, thousands of batch commits a second).
-const SETTLE: Duration = Duration::from_millis(20);
+const SETTLE: Duration = Duration::from_millis(5);
 
 /// Applies [`plan`] while this node is the master: soon after every change to the catalog
 /// (a pipeline started, a leaf lost or back), and every 200 ms regardless. Leaves that gain or

@@ -566,6 +566,7 @@ impl KinesisTask {
             return Ok(());
         };
         let limit = limit.min(s.record_limit as usize).max(1) as i32;
+        let asked = Instant::now();
         let result = client
             .get_records()
             .shard_iterator(iterator)
@@ -580,6 +581,12 @@ impl KinesisTask {
         match result {
             Ok(out) => {
                 let got = out.records().len();
+                tracing::trace!(
+                    shard,
+                    got,
+                    ms = asked.elapsed().as_secs_f64() * 1000.0,
+                    "GetRecords"
+                );
                 if let Some(ms) = out.millis_behind_latest {
                     poll.lag_ms.push((shard.to_string(), ms.max(0) as u64));
                 }
@@ -627,7 +634,9 @@ impl KinesisTask {
                     reader.iterator = None;
                     let value = last.or(ending).or(starting).unwrap_or_default();
                     poll.finished.push((key, offset_value(&value)));
-                } else if got == 0 {
+                } else if got == 0 || (got < limit as usize && out.millis_behind_latest == Some(0))
+                {
+                    // Nothing, or the shard's newest records: nothing more to read right now.
                     reader.backoff_until = Some(Instant::now() + s.empty_backoff);
                 }
                 Ok(())
