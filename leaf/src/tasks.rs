@@ -729,3 +729,115 @@ pub async fn test_extract(
 
 /// Shared handle.
 pub type Tasks = Arc<TaskManager>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::connect::{Poll, SourceRecord, SourceTask};
+
+    /// A source that hands out `ready` records on its first poll and nothing after, noting
+    /// each poll's deadline and when it was called.
+    struct Scripted {
+        ready: usize,
+        polls: Vec<(Instant, Instant)>,
+    }
+
+    #[async_trait::async_trait]
+    impl SourceTask for Scripted {
+        async fn start(
+            &mut self,
+            _: &ConnectorConfig,
+            _: &TaskConfig,
+            _: &CommittedOffsets,
+        ) -> Result<(), connect::ConnectError> {
+            Ok(())
+        }
+
+        async fn poll(
+            &mut self,
+            max_records: usize,
+            deadline: Instant,
+        ) -> Result<Poll, connect::ConnectError> {
+            self.polls.push((Instant::now(), deadline));
+            assert!(self.polls.len() < 10, "polled on after the source ran dry");
+            let n = std::mem::take(&mut self.ready).min(max_records);
+            let records = (0..n)
+                .map(|i| SourceRecord {
+                    topic: "t".into(),
+                    key: avro::Value::Null,
+                    value: avro::Value::Null,
+                    source_partition: "p".into(),
+                    source_offset: serde_json::json!(i),
+                    size: 1,
+                })
+                .collect();
+            Ok(Poll {
+                records,
+                ..Default::default()
+            })
+        }
+
+        fn commit(&mut self, _: &CommittedOffsets) {}
+
+        fn observe(&mut self, _: &CommittedOffsets) {}
+    }
+
+    fn assignment(batch_size: u64) -> proto::TaskAssignment {
+        proto::TaskAssignment {
+            batch_size,
+            max_batch_interval_ms: 3_600_000,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_ends_once_the_source_has_nothing_more_right_now() {
+        let mut task = Scripted {
+            ready: 3,
+            polls: vec![],
+        };
+        let metrics = common::metrics::Metrics::default();
+        let batch = extract(
+            &mut task,
+            &assignment(100),
+            &metrics,
+            &CancellationToken::new(),
+        )
+        .await
+        .ok()
+        .flatten()
+        .expect("a batch");
+        assert_eq!(batch.records.len(), 3);
+        assert_eq!(
+            task.polls.len(),
+            2,
+            "one poll that found records, one that found none"
+        );
+        let (called, deadline) = task.polls[1];
+        assert!(
+            deadline <= called,
+            "with records in hand, the source is asked only for what it has now"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_full_batch_ends_without_asking_for_more() {
+        let mut task = Scripted {
+            ready: 10,
+            polls: vec![],
+        };
+        let metrics = common::metrics::Metrics::default();
+        let batch = extract(
+            &mut task,
+            &assignment(4),
+            &metrics,
+            &CancellationToken::new(),
+        )
+        .await
+        .ok()
+        .flatten()
+        .expect("a batch");
+        assert_eq!(batch.records.len(), 4);
+        assert_eq!(task.polls.len(), 1);
+    }
+}

@@ -3,7 +3,7 @@
 //! schema's rows (`topic`, `id`, `record`), with keys sorted and bytes as base64.
 
 use super::{ConnectError, SourceRecord};
-use apache_avro::types::Value;
+pub use apache_avro::types::Value;
 pub use apache_avro::Schema;
 use apache_avro::{Reader, Writer};
 use base64::Engine as _;
