@@ -429,11 +429,14 @@ impl BatchJob {
     }
 }
 
+/// Per source partition, the offset a batch moves to and whether the partition ended there.
+type LastOffsets = BTreeMap<String, (Json, bool)>;
+
 /// The batch being loaded and committed while the next one is extracted, with the offsets it
 /// moves to.
 struct InFlight {
     handle: tokio::task::JoinHandle<(MasterClient, Result<Outcome, RunError>)>,
-    last: BTreeMap<String, (Json, bool)>,
+    last: LastOffsets,
 }
 
 impl Runner {
@@ -595,7 +598,7 @@ impl Runner {
         batch: Extracted,
         committed: &CommittedOffsets,
         next_partition: &mut usize,
-    ) -> Result<(BatchJob, BTreeMap<String, (Json, bool)>), RunError> {
+    ) -> Result<(BatchJob, LastOffsets), RunError> {
         let bytes = avro::encode_batch(schema, &batch.records)
             .map_err(|e| RunError::Failed(e.to_string()))?;
         let decoded = avro::decode_batch(&bytes).map_err(|e| RunError::Failed(e.to_string()))?;
@@ -621,7 +624,7 @@ impl Runner {
                 (p, Json::Array(values).to_string())
             })
             .collect();
-        let mut last: BTreeMap<String, (Json, bool)> = BTreeMap::new();
+        let mut last = LastOffsets::new();
         for r in &batch.records {
             last.insert(r.source_partition.clone(), (r.source_offset.clone(), false));
         }
