@@ -307,6 +307,8 @@ async fn extract(
 /// finalize. Runs beside the extraction of the next batch.
 struct BatchJob {
     key: BatchKey,
+    /// When the batch's extraction began: BATCH_TIME runs from there to the end of prepare.
+    start: Instant,
     database: String,
     table: String,
     rows: Vec<(u32, String)>,
@@ -339,6 +341,7 @@ impl BatchJob {
             .prepare(self.key, &self.database, &self.table, &self.rows)
             .await
             .map_err(|e| RunError::Failed(e.to_string()))?;
+        self.commit.batch_time_ms = self.start.elapsed().as_millis() as u64;
         let committing = Instant::now();
         let outcome = self.commit().await?;
         if let Outcome::Continue = outcome {
@@ -666,6 +669,7 @@ impl Runner {
             .unwrap_or_else(|| MasterClient::new(self.aggregators.clone()));
         let job = BatchJob {
             key,
+            start: batch.start,
             database: a.database.clone(),
             table: a.table.clone(),
             rows,
