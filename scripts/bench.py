@@ -22,10 +22,6 @@ Figures:
                             batch size 10,000): --rows / wall time of START PIPELINE ... FOREGROUND.
                             Ceiling: bench-sled, a plain loop writing the same rows (32-byte
                             payload) into sled. Target: ratio >= 0.5.
-  ingest.datagen.in_batch   the same rows over the time spent inside batches, from
-                            information_schema.PIPELINES_BATCHES_SUMMARY (sum of rows / sum of
-                            BATCH_TIME x 2 concurrent tasks). BATCH_TIME ends before the batch's
-                            Raft commit, so the gap to ingest.datagen is commit and scheduling.
   ingest.kinesis            records/s of a 4-task Kinesis pipeline (kinesis.record.limit 2,000)
                             draining --kinesis-records records pre-loaded into a 4-shard
                             moto_server stream: from START PIPELINE (task assignment included)
@@ -684,22 +680,19 @@ def scenario_datagen(args, report: Report, gen_cluster: Callable[[], Cluster]) -
         ["--rows", str(rows), "--payload-bytes", "32", "--batch", str(INGEST_BATCH_SIZE)], "rows_per_sec")
     c = gen_cluster()
     seconds = load_datagen(c, rows)
-    report.add(Figure("ingest.datagen", rows / seconds, "rows/s", ceiling, "ceiling(sled loop)",
-                      target=Target("ratio>=", 0.5), note=f"{rows:,} rows in {seconds:.2f} s"))
     conn = c.connect(db="d")
     try:
-        batches = query(conn, "SELECT ROWS_STREAMED, BATCH_TIME FROM information_schema.PIPELINES_BATCHES_SUMMARY "
+        batches = query(conn, "SELECT BATCH_TIME FROM information_schema.PIPELINES_BATCHES_SUMMARY "
                               "WHERE DATABASE_NAME = 'd' AND PIPELINE_NAME = 'gen' AND BATCH_STATE = 'Succeeded'")
     finally:
         conn.close()
-    batch_rows = sum(int(r[0]) for r in batches)
-    batch_seconds = sum(float(r[1]) for r in batches)
-    if batch_seconds > 0:
-        report.add(Figure(
-            "ingest.datagen.in_batch", DATAGEN_TASKS * batch_rows / batch_seconds, "rows/s", ceiling,
-            "ceiling(sled loop)",
-            note=f"{len(batches)} batches, {batch_rows:,} rows, {batch_seconds:.2f} s in batches "
-                 f"over {DATAGEN_TASKS} tasks; excludes each batch's Raft commit"))
+    # Batches overlap (a task extracts the next while the last one loads), so their times do
+    # not add up to the wall clock: the count and the median are context, not a figure.
+    times = sorted(float(r[0]) for r in batches)
+    median = f", median BATCH_TIME {statistics.median(times):.2f} s" if times else ""
+    report.add(Figure("ingest.datagen", rows / seconds, "rows/s", ceiling, "ceiling(sled loop)",
+                      target=Target("ratio>=", 0.5),
+                      note=f"{rows:,} rows in {seconds:.2f} s, {len(times)} batches{median}"))
     if ceiling_error:
         raise CeilingError(ceiling_error)
 
