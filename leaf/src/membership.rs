@@ -56,7 +56,13 @@ pub async fn heartbeat_loop(
     let interval = config.heartbeat_interval();
     let mut backoff = interval;
     let mut failing = false;
-    let mut recovered = false;
+    // Settle the batches an earlier run left prepared before registering: once registered the
+    // leaf serves queries, and a batch the master committed must be visible by then (and one it
+    // did not commit must be gone).
+    tasks.recover().await;
+    if shutdown.is_cancelled() {
+        return;
+    }
     loop {
         let result = match state.leaf_id() {
             None => client
@@ -86,11 +92,6 @@ pub async fn heartbeat_loop(
         };
         let result = match result {
             Ok(Some(assignments)) => {
-                if !recovered {
-                    // Settle batches an earlier run left prepared before taking new work.
-                    tasks.recover().await;
-                    recovered = true;
-                }
                 tasks.reconcile(assignments).await;
                 Ok(())
             }

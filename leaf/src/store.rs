@@ -642,16 +642,18 @@ mod tests {
         }
     }
 
+    /// Prepares batch `seq` of table d.t with `rows` (partition, JSON row).
+    async fn prepare(s: &Store, seq: u64, rows: &[(u32, &str)]) {
+        let rows: Vec<(u32, String)> = rows.iter().map(|(p, r)| (*p, r.to_string())).collect();
+        s.prepare(key(seq), "d", "t", &rows).await.unwrap();
+    }
+
     #[tokio::test]
     async fn prepared_rows_are_invisible_until_finalized_and_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
-        s.prepare(key(1), "d", "t", &[(0, "[1]".into()), (1, "[2]".into())])
-            .await
-            .unwrap();
-        s.prepare(key(2), "d", "t", &[(0, "[3]".into())])
-            .await
-            .unwrap();
+        prepare(&s, 1, &[(0, "[1]"), (1, "[2]")]).await;
+        prepare(&s, 2, &[(0, "[3]")]).await;
         assert!(s.scan("d", "t").unwrap().is_empty());
         drop(s);
         let s = Store::open(dir.path()).unwrap();
@@ -669,14 +671,10 @@ mod tests {
     async fn a_reader_sees_neither_prepared_rows_nor_rows_newer_than_itself() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
-        s.prepare(key(1), "d", "t", &[(0, "[1]".into())])
-            .await
-            .unwrap();
+        prepare(&s, 1, &[(0, "[1]")]).await;
         s.finalize(key(1)).unwrap();
         let before = s.visibility("d", "t");
-        s.prepare(key(2), "d", "t", &[(0, "[2]".into()), (3, "[3]".into())])
-            .await
-            .unwrap();
+        prepare(&s, 2, &[(0, "[2]"), (3, "[3]")]).await;
         s.finalize(key(2)).unwrap();
         let tree = s.table("d", "t").unwrap().unwrap();
         let seen: Vec<_> = tree
@@ -697,12 +695,8 @@ mod tests {
     async fn aborting_deletes_the_rows_and_keeps_the_others() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
-        s.prepare(key(1), "d", "t", &[(0, "[1]".into()), (1, "[2]".into())])
-            .await
-            .unwrap();
-        s.prepare(key(2), "d", "t", &[(0, "[3]".into()), (1, "[4]".into())])
-            .await
-            .unwrap();
+        prepare(&s, 1, &[(0, "[1]"), (1, "[2]")]).await;
+        prepare(&s, 2, &[(0, "[3]"), (1, "[4]")]).await;
         s.abort(key(1)).unwrap();
         s.abort(key(1)).unwrap();
         assert_eq!(
@@ -728,12 +722,8 @@ mod tests {
     async fn an_index_built_over_prepared_rows_shows_them_only_once_finalized() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
-        s.prepare(key(1), "d", "t", &[(0, "[5]".into()), (0, "[6]".into())])
-            .await
-            .unwrap();
-        s.prepare(key(2), "d", "t", &[(0, "[7]".into())])
-            .await
-            .unwrap();
+        prepare(&s, 1, &[(0, "[5]"), (0, "[6]")]).await;
+        prepare(&s, 2, &[(0, "[7]")]).await;
         s.finalize(key(2)).unwrap();
         let columns = r#"[{"name":"v","ty":"BigInt","nullable":true,"computed":null}]"#;
         assert_eq!(s.build_index("d", "t", "i", 0, columns).unwrap(), 1);

@@ -797,16 +797,16 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_batch_ends_once_the_source_has_nothing_more_right_now() {
+    /// One batch extracted from a source holding `ready` records, and the source after it.
+    async fn extract_from(ready: usize, batch_size: u64) -> (Extracted, Scripted) {
         let mut task = Scripted {
-            ready: 3,
+            ready,
             polls: vec![],
         };
         let metrics = common::metrics::Metrics::default();
         let batch = extract(
             &mut task,
-            &assignment(100),
+            &assignment(batch_size),
             &metrics,
             &CancellationToken::new(),
         )
@@ -814,6 +814,12 @@ mod tests {
         .ok()
         .flatten()
         .expect("a batch");
+        (batch, task)
+    }
+
+    #[tokio::test]
+    async fn a_batch_ends_once_the_source_has_nothing_more_right_now() {
+        let (batch, task) = extract_from(3, 100).await;
         assert_eq!(batch.records.len(), 3);
         assert_eq!(
             task.polls.len(),
@@ -829,21 +835,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_batch_ends_without_asking_for_more() {
-        let mut task = Scripted {
-            ready: 10,
-            polls: vec![],
-        };
-        let metrics = common::metrics::Metrics::default();
-        let batch = extract(
-            &mut task,
-            &assignment(4),
-            &metrics,
-            &CancellationToken::new(),
-        )
-        .await
-        .ok()
-        .flatten()
-        .expect("a batch");
+        let (batch, task) = extract_from(10, 4).await;
         assert_eq!(batch.records.len(), 4);
         assert_eq!(task.polls.len(), 1);
     }

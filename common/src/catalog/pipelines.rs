@@ -121,12 +121,20 @@ pub struct Pipeline {
     pub batches: VecDeque<BatchSummary>,
     pub errors: VecDeque<PipelineError>,
     pub next_error_id: u64,
+    /// Last committed batch of epochs no longer held by a task (the task was stopped, or moved
+    /// more than [`EPOCHS_TO_KEEP`] times): epoch -> (task, leaf-side sequence, BATCH_ID).
+    /// Epochs never repeat within a pipeline. A leaf that comes back with such a batch still
+    /// prepared must hear "committed", or it would delete rows that are part of the table.
+    #[serde(default)]
+    pub retired: BTreeMap<u64, (u32, u64, u64)>,
 }
 
 /// How many errors a pipeline keeps.
 pub const ERRORS_TO_KEEP: usize = 1000;
 /// How many past epochs per task remember their last committed batch.
 const EPOCHS_TO_KEEP: usize = 8;
+/// How many retired epochs a pipeline remembers.
+const RETIRED_TO_KEEP: usize = 4096;
 
 /// The definition part of CREATE PIPELINE.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -210,6 +218,7 @@ impl Pipeline {
             batches: VecDeque::new(),
             errors: VecDeque::new(),
             next_error_id: 1,
+            retired: BTreeMap::new(),
         };
         p.redefine(def, now_ms);
         p
@@ -283,7 +292,9 @@ impl Pipeline {
 
     pub(super) fn stop(&mut self, state: PipelineState, now_ms: u64) {
         self.state = state;
-        self.tasks.clear();
+        for task in std::mem::take(&mut self.tasks) {
+            self.retire(task.task_id, task.committed);
+        }
         self.altered_ms = now_ms;
     }
 
@@ -318,10 +329,25 @@ impl Pipeline {
     /// has at most one batch in flight per task, and never reuses a sequence number within an
     /// epoch, so only the last one can be asked about).
     pub fn committed_batch(&self, task_id: u32, epoch: u64, seq: u64) -> Option<u64> {
-        let task = self.tasks.iter().find(|t| t.task_id == task_id)?;
-        match task.committed.get(&epoch) {
-            Some((last, batch_id)) if *last == seq => Some(*batch_id),
+        let held = self
+            .tasks
+            .iter()
+            .find(|t| t.task_id == task_id)
+            .and_then(|t| t.committed.get(&epoch))
+            .map(|(last, batch_id)| (task_id, *last, *batch_id));
+        match held.or_else(|| self.retired.get(&epoch).copied()) {
+            Some((task, last, batch_id)) if task == task_id && last == seq => Some(batch_id),
             _ => None,
+        }
+    }
+
+    /// Keeps the last committed batch of epochs a task no longer holds.
+    fn retire(&mut self, task_id: u32, epochs: impl IntoIterator<Item = (u64, (u64, u64))>) {
+        for (epoch, (seq, batch_id)) in epochs {
+            self.retired.insert(epoch, (task_id, seq, batch_id));
+        }
+        while self.retired.len() > RETIRED_TO_KEEP {
+            self.retired.pop_first();
         }
     }
 
@@ -368,9 +394,11 @@ impl Pipeline {
         }
         let task = self.task_mut(b.task_id)?;
         task.committed.insert(b.epoch, (b.seq, batch_id));
+        let mut dropped = Vec::new();
         while task.committed.len() > EPOCHS_TO_KEEP {
-            task.committed.pop_first();
+            dropped.extend(task.committed.pop_first());
         }
+        self.retire(b.task_id, dropped);
         self.batches.push_back(BatchSummary {
             batch_id,
             task_id: b.task_id,
@@ -560,6 +588,33 @@ mod tests {
         ));
         assert_eq!(p.committed_batch(0, e, 1), None);
         assert_eq!(p.committed_batch(0, e, 5), Some(1));
+    }
+
+    #[test]
+    fn a_committed_batch_stays_committed_after_stop_restart_and_many_moves() {
+        let mut p = pipeline();
+        let e1 = p.assign(0, Some(LeafId(1))).unwrap();
+        assert_eq!(p.commit(batch(0, e1, 7, None, "10"), 10).unwrap(), 1);
+        // Moved more often than a task remembers epochs.
+        let mut from = "10".to_string();
+        for i in 0..(EPOCHS_TO_KEEP as u64 + 2) {
+            let e = p.assign(0, Some(LeafId(2 + i))).unwrap();
+            let to = format!("{}", 20 + i);
+            p.commit(batch(0, e, 1, Some(&from), &to), 10).unwrap();
+            from = to;
+        }
+        assert!(!p.tasks[0].committed.contains_key(&e1));
+        assert_eq!(p.committed_batch(0, e1, 7), Some(1));
+        let last = p.tasks[0].epoch;
+        p.stop(PipelineState::Stopped, 5);
+        p.start(vec![BTreeMap::new()], false, 6).unwrap();
+        // A leaf back after all that, with either batch still prepared, hears "committed".
+        assert_eq!(p.committed_batch(0, e1, 7), Some(1));
+        assert!(p.committed_batch(0, last, 1).is_some());
+        assert_eq!(p.committed_batch(0, e1, 8), None);
+        assert_eq!(p.committed_batch(1, e1, 7), None);
+        // A retried commit of a stopped epoch gets its old answer.
+        assert_eq!(p.commit(batch(0, e1, 7, None, "10"), 10).unwrap(), 1);
     }
 
     #[test]
