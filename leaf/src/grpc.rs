@@ -71,6 +71,13 @@ impl proto::leaf_server::Leaf for LeafServiceImpl {
         &self,
         request: Request<proto::ScanRequest>,
     ) -> Result<Response<proto::ScanResponse>, Status> {
+        if !self.membership.recovered() {
+            // Rows of batches the master may have committed are still hidden: an answer now
+            // could be short.
+            return Err(Status::unavailable(
+                "the leaf is restarting: it is settling the batches it had prepared",
+            ));
+        }
         let req = request.into_inner();
         let indexed = match &req.index_range {
             Some(r) => {

@@ -22,6 +22,8 @@ pub struct Membership {
     reachable: AtomicBool,
     /// Heartbeat now: the master changed this leaf's tasks.
     wake: tokio::sync::Notify,
+    /// The batches an earlier run left prepared are settled: scans are complete.
+    recovered: AtomicBool,
 }
 
 impl Membership {
@@ -30,6 +32,12 @@ impl Membership {
             0 => None,
             id => Some(id),
         }
+    }
+
+    /// Whether the batches an earlier run left prepared are settled (until then the leaf
+    /// refuses scans rather than answer without rows the master committed).
+    pub fn recovered(&self) -> bool {
+        self.recovered.load(Ordering::Relaxed)
     }
 
     /// Cuts the wait before the next heartbeat short (the master's Wake call).
@@ -63,6 +71,7 @@ pub async fn heartbeat_loop(
     if shutdown.is_cancelled() {
         return;
     }
+    state.recovered.store(true, Ordering::Relaxed);
     loop {
         let result = match state.leaf_id() {
             None => client

@@ -303,6 +303,10 @@ async fn extract(
     }))
 }
 
+/// Set in a leaf's environment (tests only), the leaf exits right after the master committed
+/// its first batch, before making it visible.
+pub const EXIT_BEFORE_FINALIZE: &str = "SHARDLINE_TEST_EXIT_BEFORE_FINALIZE";
+
 /// One extracted batch on its way into the table: load, prepare, commit at the master,
 /// finalize. Runs beside the extraction of the next batch.
 struct BatchJob {
@@ -386,6 +390,12 @@ impl BatchJob {
                 .await
             {
                 Ok(r) if r.committed => {
+                    if std::env::var_os(EXIT_BEFORE_FINALIZE).is_some() {
+                        // Fault injection for the tests: die in the window between the
+                        // master's commit and finalize, as a crash there would.
+                        tracing::error!("{EXIT_BEFORE_FINALIZE} is set: exiting after a commit");
+                        std::process::exit(86);
+                    }
                     self.store
                         .finalize(key)
                         .map_err(|e| RunError::Failed(e.to_string()))?;

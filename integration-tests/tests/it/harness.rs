@@ -114,6 +114,14 @@ impl Node {
         Ok(())
     }
 
+    /// Sets (`Some`) or removes (`None`) an environment variable for the node's next start.
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        self.env.retain(|(k, _)| k != key);
+        if let Some(v) = value {
+            self.env.push((key.into(), v.into()));
+        }
+    }
+
     /// The value of a flag this node was started with (e.g. `--listen`).
     pub fn arg(&self, flag: &str) -> Option<&str> {
         let at = self.args.iter().position(|a| a == flag)?;

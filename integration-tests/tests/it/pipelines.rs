@@ -1379,3 +1379,49 @@ fn foreground_outlasts_a_killed_leaf_and_ends_with_its_source() -> Result<()> {
     assert_eq!(distinct, 2 * per_task);
     Ok(())
 }
+
+/// A leaf that dies between the master's commit and finalize, and comes back only after the
+/// pipeline was stopped (which forgets its tasks), still makes the committed rows visible: the
+/// master remembers the retired epoch's last batch, and the leaf settles it before it serves
+/// queries. Before, it heard "not committed" and deleted rows the offsets had moved past.
+#[test]
+fn a_batch_committed_just_before_a_crash_survives_a_stopped_pipeline() -> Result<()> {
+    let mut c = Cluster::start(ClusterSpec {
+        aggregators: 1,
+        ..Default::default()
+    })?;
+    let m = c.wait_for_master(START)?;
+    c.wait_for_leaves_online(m, 2, START)?;
+    c.leaves[1].kill();
+    c.leaves[1].set_env("SHARDLINE_TEST_EXIT_BEFORE_FINALIZE", Some("1"));
+    c.leaves[1].start()?;
+    c.wait_for_leaves_online(m, 2, START)?;
+    setup(&c, m, "crash")?;
+    c.sql(m, &format!("USE crash; CREATE INFERRED PIPELINE gen AS LOAD DATA KAFKACONNECT 'datagen' CONFIG '{}' FORMAT AVRO", datagen_config(100)))?;
+    c.sql(m, "USE crash; START PIPELINE gen")?;
+    wait_for(
+        "the leaf to exit after its commit",
+        Duration::from_secs(30),
+        || (!c.leaves[1].is_running()).then_some(()),
+    )?;
+    assert!(c.leaves[1].log_text().contains("exiting after a commit"));
+    wait_for("the other task's rows", Duration::from_secs(30), || {
+        c.sql(
+            m,
+            "SELECT COUNT(*) FROM information_schema.PIPELINES_SOURCE_OFFSETS WHERE PIPELINE_NAME = 'gen'",
+        )
+        .ok()
+        .and_then(|o| (o.rows[0][0] == "2").then_some(()))
+    })?;
+    c.sql(m, "USE crash; STOP PIPELINE gen")?;
+    c.leaves[1].set_env("SHARDLINE_TEST_EXIT_BEFORE_FINALIZE", None);
+    c.leaves[1].start()?;
+    // Every answer is complete or an error, never short; and it becomes complete.
+    wait_for("all 200 rows", Duration::from_secs(30), || {
+        let n = count(&c, m, "crash", "gen");
+        assert!(matches!(n, None | Some(200)), "a short answer: {n:?}");
+        n.map(|_| ())
+    })?;
+    assert!(c.leaves[1].log_text().contains("committed=true"));
+    Ok(())
+}
