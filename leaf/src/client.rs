@@ -5,6 +5,8 @@ use proto::aggregator_client::AggregatorClient;
 use std::time::Duration;
 use tonic::transport::Channel;
 
+/// Clones share the connection (a tonic channel) and then follow leader hints on their own.
+#[derive(Clone)]
 pub struct MasterClient {
     addresses: Vec<String>,
     next: usize,

@@ -122,6 +122,32 @@ impl Visibility {
     }
 }
 
+/// The rows of a batch: ids `first..=last` in each of its partitions.
+fn batch_rows<'a>(
+    tree: &'a sled::Tree,
+    partitions: &'a [u32],
+    (first, last): (u64, u64),
+) -> impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>> + 'a {
+    partitions
+        .iter()
+        .flat_map(move |p| tree.range(row_key(*p, first)..=row_key(*p, last)))
+}
+
+/// An index's entry for a stored row: the indexed value's encoding, then the row key.
+fn index_entry(
+    row_key: &[u8],
+    row: &[u8],
+    def: &IndexDef,
+    compiled: &(
+        Vec<common::catalog::tables::TableColumn>,
+        Vec<Option<common::expr::Expr>>,
+    ),
+) -> Result<Vec<u8>> {
+    let mut key = common::expr::index_key(&indexed_value(row, def, compiled)?);
+    key.extend_from_slice(row_key);
+    Ok(key)
+}
+
 fn row_key(partition: u32, id: u64) -> [u8; 12] {
     let mut k = [0u8; 12];
     k[..4].copy_from_slice(&partition.to_be_bytes());
@@ -229,6 +255,7 @@ impl Store {
     }
 
     /// Writes a batch's rows (partition, JSON row) into their table, durably and invisibly.
+    /// On failure nothing of the batch is left behind.
     pub async fn prepare(
         &self,
         key: BatchKey,
@@ -236,72 +263,64 @@ impl Store {
         table: &str,
         rows: &[(u32, String)],
     ) -> Result<()> {
-        let result = self.prepare_rows(key, database, table, rows).await;
+        let result = async {
+            let k = key.bytes();
+            let name = table_tree(database, table);
+            let tree = self.db.open_tree(&name)?;
+            let mut partitions: Vec<u32> = rows.iter().map(|(p, _)| *p).collect();
+            partitions.sort_unstable();
+            partitions.dedup();
+            let ids = if rows.is_empty() {
+                None
+            } else {
+                // A contiguous range, registered (so hidden from readers) before any row exists.
+                let mut pending = self.pending();
+                let first = self.db.generate_id()?;
+                let mut last = first;
+                for _ in 1..rows.len() {
+                    last = self.db.generate_id()?;
+                }
+                if last - first + 1 != rows.len() as u64 {
+                    return Err(StoreError::Corrupt(format!(
+                        "row ids {first}..={last} for {} rows are not contiguous",
+                        rows.len()
+                    )));
+                }
+                pending.high = pending.high.max(last);
+                pending
+                    .ranges
+                    .entry(name.clone())
+                    .or_default()
+                    .push((key, first, last));
+                Some((first, last))
+            };
+            let marker = Marker {
+                database: database.into(),
+                table: table.into(),
+                rows: rows.len() as u64,
+                ids,
+                partitions,
+            };
+            // The marker before the rows: a crash leaves no row that no marker hides.
+            let m = serde_json::to_vec(&marker).map_err(corrupt)?;
+            self.prepared.insert(k, m)?;
+            if let Some((first, _)) = ids {
+                let mut batch = sled::Batch::default();
+                for (i, (partition, row)) in rows.iter().enumerate() {
+                    batch.insert(&row_key(*partition, first + i as u64), row.as_bytes());
+                }
+                tree.apply_batch(batch)?;
+            }
+            self.db.flush_async().await?;
+            Ok(())
+        }
+        .await;
         if result.is_err() {
-            // Leave nothing half-written behind.
             if let Err(e) = self.abort(key) {
                 tracing::warn!(?key, "cannot remove a batch that failed to prepare: {e}");
             }
         }
         result
-    }
-
-    async fn prepare_rows(
-        &self,
-        key: BatchKey,
-        database: &str,
-        table: &str,
-        rows: &[(u32, String)],
-    ) -> Result<()> {
-        let k = key.bytes();
-        let name = table_tree(database, table);
-        let tree = self.db.open_tree(&name)?;
-        let mut partitions: Vec<u32> = rows.iter().map(|(p, _)| *p).collect();
-        partitions.sort_unstable();
-        partitions.dedup();
-        let ids = if rows.is_empty() {
-            None
-        } else {
-            // A contiguous range, registered (so hidden from readers) before any row exists.
-            let mut pending = self.pending();
-            let first = self.db.generate_id()?;
-            let mut last = first;
-            for _ in 1..rows.len() {
-                last = self.db.generate_id()?;
-            }
-            if last - first + 1 != rows.len() as u64 {
-                return Err(StoreError::Corrupt(format!(
-                    "row ids {first}..={last} for {} rows are not contiguous",
-                    rows.len()
-                )));
-            }
-            pending.high = pending.high.max(last);
-            pending
-                .ranges
-                .entry(name.clone())
-                .or_default()
-                .push((key, first, last));
-            Some((first, last))
-        };
-        let marker = Marker {
-            database: database.into(),
-            table: table.into(),
-            rows: rows.len() as u64,
-            ids,
-            partitions,
-        };
-        // The marker before the rows: a crash leaves no row that no marker hides.
-        let m = serde_json::to_vec(&marker).map_err(corrupt)?;
-        self.prepared.insert(k, m)?;
-        if let Some((first, _)) = ids {
-            let mut batch = sled::Batch::default();
-            for (i, (partition, row)) in rows.iter().enumerate() {
-                batch.insert(&row_key(*partition, first + i as u64), row.as_bytes());
-            }
-            tree.apply_batch(batch)?;
-        }
-        self.db.flush_async().await?;
-        Ok(())
     }
 
     /// Makes a committed batch's rows visible (idempotent).
@@ -311,7 +330,7 @@ impl Store {
             return Ok(0); // already finalized or aborted
         };
         let marker: Marker = serde_json::from_slice(&m).map_err(corrupt)?;
-        let Some((first, last)) = marker.ids else {
+        let Some(ids) = marker.ids else {
             if marker.rows == 0 {
                 self.prepared.remove(k)?;
                 return Ok(0);
@@ -325,14 +344,10 @@ impl Store {
             // Index entries first: a row is never visible without them.
             let mut batches: Vec<sled::Batch> =
                 indexes.iter().map(|_| sled::Batch::default()).collect();
-            for p in &marker.partitions {
-                for item in tree.range(row_key(*p, first)..=row_key(*p, last)) {
-                    let (rk, v) = item?;
-                    for ((def, compiled), batch) in indexes.iter().zip(batches.iter_mut()) {
-                        let mut ik = common::expr::index_key(&indexed_value(&v, def, compiled)?);
-                        ik.extend_from_slice(&rk);
-                        batch.insert(ik, &[] as &[u8]);
-                    }
+            for item in batch_rows(&tree, &marker.partitions, ids) {
+                let (rk, v) = item?;
+                for ((def, compiled), batch) in indexes.iter().zip(batches.iter_mut()) {
+                    batch.insert(index_entry(&rk, &v, def, compiled)?, &[] as &[u8]);
                 }
             }
             for ((def, _), batch) in indexes.iter().zip(batches) {
@@ -368,9 +383,7 @@ impl Store {
             let (sk, v) = item?;
             let row_key = &sk[k.len()..];
             for ((def, compiled), batch) in indexes.iter().zip(index_batches.iter_mut()) {
-                let mut key = common::expr::index_key(&indexed_value(&v, def, compiled)?);
-                key.extend_from_slice(row_key);
-                batch.insert(key, &[] as &[u8]);
+                batch.insert(index_entry(row_key, &v, def, compiled)?, &[] as &[u8]);
             }
         }
         for ((def, _), batch) in indexes.iter().zip(index_batches) {
@@ -451,9 +464,7 @@ impl Store {
         let mut batch = sled::Batch::default();
         for item in tree.iter() {
             let (k, v) = item?;
-            let mut key = common::expr::index_key(&indexed_value(&v, &def, &compiled)?);
-            key.extend_from_slice(&k);
-            batch.insert(key, &[] as &[u8]);
+            batch.insert(index_entry(&k, &v, &def, &compiled)?, &[] as &[u8]);
             n += u64::from(visibility.visible(&k));
         }
         index.apply_batch(batch)?;
@@ -525,7 +536,7 @@ impl Store {
         if let Some(Marker {
             database,
             table,
-            ids: Some((first, last)),
+            ids: Some(ids),
             partitions,
             ..
         }) = &marker
@@ -533,10 +544,8 @@ impl Store {
             let name = table_tree(database, table);
             let tree = self.db.open_tree(&name)?;
             let mut rows = sled::Batch::default();
-            for p in partitions {
-                for item in tree.range(row_key(*p, *first)..=row_key(*p, *last)) {
-                    rows.remove(item?.0);
-                }
+            for item in batch_rows(&tree, partitions, *ids) {
+                rows.remove(item?.0);
             }
             tree.apply_batch(rows)?;
             // Hidden until gone: the range is dropped only after its rows.

@@ -153,9 +153,7 @@ impl TaskManager {
                 next_seq: now_ms().saturating_mul(1000),
                 metrics: self.metrics.clone(),
                 store: self.store.clone(),
-                aggregators: self.aggregators.clone(),
                 client: MasterClient::new(self.aggregators.clone()),
-                commit_client: None,
                 address: self.address.clone(),
                 assignment: rx,
                 cancel,
@@ -213,11 +211,7 @@ struct Runner {
     next_seq: u64,
     metrics: Arc<common::metrics::Metrics>,
     store: Store,
-    aggregators: Vec<String>,
-    /// For error reports.
     client: MasterClient,
-    /// For commits: travels with the batch in flight and comes back with its outcome.
-    commit_client: Option<MasterClient>,
     address: String,
     assignment: watch::Receiver<proto::TaskAssignment>,
     cancel: CancellationToken,
@@ -326,18 +320,19 @@ struct BatchJob {
 }
 
 impl BatchJob {
-    /// The outcome, and the client back for the next batch.
-    async fn run(mut self) -> (MasterClient, Result<Outcome, RunError>) {
+    async fn run(mut self) -> Result<Outcome, RunError> {
         let result = self.load_and_commit().await;
-        let label = format!(
-            "{{pipeline=\"{}\"}}",
-            common::metrics::label(&self.pipeline)
-        );
         if let Ok(Outcome::Refused(_)) = &result {
-            self.metrics
-                .add(&format!("shardline_batches_failed_total{label}"), 1.0);
+            self.count("shardline_batches_failed_total", 1.0);
         }
-        (self.client, result)
+        result
+    }
+
+    /// Adds to one of this pipeline's counters.
+    fn count(&self, name: &str, by: f64) {
+        let label = common::metrics::label(&self.pipeline);
+        self.metrics
+            .add(&format!("{name}{{pipeline=\"{label}\"}}"), by);
     }
 
     async fn load_and_commit(&mut self) -> Result<Outcome, RunError> {
@@ -349,25 +344,14 @@ impl BatchJob {
         let committing = Instant::now();
         let outcome = self.commit().await?;
         if let Outcome::Continue = outcome {
-            let m = &self.metrics;
-            let label = format!(
-                "{{pipeline=\"{}\"}}",
-                common::metrics::label(&self.pipeline)
-            );
-            m.add(
-                &format!("shardline_rows_loaded_total{label}"),
-                self.commit.rows as f64,
-            );
-            m.add(
-                &format!("shardline_bytes_loaded_total{label}"),
-                self.commit.bytes as f64,
-            );
-            m.add(&format!("shardline_batches_committed_total{label}"), 1.0);
-            m.add(
-                &format!("shardline_commit_seconds_sum{label}"),
+            self.count("shardline_rows_loaded_total", self.commit.rows as f64);
+            self.count("shardline_bytes_loaded_total", self.commit.bytes as f64);
+            self.count("shardline_batches_committed_total", 1.0);
+            self.count(
+                "shardline_commit_seconds_sum",
                 committing.elapsed().as_secs_f64(),
             );
-            m.add(&format!("shardline_commit_seconds_count{label}"), 1.0);
+            self.count("shardline_commit_seconds_count", 1.0);
         }
         Ok(outcome)
     }
@@ -448,7 +432,7 @@ type LastOffsets = BTreeMap<String, (Json, bool)>;
 /// The batch being loaded and committed while the next one is extracted, with the offsets it
 /// moves to.
 struct InFlight {
-    handle: tokio::task::JoinHandle<(MasterClient, Result<Outcome, RunError>)>,
+    handle: tokio::task::JoinHandle<Result<Outcome, RunError>>,
     last: LastOffsets,
 }
 
@@ -531,11 +515,10 @@ impl Runner {
         committed: &mut CommittedOffsets,
         task: &mut dyn connect::SourceTask,
     ) -> Result<(), RunError> {
-        let (client, outcome) = in_flight
+        let outcome = in_flight
             .handle
             .await
             .map_err(|e| RunError::Failed(format!("batch loader stopped: {e}")))?;
-        self.commit_client = Some(client);
         match outcome? {
             Outcome::Continue => {
                 committed.offsets.extend(in_flight.last);
@@ -668,15 +651,11 @@ impl Runner {
             offsets,
             start_ms: batch.start_ms,
             extractor_wait_ms: batch.extract_ms,
-            batch_time_ms: batch.start.elapsed().as_millis() as u64,
+            batch_time_ms: 0, // set once prepared
             rows: rows.len() as u64,
             bytes: batch.records.iter().map(|r| r.size as u64).sum(),
             num_partitions: used.len() as u32,
         };
-        let client = self
-            .commit_client
-            .take()
-            .unwrap_or_else(|| MasterClient::new(self.aggregators.clone()));
         let job = BatchJob {
             key,
             start: batch.start,
@@ -686,7 +665,7 @@ impl Runner {
             commit,
             pipeline: a.pipeline.clone(),
             store: self.store.clone(),
-            client,
+            client: self.client.clone(),
             metrics: self.metrics.clone(),
             cancel: self.cancel.clone(),
             leaf_shutdown: self.leaf_shutdown.clone(),
