@@ -89,6 +89,15 @@ pub fn rows_to_batch(schema: &SchemaRef, rows: &[Vec<Json>]) -> Result<RecordBat
     )
 }
 
+/// A batch of `rows` rows for a schema without columns (what `COUNT(*)` scans).
+pub fn empty_rows(schema: &SchemaRef, rows: usize) -> Result<RecordBatch, ArrowError> {
+    RecordBatch::try_new_with_options(
+        schema.clone(),
+        vec![],
+        &RecordBatchOptions::new().with_row_count(Some(rows)),
+    )
+}
+
 /// A batch as Arrow IPC stream bytes.
 pub fn encode_ipc(batch: &RecordBatch) -> Result<Vec<u8>, ArrowError> {
     let mut out = Vec::new();

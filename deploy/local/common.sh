@@ -7,6 +7,8 @@ DATA_DIR="${DATA_DIR:-$REPO_ROOT/.shardline}"
 MYSQL_PORT="${MYSQL_PORT:-3306}"
 AGG_GRPC_PORT="${AGG_GRPC_PORT:-7101}"   # aggregator i listens on AGG_GRPC_PORT+i-1
 LEAF_PORT="${LEAF_PORT:-7201}"           # leaf i listens on LEAF_PORT+i-1
+METRICS_PORT="${METRICS_PORT:-}"         # if set: Prometheus /metrics of aggregator i at
+                                         # METRICS_PORT+i-1, of leaf i at METRICS_PORT+AGGREGATORS+i-1
 PROFILE="${PROFILE:-release}"            # cargo profile built when BIN_DIR is not given
 BIN_DIR="${BIN_DIR:-}"
 READY_TIMEOUT="${READY_TIMEOUT:-90}"

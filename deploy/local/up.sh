@@ -66,18 +66,25 @@ start() { # name pidfile cmd...
 }
 
 echo "== starting $AGGREGATORS aggregator(s) and $LEAVES leaf/leaves under $DATA_DIR"
+metrics() { # port offset: the --metrics-listen flag when METRICS_PORT is set
+  if [ -n "$METRICS_PORT" ]; then
+    echo "--metrics-listen=127.0.0.1:$((METRICS_PORT + $1))"
+  fi
+}
 for i in $(seq 1 "$AGGREGATORS"); do
+  # shellcheck disable=SC2046 # metrics prints one word or none
   start "aggregator-$i" "$PID_DIR/aggregator-$i.pid" "$BIN_DIR/aggregator" \
     --node-id "$i" --peers "$peers" \
     --grpc-listen "127.0.0.1:$((AGG_GRPC_PORT + i - 1))" \
     --mysql-listen "127.0.0.1:$((MYSQL_PORT + i - 1))" \
-    --data-dir "$DATA_DIR/aggregator-$i"
+    --data-dir "$DATA_DIR/aggregator-$i" $(metrics $((i - 1)))
 done
 for i in $(seq 1 "$LEAVES"); do
+  # shellcheck disable=SC2046
   start "leaf-$i" "$PID_DIR/leaf-$i.pid" "$BIN_DIR/leaf" \
     --listen "127.0.0.1:$((LEAF_PORT + i - 1))" \
     --aggregators "$agg_grpc" \
-    --data-dir "$DATA_DIR/leaf-$i"
+    --data-dir "$DATA_DIR/leaf-$i" $(metrics $((AGGREGATORS + i - 1)))
 done
 
 echo "== waiting for a master aggregator and $LEAVES online leaves"

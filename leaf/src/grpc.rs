@@ -99,13 +99,6 @@ impl proto::leaf_server::Leaf for LeafServiceImpl {
             }
             None => None,
         };
-        let stored = match indexed {
-            Some(rows) => rows,
-            None => self
-                .store
-                .scan(&req.database, &req.table)
-                .map_err(|e| Status::internal(e.to_string()))?,
-        };
         let (columns, compiled) =
             crate::tasks::table_columns(&req.columns_json).map_err(Status::invalid_argument)?;
         let positions: Vec<usize> = if req.project {
@@ -118,6 +111,28 @@ impl proto::leaf_server::Leaf for LeafServiceImpl {
                 .project(&positions)
                 .map_err(|e| Status::invalid_argument(e.to_string()))?,
         );
+        if positions.is_empty() {
+            // No column wanted (COUNT(*)): how many rows, without reading them.
+            let n = match indexed {
+                Some(rows) => rows.len(),
+                None => self
+                    .store
+                    .count(&req.database, &req.table)
+                    .map_err(|e| Status::internal(e.to_string()))?,
+            };
+            let batch = common::arrow::empty_rows(&schema, n)
+                .map_err(|e| Status::internal(e.to_string()))?;
+            let arrow_ipc =
+                common::arrow::encode_ipc(&batch).map_err(|e| Status::internal(e.to_string()))?;
+            return Ok(Response::new(proto::ScanResponse { arrow_ipc }));
+        }
+        let stored = match indexed {
+            Some(rows) => rows,
+            None => self
+                .store
+                .scan(&req.database, &req.table)
+                .map_err(|e| Status::internal(e.to_string()))?,
+        };
         let mut rows = Vec::with_capacity(stored.len());
         for row in &stored {
             let mut values: Vec<serde_json::Value> = serde_json::from_str(row)

@@ -1,7 +1,9 @@
 //! The leaf's partition store in sled.
 //!
 //! - one tree per table (`table/<db>/<table>` as JSON): key = partition (u32 BE) + row id
-//!   (u64 BE), value = the row as a JSON array of column values;
+//!   (u64 BE), value = the row as a JSON array of column values, or a *row group*: up to
+//!   [`GROUP_ROWS`] consecutive rows of one batch in one partition, with ids from the key's
+//!   on (one sled entry instead of one per row: sled's cost is per entry);
 //! - tree `prepared`: one marker per prepared batch: its table, partitions and row id range;
 //! - tree `indexes`: registered secondary indexes; tree `index/<db>/<table>/<index>`: key =
 //!   order-preserving value encoding + row key, maintained when rows become visible.
@@ -148,6 +150,95 @@ fn index_entry(
     Ok(key)
 }
 
+/// Most rows in one stored entry. Large enough that sled's per-entry cost is spread thin,
+/// small enough that an index lookup reads little beside its row.
+pub const GROUP_ROWS: usize = 256;
+
+/// First byte of a row group; a single row is JSON text and starts with `[`.
+const GROUP_TAG: u8 = 0x01;
+
+/// A row group: the tag, the row count (u32 LE), each row's end offset (u32 LE), the rows.
+fn encode_group<'a>(rows: impl ExactSizeIterator<Item = &'a [u8]> + Clone) -> Vec<u8> {
+    let count = rows.len();
+    let bytes: usize = rows.clone().map(<[u8]>::len).sum();
+    let mut out = Vec::with_capacity(5 + 4 * count + bytes);
+    out.push(GROUP_TAG);
+    out.extend_from_slice(&(count as u32).to_le_bytes());
+    let mut end = 0u32;
+    for r in rows.clone() {
+        end += r.len() as u32;
+        out.extend_from_slice(&end.to_le_bytes());
+    }
+    for r in rows {
+        out.extend_from_slice(r);
+    }
+    out
+}
+
+/// The rows stored under one entry: how many, and row `i` of them.
+struct Stored<'a> {
+    partition: u32,
+    first: u64,
+    value: &'a [u8],
+    count: usize,
+}
+
+impl<'a> Stored<'a> {
+    fn parse(key: &[u8], value: &'a [u8]) -> Result<Self> {
+        let (Some(p), Some(id)) = (key.get(..4), key.get(4..12)) else {
+            return Err(corrupt("short row key"));
+        };
+        let partition = u32::from_be_bytes(p.try_into().map_err(corrupt)?);
+        let first = u64::from_be_bytes(id.try_into().map_err(corrupt)?);
+        let count = if value.first() == Some(&GROUP_TAG) {
+            let n = value.get(1..5).ok_or_else(|| corrupt("row group header"))?;
+            let n = u32::from_le_bytes(n.try_into().map_err(corrupt)?) as usize;
+            if value.len() < 5 + 4 * n {
+                return Err(corrupt("row group offsets"));
+            }
+            n
+        } else {
+            1
+        };
+        Ok(Stored {
+            partition,
+            first,
+            value,
+            count,
+        })
+    }
+
+    fn grouped(&self) -> bool {
+        self.value.first() == Some(&GROUP_TAG)
+    }
+
+    /// Row `i` (id `first + i`).
+    fn row(&self, i: usize) -> Result<&'a [u8]> {
+        if !self.grouped() {
+            return Ok(self.value);
+        }
+        let end_of = |j: usize| -> Result<usize> {
+            let at = 5 + 4 * j;
+            let b = self
+                .value
+                .get(at..at + 4)
+                .ok_or_else(|| corrupt("row group offset"))?;
+            Ok(u32::from_le_bytes(b.try_into().map_err(corrupt)?) as usize)
+        };
+        let start = if i == 0 { 0 } else { end_of(i - 1)? };
+        let end = end_of(i)?;
+        let data = 5 + 4 * self.count;
+        self.value
+            .get(data + start..data + end)
+            .ok_or_else(|| corrupt("row group data"))
+    }
+
+    /// Every row with its own row key.
+    fn rows(&self) -> impl Iterator<Item = Result<([u8; 12], &'a [u8])>> + '_ {
+        (0..self.count).map(|i| Ok((row_key(self.partition, self.first + i as u64), self.row(i)?)))
+    }
+}
+
 fn row_key(partition: u32, id: u64) -> [u8; 12] {
     let mut k = [0u8; 12];
     k[..4].copy_from_slice(&partition.to_be_bytes());
@@ -205,6 +296,29 @@ fn indexed_value(
         .get(def.position)
         .cloned()
         .unwrap_or(serde_json::Value::Null))
+}
+
+/// The row stored under `row_key`, alone or in a row group.
+fn get_row(tree: &sled::Tree, row_key: &[u8]) -> Result<Option<Vec<u8>>> {
+    let Some((k, v)) = tree.range(..=row_key).next_back().transpose()? else {
+        return Ok(None);
+    };
+    if k.get(..4) != row_key.get(..4) {
+        return Ok(None); // another partition
+    }
+    let stored = Stored::parse(&k, &v)?;
+    let Some(id) = row_key
+        .get(4..12)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+    else {
+        return Ok(None);
+    };
+    let i = id.wrapping_sub(stored.first) as usize;
+    if id < stored.first || i >= stored.count {
+        return Ok(None);
+    }
+    Ok(Some(stored.row(i)?.to_vec()))
 }
 
 impl Store {
@@ -305,9 +419,25 @@ impl Store {
             let m = serde_json::to_vec(&marker).map_err(corrupt)?;
             self.prepared.insert(k, m)?;
             if let Some((first, _)) = ids {
+                // Runs of consecutive rows in one partition go into row groups.
                 let mut batch = sled::Batch::default();
-                for (i, (partition, row)) in rows.iter().enumerate() {
-                    batch.insert(&row_key(*partition, first + i as u64), row.as_bytes());
+                let mut i = 0;
+                while i < rows.len() {
+                    let partition = rows[i].0;
+                    let mut j = i + 1;
+                    while j < rows.len() && rows[j].0 == partition && j - i < GROUP_ROWS {
+                        j += 1;
+                    }
+                    let key = row_key(partition, first + i as u64);
+                    if j - i == 1 {
+                        batch.insert(&key, rows[i].1.as_bytes());
+                    } else {
+                        batch.insert(
+                            &key,
+                            encode_group(rows[i..j].iter().map(|(_, r)| r.as_bytes())),
+                        );
+                    }
+                    i = j;
                 }
                 tree.apply_batch(batch)?;
             }
@@ -345,9 +475,12 @@ impl Store {
             let mut batches: Vec<sled::Batch> =
                 indexes.iter().map(|_| sled::Batch::default()).collect();
             for item in batch_rows(&tree, &marker.partitions, ids) {
-                let (rk, v) = item?;
-                for ((def, compiled), batch) in indexes.iter().zip(batches.iter_mut()) {
-                    batch.insert(index_entry(&rk, &v, def, compiled)?, &[] as &[u8]);
+                let (k, v) = item?;
+                for row in Stored::parse(&k, &v)?.rows() {
+                    let (rk, row) = row?;
+                    for ((def, compiled), batch) in indexes.iter().zip(batches.iter_mut()) {
+                        batch.insert(index_entry(&rk, row, def, compiled)?, &[] as &[u8]);
+                    }
                 }
             }
             for ((def, _), batch) in indexes.iter().zip(batches) {
@@ -464,8 +597,14 @@ impl Store {
         let mut batch = sled::Batch::default();
         for item in tree.iter() {
             let (k, v) = item?;
-            batch.insert(index_entry(&k, &v, &def, &compiled)?, &[] as &[u8]);
-            n += u64::from(visibility.visible(&k));
+            let stored = Stored::parse(&k, &v)?;
+            for row in stored.rows() {
+                let (rk, row) = row?;
+                batch.insert(index_entry(&rk, row, &def, &compiled)?, &[] as &[u8]);
+            }
+            if visibility.visible(&k) {
+                n += stored.count as u64;
+            }
         }
         index.apply_batch(batch)?;
         Ok(n)
@@ -519,8 +658,8 @@ impl Store {
             if !visibility.visible(row_key) {
                 continue;
             }
-            if let Some(v) = tree.get(row_key)? {
-                out.push(String::from_utf8(v.to_vec()).map_err(corrupt)?);
+            if let Some(v) = get_row(&tree, row_key)? {
+                out.push(String::from_utf8(v).map_err(corrupt)?);
             }
         }
         Ok(Some(out))
@@ -581,11 +720,30 @@ impl Store {
         let mut out = Vec::new();
         for item in tree.iter() {
             let (k, v) = item?;
+            // A row group holds rows of one batch: visible together.
             if visibility.visible(&k) {
-                out.push(String::from_utf8(v.to_vec()).map_err(corrupt)?);
+                for row in Stored::parse(&k, &v)?.rows() {
+                    out.push(String::from_utf8(row?.1.to_vec()).map_err(corrupt)?);
+                }
             }
         }
         Ok(out)
+    }
+
+    /// How many rows of a table a reader sees now (what [`Store::scan`] would return).
+    pub fn count(&self, database: &str, table: &str) -> Result<usize> {
+        let visibility = self.visibility(database, table);
+        let Some(tree) = self.table(database, table)? else {
+            return Ok(0);
+        };
+        let mut n = 0;
+        for item in tree.iter() {
+            let (k, v) = item?;
+            if visibility.visible(&k) {
+                n += Stored::parse(&k, &v)?.count;
+            }
+        }
+        Ok(n)
     }
 
     /// Rewrites the rows of a table that lack columns added since they were written, with
@@ -603,16 +761,29 @@ impl Store {
         let mut n = 0;
         for item in tree.iter() {
             let (k, v) = item?;
-            let mut row: Vec<serde_json::Value> =
-                serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            if row.len() >= width {
+            let stored = Stored::parse(&k, &v)?;
+            let mut rows = Vec::with_capacity(stored.count);
+            let mut changed = 0;
+            for row in stored.rows() {
+                let mut row: Vec<serde_json::Value> =
+                    serde_json::from_slice(row?.1).map_err(corrupt)?;
+                if row.len() < width {
+                    complete(&mut row);
+                    changed += 1;
+                }
+                rows.push(serde_json::to_vec(&row).map_err(corrupt)?);
+            }
+            if changed == 0 {
                 continue;
             }
-            complete(&mut row);
-            let new = serde_json::to_vec(&row).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let new = if stored.grouped() {
+                encode_group(rows.iter().map(Vec::as_slice))
+            } else {
+                rows.swap_remove(0)
+            };
             // Only replace what we read: a concurrent writer's version wins.
             if tree.compare_and_swap(&k, Some(v), Some(new))?.is_ok() {
-                n += 1;
+                n += changed;
             }
         }
         Ok(n)
@@ -651,6 +822,25 @@ mod tests {
         }
     }
 
+    /// Opens a store again right after the last handle was dropped: sled's background threads
+    /// may hold the directory's lock for a moment longer (a process that restarts finds it free).
+    fn reopen(dir: &Path) -> Store {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Store::open(dir) {
+                Ok(s) => return s,
+                Err(StoreError::Sled(sled::Error::Io(e)))
+                    if e.kind() == std::io::ErrorKind::Other
+                        && e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("cannot reopen the store: {e}"),
+            }
+        }
+    }
+
     /// Prepares batch `seq` of table d.t with `rows` (partition, JSON row).
     async fn prepare(s: &Store, seq: u64, rows: &[(u32, &str)]) {
         let rows: Vec<(u32, String)> = rows.iter().map(|(p, r)| (*p, r.to_string())).collect();
@@ -664,8 +854,9 @@ mod tests {
         prepare(&s, 1, &[(0, "[1]"), (1, "[2]")]).await;
         prepare(&s, 2, &[(0, "[3]")]).await;
         assert!(s.scan("d", "t").unwrap().is_empty());
+        assert_eq!(s.count("d", "t").unwrap(), 0, "count sees what scan sees");
         drop(s);
-        let s = Store::open(dir.path()).unwrap();
+        let s = reopen(dir.path());
         assert_eq!(s.prepared_batches().unwrap(), vec![key(1), key(2)]);
         assert_eq!(s.finalize(key(1)).unwrap(), 2);
         assert_eq!(s.finalize(key(1)).unwrap(), 0, "finalize is idempotent");
@@ -673,6 +864,8 @@ mod tests {
         let mut rows = s.scan("d", "t").unwrap();
         rows.sort();
         assert_eq!(rows, vec!["[1]", "[2]"]);
+        assert_eq!(s.count("d", "t").unwrap(), 2);
+        assert_eq!(s.count("d", "nope").unwrap(), 0);
         assert!(s.prepared_batches().unwrap().is_empty());
     }
 
@@ -715,7 +908,7 @@ mod tests {
         );
         assert!(s.scan("d", "t").unwrap().is_empty());
         drop(s);
-        let s = Store::open(dir.path()).unwrap();
+        let s = reopen(dir.path());
         assert!(
             s.scan("d", "t").unwrap().is_empty(),
             "still hidden after reopen"
@@ -765,5 +958,73 @@ mod tests {
         assert_eq!(s.finalize(key(9)).unwrap(), 1);
         assert_eq!(s.scan("d", "t").unwrap(), vec!["[42]"]);
         assert!(s.staging.is_empty());
+    }
+
+    #[tokio::test]
+    async fn row_groups_hold_many_rows_per_entry_and_every_reader_sees_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let texts: Vec<String> = (0..600).map(|i| format!("[{i}]")).collect();
+        let rows: Vec<(u32, &str)> = texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (u32::from(i >= 300), t.as_str()))
+            .collect();
+        prepare(&s, 1, &rows).await;
+        let tree = s.table("d", "t").unwrap().unwrap();
+        assert_eq!(tree.len(), 4, "256 + 44 rows in each of two partitions");
+        assert_eq!(s.count("d", "t").unwrap(), 0);
+        s.finalize(key(1)).unwrap();
+        let numbers = |rows: Vec<String>| -> Vec<i64> {
+            let mut v: Vec<i64> = rows
+                .iter()
+                .map(|r| serde_json::from_str::<Vec<i64>>(r).unwrap()[0])
+                .collect();
+            v.sort_unstable();
+            v
+        };
+        assert_eq!(
+            numbers(s.scan("d", "t").unwrap()),
+            (0..600).collect::<Vec<_>>()
+        );
+        assert_eq!(s.count("d", "t").unwrap(), 600);
+
+        // Index lookups find single rows inside groups, across a group boundary too.
+        let columns = r#"[{"name":"v","ty":"BigInt","nullable":true,"computed":null}]"#;
+        assert_eq!(s.build_index("d", "t", "i", 0, columns).unwrap(), 600);
+        let range = |lo: i64, hi: i64| Range {
+            lower: Some((serde_json::json!(lo), true)),
+            upper: Some((serde_json::json!(hi), true)),
+        };
+        let found = |lo, hi| {
+            numbers(
+                s.scan_index("d", "t", "i", &range(lo, hi))
+                    .unwrap()
+                    .unwrap(),
+            )
+        };
+        assert_eq!(found(255, 257), vec![255, 256, 257]);
+        assert_eq!(found(299, 300), vec![299, 300]);
+        assert_eq!(found(599, 700), vec![599]);
+
+        // A grouped batch that aborts leaves nothing behind.
+        let more: Vec<(u32, &str)> = (0..300).map(|_| (0, "[-1]")).collect();
+        prepare(&s, 2, &more).await;
+        s.abort(key(2)).unwrap();
+        assert_eq!(tree.len(), 4);
+        assert_eq!(s.count("d", "t").unwrap(), 600);
+
+        // Backfill rewrites whole groups.
+        let width = 2;
+        let changed = s
+            .backfill("d", "t", |r| r.push(serde_json::json!(0)), width)
+            .unwrap();
+        assert_eq!(changed, 600);
+        assert_eq!(tree.len(), 4);
+        assert!(s.scan("d", "t").unwrap().iter().all(|r| r.ends_with(",0]")));
+        assert_eq!(found(256, 256), vec![256]);
+        drop((s, tree));
+        let s = reopen(dir.path());
+        assert_eq!(s.count("d", "t").unwrap(), 600, "after reopen");
     }
 }

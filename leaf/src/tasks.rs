@@ -309,7 +309,8 @@ struct BatchJob {
     start: Instant,
     database: String,
     table: String,
-    rows: Vec<(u32, String)>,
+    /// Taken when the job runs.
+    load: Option<Load>,
     commit: common::catalog::pipelines::BatchCommit,
     pipeline: String,
     store: Store,
@@ -336,8 +337,17 @@ impl BatchJob {
     }
 
     async fn load_and_commit(&mut self) -> Result<Outcome, RunError> {
+        let load = self
+            .load
+            .take()
+            .ok_or_else(|| RunError::Failed("a batch loaded twice".into()))?;
+        // CPU work (Avro, JSON, expressions): off the runtime's workers, which poll the sources.
+        let rows = tokio::task::spawn_blocking(move || load.rows())
+            .await
+            .map_err(|e| RunError::Failed(format!("batch loader stopped: {e}")))?
+            .map_err(RunError::Failed)?;
         self.store
-            .prepare(self.key, &self.database, &self.table, &self.rows)
+            .prepare(self.key, &self.database, &self.table, &rows)
             .await
             .map_err(|e| RunError::Failed(e.to_string()))?;
         self.commit.batch_time_ms = self.start.elapsed().as_millis() as u64;
@@ -542,6 +552,7 @@ impl Runner {
             .map_err(|e| RunError::Failed(e.to_string()))?;
         let connector = connect::connector(&class).map_err(|e| RunError::Failed(e.to_string()))?;
         let schema = avro::envelope_schema(connector.key_schema(), connector.value_schema())
+            .map(Arc::new)
             .map_err(|e| RunError::Failed(e.to_string()))?;
         let mut committed = parse_offsets(&a.offsets_json, &a.start_override);
         let mut task = connector.task();
@@ -584,42 +595,23 @@ impl Runner {
         }
     }
 
-    /// Turns an extracted batch into rows and its commit: FORMAT AVRO (the batch travels as
-    /// Avro; the loader decodes it), computed columns evaluated here, offsets from the
-    /// committed ones to each source partition's last record.
+    /// Turns an extracted batch into a job that loads and commits it: the offsets from the
+    /// committed ones to each source partition's last record, the batch's key and commit, and
+    /// its records, which the job turns into rows away from this extraction loop.
     fn batch_job(
         &mut self,
         a: &proto::TaskAssignment,
-        schema: &avro::Schema,
+        schema: &Arc<avro::Schema>,
         batch: Extracted,
         committed: &CommittedOffsets,
         next_partition: &mut usize,
     ) -> Result<(BatchJob, LastOffsets), RunError> {
-        let bytes = avro::encode_batch(schema, &batch.records)
-            .map_err(|e| RunError::Failed(e.to_string()))?;
-        let decoded = avro::decode_batch(&bytes).map_err(|e| RunError::Failed(e.to_string()))?;
         if a.partitions.is_empty() {
             return Err(RunError::Failed(format!(
                 "this leaf holds no partition of database '{}'",
                 a.database
             )));
         }
-        let (columns, compiled) = if a.columns_json.is_empty() {
-            (vec![], vec![])
-        } else {
-            table_columns(&a.columns_json).map_err(RunError::Failed)?
-        };
-        let mut used = std::collections::BTreeSet::new();
-        let rows: Vec<(u32, String)> = decoded
-            .into_iter()
-            .map(|r| {
-                let p = a.partitions[*next_partition % a.partitions.len()];
-                *next_partition += 1;
-                used.insert(p);
-                let values = common::expr::build_row(r.topic, r.id, r.record, &columns, &compiled);
-                (p, Json::Array(values).to_string())
-            })
-            .collect();
         let mut last = LastOffsets::new();
         for r in &batch.records {
             last.insert(r.source_partition.clone(), (r.source_offset.clone(), false));
@@ -636,6 +628,11 @@ impl Runner {
                 finished: *fin,
             })
             .collect();
+        // The records go to the leaf's partitions in equal runs (each run stored as row
+        // groups), the first run where the last batch stopped.
+        let first_partition = *next_partition;
+        let (_, used) = runs(batch.records.len(), a.partitions.len());
+        *next_partition += used;
         self.next_seq += 1;
         let key = BatchKey {
             pipeline_id: a.pipeline_id,
@@ -652,16 +649,22 @@ impl Runner {
             start_ms: batch.start_ms,
             extractor_wait_ms: batch.extract_ms,
             batch_time_ms: 0, // set once prepared
-            rows: rows.len() as u64,
+            rows: batch.records.len() as u64,
             bytes: batch.records.iter().map(|r| r.size as u64).sum(),
-            num_partitions: used.len() as u32,
+            num_partitions: used as u32,
         };
         let job = BatchJob {
             key,
             start: batch.start,
             database: a.database.clone(),
             table: a.table.clone(),
-            rows,
+            load: Some(Load {
+                schema: schema.clone(),
+                records: batch.records,
+                columns_json: a.columns_json.clone(),
+                partitions: a.partitions.clone(),
+                first_partition,
+            }),
             commit,
             pipeline: a.pipeline.clone(),
             store: self.store.clone(),
@@ -671,6 +674,46 @@ impl Runner {
             leaf_shutdown: self.leaf_shutdown.clone(),
         };
         Ok((job, last))
+    }
+}
+
+/// How `records` records split into equal runs over `partitions` partitions: the run length,
+/// and how many runs (partitions used; fewer than `partitions` when records are few).
+fn runs(records: usize, partitions: usize) -> (usize, usize) {
+    let run = records.div_ceil(partitions.max(1)).max(1);
+    (run, records.div_ceil(run))
+}
+
+/// What a batch job turns into rows: FORMAT AVRO (the batch travels as one Avro container
+/// that the loader decodes), then computed columns evaluated, each row in its partition.
+struct Load {
+    schema: Arc<avro::Schema>,
+    records: Vec<connect::SourceRecord>,
+    columns_json: String,
+    partitions: Vec<u32>,
+    /// Where in `partitions` the first run of records goes (round robin across batches).
+    first_partition: usize,
+}
+
+impl Load {
+    fn rows(self) -> Result<Vec<(u32, String)>, String> {
+        let bytes = avro::encode_batch(&self.schema, self.records).map_err(|e| e.to_string())?;
+        let decoded = avro::decode_batch(&bytes).map_err(|e| e.to_string())?;
+        let (columns, compiled) = if self.columns_json.is_empty() {
+            (vec![], vec![])
+        } else {
+            table_columns(&self.columns_json)?
+        };
+        let (run, _) = runs(decoded.len(), self.partitions.len());
+        Ok(decoded
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let p = self.partitions[(self.first_partition + i / run) % self.partitions.len()];
+                let values = common::expr::build_row(r.topic, r.id, r.record, &columns, &compiled);
+                (p, Json::Array(values).to_string())
+            })
+            .collect())
     }
 }
 
@@ -711,7 +754,7 @@ pub async fn test_extract(
                 .map_err(|e| e.to_string())?;
             records.extend(p.records);
         }
-        let bytes = avro::encode_batch(&schema, &records).map_err(|e| e.to_string())?;
+        let bytes = avro::encode_batch(&schema, records).map_err(|e| e.to_string())?;
         for r in avro::decode_batch(&bytes).map_err(|e| e.to_string())? {
             out.push(serde_json::json!([r.topic, r.id, r.record]).to_string());
         }
@@ -827,5 +870,18 @@ mod tests {
         let (batch, task) = extract_from(10, 4).await;
         assert_eq!(batch.records.len(), 4);
         assert_eq!(task.polls.len(), 1);
+    }
+
+    #[test]
+    fn records_split_into_equal_runs_over_the_partitions() {
+        assert_eq!(runs(600, 2), (300, 2));
+        assert_eq!(runs(8, 4), (2, 4));
+        assert_eq!(
+            runs(5, 4),
+            (2, 3),
+            "runs of 2: the fourth partition gets none"
+        );
+        assert_eq!(runs(1, 4), (1, 1));
+        assert_eq!(runs(0, 4).1, 0);
     }
 }

@@ -8,6 +8,7 @@ pub use apache_avro::Schema;
 use apache_avro::{Reader, Writer};
 use base64::Engine as _;
 use serde_json::Value as Json;
+use std::io::Write as _;
 
 /// One decoded row of the static schema.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,16 +38,20 @@ pub fn envelope_schema(key: &Schema, value: &Schema) -> Result<Schema, ConnectEr
     Schema::parse(&envelope).map_err(|e| ConnectError::Config(format!("avro schema: {e}")))
 }
 
-/// Encodes records as one Avro object container.
-pub fn encode_batch(schema: &Schema, records: &[SourceRecord]) -> Result<Vec<u8>, ConnectError> {
+/// Encodes records as one Avro object container (each record checked against the schema).
+/// Takes the records: their key and value move into the container's values, uncopied.
+pub fn encode_batch(
+    schema: &Schema,
+    records: impl IntoIterator<Item = SourceRecord>,
+) -> Result<Vec<u8>, ConnectError> {
     let err = |e: apache_avro::Error| ConnectError::Source(format!("avro encode: {e}"));
     let mut writer = Writer::new(schema, Vec::new()).map_err(err)?;
     for r in records {
         writer
             .append_value(Value::Record(vec![
-                ("topic".into(), Value::String(r.topic.clone())),
-                ("key".into(), r.key.clone()),
-                ("value".into(), r.value.clone()),
+                ("topic".into(), Value::String(r.topic)),
+                ("key".into(), r.key),
+                ("value".into(), r.value),
             ]))
             .map_err(err)?;
     }
@@ -68,14 +73,14 @@ pub fn decode_batch(bytes: &[u8]) -> Result<Vec<StaticRow>, ConnectError> {
         let mut id = None;
         let mut record = None;
         for (name, v) in fields {
-            match name.as_str() {
-                "topic" => topic = Some(to_json(v)),
-                "key" => id = Some(canonical_json(&to_json(v))),
-                "value" => record = Some(canonical_json(&to_json(v))),
+            match (name.as_str(), v) {
+                ("topic", Value::String(t)) => topic = Some(t),
+                ("key", v) => id = Some(canonical_avro_json(&v)),
+                ("value", v) => record = Some(canonical_avro_json(&v)),
                 _ => {}
             }
         }
-        let (Some(Json::String(topic)), Some(id), Some(record)) = (topic, id, record) else {
+        let (Some(topic), Some(id), Some(record)) = (topic, id, record) else {
             return Err(ConnectError::Source(
                 "avro decode: envelope fields missing".into(),
             ));
@@ -113,6 +118,103 @@ pub fn to_json(v: Value) -> Json {
         }
         other => Json::String(format!("{other:?}")),
     }
+}
+
+/// `canonical_json(&to_json(v))` written straight from the Avro value, without building the
+/// JSON tree: the loader's hot path (one call per record key and value).
+pub fn canonical_avro_json(v: &Value) -> String {
+    let mut out = Vec::with_capacity(256);
+    write_avro_canonical(v, &mut out);
+    // Every piece written is UTF-8: JSON punctuation, numbers and serde_json-escaped strings.
+    String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
+fn write_json_str(s: &str, out: &mut Vec<u8>) {
+    // Writing into a Vec cannot fail, and a &str always serializes.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+fn write_avro_canonical(v: &Value, out: &mut Vec<u8>) {
+    let number =
+        |n: serde_json::Number, out: &mut Vec<u8>| out.extend_from_slice(n.to_string().as_bytes());
+    match v {
+        Value::Null => out.extend_from_slice(b"null"),
+        Value::Boolean(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+        Value::Int(i) | Value::Date(i) | Value::TimeMillis(i) => {
+            let _ = write!(out, "{i}");
+        }
+        Value::Long(l)
+        | Value::TimeMicros(l)
+        | Value::TimestampMillis(l)
+        | Value::TimestampMicros(l)
+        | Value::LocalTimestampMillis(l)
+        | Value::LocalTimestampMicros(l) => {
+            let _ = write!(out, "{l}");
+        }
+        Value::Float(f) => match serde_json::Number::from_f64(f64::from(*f)) {
+            Some(n) => number(n, out),
+            None => out.extend_from_slice(b"null"),
+        },
+        Value::Double(d) => match serde_json::Number::from_f64(*d) {
+            Some(n) => number(n, out),
+            None => out.extend_from_slice(b"null"),
+        },
+        Value::Bytes(b) | Value::Fixed(_, b) => {
+            // Base64 needs no JSON escaping.
+            out.push(b'"');
+            let start = out.len();
+            out.resize(start + base64::encoded_len(b.len(), true).unwrap_or(0), 0);
+            let n = base64::engine::general_purpose::STANDARD
+                .encode_slice(b, &mut out[start..])
+                .unwrap_or(0);
+            out.truncate(start + n);
+            out.push(b'"');
+        }
+        Value::String(s) | Value::Enum(_, s) => write_json_str(s, out),
+        Value::Union(_, inner) => write_avro_canonical(inner, out),
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_avro_canonical(item, out);
+            }
+            out.push(b']');
+        }
+        Value::Map(m) => {
+            let mut entries: Vec<(&String, &Value)> = m.iter().collect();
+            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            write_object(entries, out);
+        }
+        Value::Record(fields) => {
+            let mut entries: Vec<(&String, &Value)> = fields.iter().map(|(k, v)| (k, v)).collect();
+            // A record's fields are unique; a stable sort keeps to_json's last-wins otherwise.
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            entries.dedup_by(|later, earlier| {
+                let same = later.0 == earlier.0;
+                if same {
+                    earlier.1 = later.1;
+                }
+                same
+            });
+            write_object(entries, out);
+        }
+        other => write_json_str(&format!("{other:?}"), out),
+    }
+}
+
+fn write_object(entries: Vec<(&String, &Value)>, out: &mut Vec<u8>) {
+    out.push(b'{');
+    for (i, (k, v)) in entries.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_json_str(k, out);
+        out.push(b':');
+        write_avro_canonical(v, out);
+    }
+    out.push(b'}');
 }
 
 /// Compact JSON text with object keys sorted, whatever the map type preserves.
@@ -181,7 +283,7 @@ mod tests {
             source_offset: Json::Null,
             size: 1,
         };
-        let bytes = encode_batch(&schema, &[rec.clone(), rec]).unwrap();
+        let bytes = encode_batch(&schema, [rec.clone(), rec]).unwrap();
         let rows = decode_batch(&bytes).unwrap();
         assert_eq!(rows.len(), 2);
         assert_eq!(rows[0].topic, "t");
@@ -191,5 +293,58 @@ mod tests {
             r#"{"data":"eyJzZXEiOjQsIm1zZyI6ImZvdXJ0aCJ9","zeta":1775700271554}"#
         );
         assert!(decode_batch(b"not avro").is_err());
+    }
+
+    #[test]
+    fn the_direct_writer_matches_the_json_tree_path() {
+        let values = vec![
+            Value::Null,
+            Value::Boolean(true),
+            Value::Int(-7),
+            Value::Long(i64::MIN),
+            Value::TimestampMillis(1775700271554),
+            Value::Float(1.5),
+            Value::Float(f32::NAN),
+            Value::Double(1e300),
+            Value::Double(-0.0),
+            Value::Double(f64::INFINITY),
+            Value::String("quote \" back \\ nl \n tab \t ctl \u{1} é 😀".into()),
+            Value::Bytes(vec![]),
+            Value::Bytes((0..=255).collect()),
+            Value::Fixed(3, vec![1, 2, 3]),
+            Value::Enum(1, "B".into()),
+            Value::Union(1, Box::new(Value::String("x".into()))),
+            Value::Uuid(apache_avro::Uuid::nil()),
+            Value::Array(vec![Value::Int(1), Value::Null, Value::Array(vec![])]),
+            Value::Map(
+                [
+                    ("z", Value::Int(1)),
+                    ("a", Value::Bytes(b"hi".to_vec())),
+                    ("\"q", Value::Null),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+            ),
+            Value::Record(vec![
+                ("zeta".into(), Value::Long(1)),
+                (
+                    "alpha".into(),
+                    Value::Record(vec![
+                        ("b".into(), Value::Int(2)),
+                        ("a".into(), Value::Int(1)),
+                    ]),
+                ),
+                ("zeta".into(), Value::Long(2)),
+                ("mid".into(), Value::Map(Default::default())),
+            ]),
+        ];
+        for v in values {
+            assert_eq!(
+                canonical_avro_json(&v),
+                canonical_json(&to_json(v.clone())),
+                "{v:?}"
+            );
+        }
     }
 }
