@@ -4,7 +4,7 @@ Usage:
     scripts/bench.sh [OPTIONS]                        # builds the release binaries, then runs this
     BIN_DIR=target/release scripts/bench.sh [OPTIONS] # prebuilt binaries, no cargo
     .venv/bin/python scripts/bench.py --bin-dir DIR [--only datagen,kinesis,latency,failover,query,raft]
-        [--rows 1000000] [--kinesis-records 60000] [--kinesis-rounds 3] [--latency-samples 200]
+        [--rows 1000000] [--kinesis-records 60000] [--kinesis-rounds 5] [--latency-samples 200]
         [--out figures.json]
 
 Every scenario starts its own cluster with deploy/local/up.sh (fresh temporary data directory,
@@ -1054,7 +1054,7 @@ def parse_args(argv=None):
     p.add_argument("--rows", type=positive, default=1_000_000, help="datagen rows (default 1,000,000)")
     p.add_argument("--kinesis-records", type=positive, default=60_000,
                    help="records pre-loaded for the Kinesis ingest scenario (default 60,000)")
-    p.add_argument("--kinesis-rounds", type=positive, default=3,
+    p.add_argument("--kinesis-rounds", type=positive, default=5,
                    help="drain + pipeline rounds of the Kinesis scenario; the figure is the "
                         "round with the median ratio (default 3)")
     p.add_argument("--latency-samples", type=positive, default=200, help="latency probes (default 200)")
