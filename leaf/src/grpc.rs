@@ -111,46 +111,43 @@ impl proto::leaf_server::Leaf for LeafServiceImpl {
                 .project(&positions)
                 .map_err(|e| Status::invalid_argument(e.to_string()))?,
         );
-        if positions.is_empty() {
+        let internal = |e: &dyn std::fmt::Display| Status::internal(e.to_string());
+        let batch = if positions.is_empty() {
             // No column wanted (COUNT(*)): how many rows, without reading them.
             let n = match indexed {
                 Some(rows) => rows.len(),
                 None => self
                     .store
                     .count(&req.database, &req.table)
-                    .map_err(|e| Status::internal(e.to_string()))?,
+                    .map_err(|e| internal(&e))?,
             };
-            let batch = common::arrow::empty_rows(&schema, n)
-                .map_err(|e| Status::internal(e.to_string()))?;
-            let arrow_ipc =
-                common::arrow::encode_ipc(&batch).map_err(|e| Status::internal(e.to_string()))?;
-            return Ok(Response::new(proto::ScanResponse { arrow_ipc }));
-        }
-        let stored = match indexed {
-            Some(rows) => rows,
-            None => self
-                .store
-                .scan(&req.database, &req.table)
-                .map_err(|e| Status::internal(e.to_string()))?,
-        };
-        let mut rows = Vec::with_capacity(stored.len());
-        for row in &stored {
-            let mut values: Vec<serde_json::Value> = serde_json::from_str(row)
-                .map_err(|e| Status::internal(format!("bad stored row: {e}")))?;
-            if values.len() < columns.len() {
-                common::expr::complete_row(&mut values, &columns, &compiled);
+            common::arrow::empty_rows(&schema, n)
+        } else {
+            let stored = match indexed {
+                Some(rows) => rows,
+                None => self
+                    .store
+                    .scan(&req.database, &req.table)
+                    .map_err(|e| internal(&e))?,
+            };
+            let mut rows = Vec::with_capacity(stored.len());
+            for row in &stored {
+                let mut values: Vec<serde_json::Value> = serde_json::from_str(row)
+                    .map_err(|e| Status::internal(format!("bad stored row: {e}")))?;
+                if values.len() < columns.len() {
+                    common::expr::complete_row(&mut values, &columns, &compiled);
+                }
+                rows.push(
+                    positions
+                        .iter()
+                        .map(|i| values.get(*i).cloned().unwrap_or(serde_json::Value::Null))
+                        .collect::<Vec<_>>(),
+                );
             }
-            rows.push(
-                positions
-                    .iter()
-                    .map(|i| values.get(*i).cloned().unwrap_or(serde_json::Value::Null))
-                    .collect::<Vec<_>>(),
-            );
+            common::arrow::rows_to_batch(&schema, &rows)
         }
-        let batch = common::arrow::rows_to_batch(&schema, &rows)
-            .map_err(|e| Status::internal(e.to_string()))?;
-        let arrow_ipc =
-            common::arrow::encode_ipc(&batch).map_err(|e| Status::internal(e.to_string()))?;
+        .map_err(|e| internal(&e))?;
+        let arrow_ipc = common::arrow::encode_ipc(&batch).map_err(|e| internal(&e))?;
         Ok(Response::new(proto::ScanResponse { arrow_ipc }))
     }
 

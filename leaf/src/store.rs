@@ -183,13 +183,20 @@ struct Stored<'a> {
     count: usize,
 }
 
+/// The partition and row id of a row key (the inverse of [`row_key`]).
+fn parse_row_key(key: &[u8]) -> Result<(u32, u64)> {
+    let (Some(p), Some(id)) = (key.get(..4), key.get(4..12)) else {
+        return Err(corrupt("short row key"));
+    };
+    Ok((
+        u32::from_be_bytes(p.try_into().map_err(corrupt)?),
+        u64::from_be_bytes(id.try_into().map_err(corrupt)?),
+    ))
+}
+
 impl<'a> Stored<'a> {
     fn parse(key: &[u8], value: &'a [u8]) -> Result<Self> {
-        let (Some(p), Some(id)) = (key.get(..4), key.get(4..12)) else {
-            return Err(corrupt("short row key"));
-        };
-        let partition = u32::from_be_bytes(p.try_into().map_err(corrupt)?);
-        let first = u64::from_be_bytes(id.try_into().map_err(corrupt)?);
+        let (partition, first) = parse_row_key(key)?;
         let count = if value.first() == Some(&GROUP_TAG) {
             let n = value.get(1..5).ok_or_else(|| corrupt("row group header"))?;
             let n = u32::from_le_bytes(n.try_into().map_err(corrupt)?) as usize;
@@ -300,25 +307,18 @@ fn indexed_value(
 
 /// The row stored under `row_key`, alone or in a row group.
 fn get_row(tree: &sled::Tree, row_key: &[u8]) -> Result<Option<Vec<u8>>> {
+    let (partition, id) = parse_row_key(row_key)?;
     let Some((k, v)) = tree.range(..=row_key).next_back().transpose()? else {
         return Ok(None);
     };
-    if k.get(..4) != row_key.get(..4) {
-        return Ok(None); // another partition
-    }
+    // The last entry at or below the key: the row's own, or one that does not hold it.
     let stored = Stored::parse(&k, &v)?;
-    let Some(id) = row_key
-        .get(4..12)
-        .and_then(|b| b.try_into().ok())
-        .map(u64::from_be_bytes)
-    else {
-        return Ok(None);
-    };
-    let i = id.wrapping_sub(stored.first) as usize;
-    if id < stored.first || i >= stored.count {
-        return Ok(None);
+    match id.checked_sub(stored.first).map(|i| i as usize) {
+        Some(i) if stored.partition == partition && i < stored.count => {
+            Ok(Some(stored.row(i)?.to_vec()))
+        }
+        _ => Ok(None),
     }
-    Ok(Some(stored.row(i)?.to_vec()))
 }
 
 impl Store {
@@ -419,25 +419,21 @@ impl Store {
             let m = serde_json::to_vec(&marker).map_err(corrupt)?;
             self.prepared.insert(k, m)?;
             if let Some((first, _)) = ids {
-                // Runs of consecutive rows in one partition go into row groups.
+                // Runs of consecutive rows in one partition go into row groups; a lone row
+                // stays plain JSON.
                 let mut batch = sled::Batch::default();
-                let mut i = 0;
-                while i < rows.len() {
-                    let partition = rows[i].0;
-                    let mut j = i + 1;
-                    while j < rows.len() && rows[j].0 == partition && j - i < GROUP_ROWS {
-                        j += 1;
+                let mut id = first;
+                for group in rows
+                    .chunk_by(|a, b| a.0 == b.0)
+                    .flat_map(|run| run.chunks(GROUP_ROWS))
+                {
+                    let key = row_key(group[0].0, id);
+                    match group {
+                        [(_, row)] => batch.insert(&key, row.as_bytes()),
+                        _ => batch
+                            .insert(&key, encode_group(group.iter().map(|(_, r)| r.as_bytes()))),
                     }
-                    let key = row_key(partition, first + i as u64);
-                    if j - i == 1 {
-                        batch.insert(&key, rows[i].1.as_bytes());
-                    } else {
-                        batch.insert(
-                            &key,
-                            encode_group(rows[i..j].iter().map(|(_, r)| r.as_bytes())),
-                        );
-                    }
-                    i = j;
+                    id += group.len() as u64;
                 }
                 tree.apply_batch(batch)?;
             }
@@ -713,37 +709,45 @@ impl Store {
 
     /// Committed rows of a table (JSON arrays).
     pub fn scan(&self, database: &str, table: &str) -> Result<Vec<String>> {
-        let visibility = self.visibility(database, table);
-        let Some(tree) = self.table(database, table)? else {
-            return Ok(vec![]);
-        };
         let mut out = Vec::new();
-        for item in tree.iter() {
-            let (k, v) = item?;
-            // A row group holds rows of one batch: visible together.
-            if visibility.visible(&k) {
-                for row in Stored::parse(&k, &v)?.rows() {
-                    out.push(String::from_utf8(row?.1.to_vec()).map_err(corrupt)?);
-                }
+        self.each_visible(database, table, |stored| {
+            for row in stored.rows() {
+                out.push(String::from_utf8(row?.1.to_vec()).map_err(corrupt)?);
             }
-        }
+            Ok(())
+        })?;
         Ok(out)
     }
 
     /// How many rows of a table a reader sees now (what [`Store::scan`] would return).
     pub fn count(&self, database: &str, table: &str) -> Result<usize> {
+        let mut n = 0;
+        self.each_visible(database, table, |stored| {
+            n += stored.count;
+            Ok(())
+        })?;
+        Ok(n)
+    }
+
+    /// Calls `each` with every stored entry of a table that a reader starting now sees (a row
+    /// group holds rows of one batch: they are visible together).
+    fn each_visible(
+        &self,
+        database: &str,
+        table: &str,
+        mut each: impl FnMut(Stored<'_>) -> Result<()>,
+    ) -> Result<()> {
         let visibility = self.visibility(database, table);
         let Some(tree) = self.table(database, table)? else {
-            return Ok(0);
+            return Ok(());
         };
-        let mut n = 0;
         for item in tree.iter() {
             let (k, v) = item?;
             if visibility.visible(&k) {
-                n += Stored::parse(&k, &v)?.count;
+                each(Stored::parse(&k, &v)?)?;
             }
         }
-        Ok(n)
+        Ok(())
     }
 
     /// Rewrites the rows of a table that lack columns added since they were written, with
