@@ -245,13 +245,17 @@ impl Extracted {
 
 /// Polls the task for one batch: until `batch_size` records, until
 /// `max_batch_interval_ms` elapsed, until a source partition ended, or, once it holds records,
-/// until the source has nothing more to give right away (a batch does not sit on rows it
-/// already has waiting for more). `None` when cancelled.
+/// until the source has nothing more to give right away or the batch before it (`loading`)
+/// has been loaded and committed. A batch does not sit on rows it already has while the loader
+/// is idle: under a slow source batches are what one poll brings and rows are visible a poll
+/// after they are read; when loading is the slower side, batches grow up to `batch_size`.
+/// `None` when cancelled.
 async fn extract(
     task: &mut dyn connect::SourceTask,
     a: &proto::TaskAssignment,
     metrics: &common::metrics::Metrics,
     cancel: &CancellationToken,
+    loading: Option<&tokio::task::JoinHandle<Result<Outcome, RunError>>>,
 ) -> Result<Option<Extracted>, RunError> {
     let batch_size = a.batch_size.max(1) as usize;
     let start = Instant::now();
@@ -284,7 +288,8 @@ async fn extract(
         let drained = !records.is_empty() && poll.records.is_empty();
         records.extend(poll.records);
         finished.extend(poll.finished);
-        if ended || drained || Instant::now() >= deadline {
+        let loader_idle = !records.is_empty() && loading.is_none_or(|h| h.is_finished());
+        if ended || drained || loader_idle || Instant::now() >= deadline {
             break;
         }
     }
@@ -568,7 +573,8 @@ impl Runner {
                 task.observe(&parse_offsets(&latest.offsets_json, &latest.start_override));
             }
             let a = self.current();
-            let extracted = extract(task.as_mut(), &a, &self.metrics, &self.cancel).await;
+            let loading = in_flight.as_ref().map(|f| &f.handle);
+            let extracted = extract(task.as_mut(), &a, &self.metrics, &self.cancel, loading).await;
             if let Some(f) = in_flight.take() {
                 self.settle(f, &mut committed, task.as_mut()).await?;
             }
@@ -778,6 +784,8 @@ mod tests {
     /// each poll's deadline and when it was called.
     struct Scripted {
         ready: usize,
+        /// Records one poll gives at most.
+        chunk: usize,
         polls: Vec<(Instant, Instant)>,
     }
 
@@ -799,7 +807,8 @@ mod tests {
         ) -> Result<Poll, connect::ConnectError> {
             self.polls.push((Instant::now(), deadline));
             assert!(self.polls.len() < 10, "polled on after the source ran dry");
-            let n = std::mem::take(&mut self.ready).min(max_records);
+            let n = self.ready.min(max_records).min(self.chunk);
+            self.ready -= n;
             let records = (0..n)
                 .map(|i| SourceRecord {
                     topic: "t".into(),
@@ -829,10 +838,33 @@ mod tests {
         }
     }
 
-    /// One batch extracted from a source holding `ready` records, and the source after it.
-    async fn extract_from(ready: usize, batch_size: u64) -> (Extracted, Scripted) {
+    type Loading = tokio::task::JoinHandle<Result<Outcome, RunError>>;
+
+    /// A batch still loading (never done).
+    fn busy_loader() -> Loading {
+        tokio::spawn(std::future::pending())
+    }
+
+    /// A batch loaded and committed.
+    async fn idle_loader() -> Loading {
+        let h = tokio::spawn(async { Ok(Outcome::Continue) });
+        while !h.is_finished() {
+            tokio::task::yield_now().await;
+        }
+        h
+    }
+
+    /// One batch extracted from a source holding `ready` records, `chunk` at most per poll,
+    /// beside `loading`, and the source after it.
+    async fn extract_beside(
+        ready: usize,
+        chunk: usize,
+        batch_size: u64,
+        loading: Option<&Loading>,
+    ) -> (Extracted, Scripted) {
         let mut task = Scripted {
             ready,
+            chunk,
             polls: vec![],
         };
         let metrics = common::metrics::Metrics::default();
@@ -841,12 +873,40 @@ mod tests {
             &assignment(batch_size),
             &metrics,
             &CancellationToken::new(),
+            loading,
         )
         .await
         .ok()
         .flatten()
         .expect("a batch");
         (batch, task)
+    }
+
+    /// One batch extracted from a source holding `ready` records while the batch before it is
+    /// still loading, and the source after it.
+    async fn extract_from(ready: usize, batch_size: u64) -> (Extracted, Scripted) {
+        let loading = busy_loader();
+        let out = extract_beside(ready, usize::MAX, batch_size, Some(&loading)).await;
+        loading.abort();
+        out
+    }
+
+    #[tokio::test]
+    async fn with_the_loader_idle_a_batch_is_what_one_poll_brings() {
+        for loading in [None, Some(idle_loader().await)] {
+            let (batch, task) = extract_beside(100, 7, 50, loading.as_ref()).await;
+            assert_eq!(batch.records.len(), 7, "the first poll's records, no more");
+            assert_eq!(task.polls.len(), 1);
+        }
+    }
+
+    #[tokio::test]
+    async fn while_the_last_batch_loads_the_next_one_grows() {
+        let loading = busy_loader();
+        let (batch, task) = extract_beside(100, 7, 50, Some(&loading)).await;
+        loading.abort();
+        assert_eq!(batch.records.len(), 50, "polled on up to the batch size");
+        assert_eq!(task.polls.len(), 8);
     }
 
     #[tokio::test]

@@ -228,6 +228,12 @@ mod tests {
             .map(|r| r.source_offset["seq"].clone())
             .collect();
         assert_eq!(seqs, vec![json!(7), json!(8), json!(9)]);
+        // Every record matches the connector's schemas (the Avro writer checks only a batch's
+        // first record).
+        for r in &p.records {
+            assert!(r.key.validate(c.key_schema()), "key {:?}", r.key);
+            assert!(r.value.validate(c.value_schema()), "value {:?}", r.value);
+        }
         assert_eq!(
             p.finished,
             vec![(r#"{"task":1}"#.to_string(), json!({"seq": 9}))]

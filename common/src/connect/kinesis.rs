@@ -382,6 +382,39 @@ fn offset_seq(v: &Json) -> Option<String> {
         .map(String::from)
 }
 
+/// A Kinesis record as a source record (KinesisKey, KinesisRecord), and its sequence number.
+fn source_record(
+    s: &Settings,
+    shard: &str,
+    partition: &str,
+    r: aws_sdk_kinesis::types::Record,
+) -> (SourceRecord, String) {
+    let seq = r.sequence_number;
+    let pk = r.partition_key.unwrap_or_default();
+    let arrival = r
+        .approximate_arrival_timestamp
+        .and_then(|t| t.to_millis().ok())
+        .unwrap_or(0);
+    let data = r.data.into_inner();
+    let size = data.len() + pk.len();
+    let record = SourceRecord {
+        topic: s.topic.clone(),
+        key: Value::Record(vec![("partitionKey".into(), Value::String(pk.clone()))]),
+        value: Value::Record(vec![
+            ("approximateArrivalTimestamp".into(), Value::Long(arrival)),
+            ("data".into(), Value::Bytes(data)),
+            ("partitionKey".into(), Value::String(pk)),
+            ("sequenceNumber".into(), Value::String(seq.clone())),
+            ("shardId".into(), Value::String(shard.to_string())),
+            ("streamName".into(), Value::String(s.stream.clone())),
+        ]),
+        source_partition: partition.to_string(),
+        source_offset: offset_value(&seq),
+        size,
+    };
+    (record, seq)
+}
+
 #[async_trait]
 impl SourceConnector for KinesisConnector {
     fn validate(&self, config: &ConnectorConfig) -> Result<(), ConnectError> {
@@ -591,33 +624,9 @@ impl KinesisTask {
                     poll.lag_ms.push((shard.to_string(), ms.max(0) as u64));
                 }
                 for r in out.records {
-                    let seq = r.sequence_number;
-                    let pk = r.partition_key.unwrap_or_default();
-                    let arrival = r
-                        .approximate_arrival_timestamp
-                        .and_then(|t| t.to_millis().ok())
-                        .unwrap_or(0);
-                    let data = r.data.into_inner();
-                    let size = data.len() + pk.len();
-                    poll.records.push(SourceRecord {
-                        topic: s.topic.clone(),
-                        key: Value::Record(vec![(
-                            "partitionKey".into(),
-                            Value::String(pk.clone()),
-                        )]),
-                        value: Value::Record(vec![
-                            ("approximateArrivalTimestamp".into(), Value::Long(arrival)),
-                            ("data".into(), Value::Bytes(data)),
-                            ("partitionKey".into(), Value::String(pk)),
-                            ("sequenceNumber".into(), Value::String(seq.clone())),
-                            ("shardId".into(), Value::String(shard.to_string())),
-                            ("streamName".into(), Value::String(s.stream.clone())),
-                        ]),
-                        source_partition: key.clone(),
-                        source_offset: offset_value(&seq),
-                        size,
-                    });
-                    reader.last_seq = Some(seq);
+                    let record = source_record(&s, shard, &key, r);
+                    reader.last_seq = Some(record.1);
+                    poll.records.push(record.0);
                 }
                 reader.iterator = out.next_shard_iterator.clone();
                 let last = reader.last_seq.clone().or(committed_seq);
@@ -779,6 +788,39 @@ mod tests {
 
     fn cfg(v: Json) -> ConnectorConfig {
         v.as_object().cloned().unwrap()
+    }
+
+    #[test]
+    fn records_match_the_connector_schemas() {
+        let c = KinesisConnector::new();
+        let s = Settings::parse(&cfg(json!({
+            "connector.class": CLASS, "kinesis.stream": "s", "kafka.topic": "t",
+        })))
+        .unwrap();
+        let r = aws_sdk_kinesis::types::Record::builder()
+            .sequence_number("49590338271490256608559692538361571095921575989136588898")
+            .partition_key("user-1")
+            .data(aws_sdk_kinesis::primitives::Blob::new(
+                b"{\"a\":1}".to_vec(),
+            ))
+            .approximate_arrival_timestamp(aws_sdk_kinesis::primitives::DateTime::from_millis(7))
+            .build()
+            .unwrap();
+        let key = partition_key("shardId-000000000001");
+        let (record, seq) = source_record(&s, "shardId-000000000001", &key, r);
+        assert_eq!(
+            seq,
+            "49590338271490256608559692538361571095921575989136588898"
+        );
+        assert!(record.key.validate(c.key_schema()), "{:?}", record.key);
+        assert!(
+            record.value.validate(c.value_schema()),
+            "{:?}",
+            record.value
+        );
+        assert_eq!(record.source_partition, key);
+        assert_eq!(record.source_offset, offset_value(&seq));
+        assert_eq!(record.topic, "t");
     }
 
     #[test]
