@@ -1,12 +1,12 @@
 use aggregator::AggregatorConfig;
 use clap::Parser;
 use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
 
-/// mimalloc, not the system allocator: loading a batch allocates and frees per record (Avro
-/// values, JSON text), where glibc malloc cost a fifth of a leaf's CPU (issue 6 profile).
+/// mimalloc, as the leaves use: no slower here (Raft commits/s, BENCHMARKS.md), and one
+/// allocator across the nodes.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use tokio_util::sync::CancellationToken;
 
 async fn bind(what: &str, addr: &str) -> Result<tokio::net::TcpListener, String> {
     tokio::net::TcpListener::bind(addr)

@@ -1,12 +1,13 @@
 use clap::Parser;
 use leaf::LeafConfig;
 use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
 
 /// mimalloc, not the system allocator: loading a batch allocates and frees per record (Avro
-/// values, JSON text), where glibc malloc cost a fifth of a leaf's CPU (issue 6 profile).
+/// values, JSON text), where glibc malloc cost a fifth of the leaf's CPU (issue 6 profile);
+/// datagen ingest is 20-27% faster with it (BENCHMARKS.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> ExitCode {

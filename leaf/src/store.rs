@@ -158,7 +158,8 @@ pub const GROUP_ROWS: usize = 256;
 const GROUP_TAG: u8 = 0x01;
 
 /// A row group: the tag, the row count (u32 LE), each row's end offset (u32 LE), the rows.
-fn encode_group<'a>(rows: impl ExactSizeIterator<Item = &'a [u8]> + Clone) -> Vec<u8> {
+/// Public for the storage ceiling (`bench-sled --group`), which writes what the leaves write.
+pub fn encode_group<'a>(rows: impl ExactSizeIterator<Item = &'a [u8]> + Clone) -> Vec<u8> {
     let count = rows.len();
     let bytes: usize = rows.clone().map(<[u8]>::len).sum();
     let mut out = Vec::with_capacity(5 + 4 * count + bytes);

@@ -1,7 +1,7 @@
 //! The storage ceiling: rows shaped like a datagen pipeline's (topic, id, JSON record) written
 //! into sled by a plain loop, in batches of `--batch` rows, each batch flushed like a commit;
-//! one sled entry per row, or (`--group N`) runs of N rows per entry as the leaves store them
-//! (a tag, the row count, each row's end offset, the rows).
+//! one sled entry per row, or (`--group N`) runs of N rows per entry, encoded by the leaves' own
+//! row-group encoder.
 
 use clap::Parser;
 use std::time::Instant;
@@ -20,21 +20,6 @@ struct Args {
     /// Rows per sled entry (1: one entry per row).
     #[arg(long, default_value_t = 1)]
     group: u64,
-}
-
-/// A run of rows as one value: tag 0x01, the count (u32 LE), end offsets (u32 LE), the rows.
-fn group_value(rows: &[String]) -> Vec<u8> {
-    let mut out = vec![0x01];
-    out.extend_from_slice(&(rows.len() as u32).to_le_bytes());
-    let mut end = 0u32;
-    for r in rows {
-        end += r.len() as u32;
-        out.extend_from_slice(&end.to_le_bytes());
-    }
-    for r in rows {
-        out.extend_from_slice(r.as_bytes());
-    }
-    out
 }
 
 fn main() -> anyhow::Result<()> {
@@ -63,7 +48,10 @@ fn main() -> anyhow::Result<()> {
                 let first = i + 1 - run.len() as u64;
                 let mut key = (((first / args.group) % 16) as u32).to_be_bytes().to_vec();
                 key.extend_from_slice(&first.to_be_bytes());
-                batch.insert(key, group_value(&run));
+                batch.insert(
+                    key,
+                    leaf::store::encode_group(run.iter().map(String::as_bytes)),
+                );
                 run.clear();
             }
         }

@@ -624,9 +624,9 @@ impl KinesisTask {
                     poll.lag_ms.push((shard.to_string(), ms.max(0) as u64));
                 }
                 for r in out.records {
-                    let record = source_record(&s, shard, &key, r);
-                    reader.last_seq = Some(record.1);
-                    poll.records.push(record.0);
+                    let (record, seq) = source_record(&s, shard, &key, r);
+                    reader.last_seq = Some(seq);
+                    poll.records.push(record);
                 }
                 reader.iterator = out.next_shard_iterator.clone();
                 let last = reader.last_seq.clone().or(committed_seq);
