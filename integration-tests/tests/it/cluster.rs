@@ -217,14 +217,18 @@ fn a_killed_leaf_goes_offline_and_comes_back() -> Result<()> {
     println!("leaf {port} offline after {took:?}");
     // Default timeout is 2 s of silence, checked every 100 ms; allow for the client's polling.
     assert!(took < Duration::from_secs(4), "offline after {took:?}");
-    // Every aggregator sees the same.
+    // Every aggregator sees the same, once the state change has reached it: a follower applies
+    // the entry when it learns the commit index, with the master's next message.
     for i in 0..3 {
-        let states = c.leaf_states(i)?;
-        assert_eq!(
-            states.iter().filter(|(_, s)| s == "offline").count(),
-            1,
-            "{states:?}"
+        let seen = wait_for(
+            &format!("aggregator {i} to see the leaf offline"),
+            Duration::from_secs(3),
+            || {
+                let states = c.leaf_states(i).ok()?;
+                (states.iter().filter(|(_, s)| s == "offline").count() == 1).then_some(())
+            },
         );
+        assert!(seen.is_ok(), "{:?}: {:?}", seen, c.leaf_states(i));
     }
     c.leaves[0].start()?;
     c.wait_for_leaves_online(m, 2, START)?;
