@@ -17,6 +17,34 @@ pub struct AggregatorServiceImpl {
     pub metrics: Arc<common::metrics::Metrics>,
 }
 
+impl AggregatorServiceImpl {
+    /// Commits one batch of a `CommitBatches` call; its outcome does not depend on the others'.
+    async fn commit_one(&self, json: &[u8]) -> proto::BatchOutcome {
+        let outcome = |status: proto::BatchStatus, batch_id, reason| proto::BatchOutcome {
+            status: status as i32,
+            batch_id,
+            reason,
+        };
+        let batch: common::catalog::pipelines::BatchCommit = match serde_json::from_slice(json) {
+            Ok(b) => b,
+            Err(e) => {
+                return outcome(proto::BatchStatus::Invalid, 0, format!("bad batch: {e}"));
+            }
+        };
+        let rows = batch.rows;
+        match batches::commit(&self.raft, batch).await {
+            Ok(Ok(batch_id)) => {
+                self.metrics.add("shardline_batches_committed_total", 1.0);
+                self.metrics
+                    .add("shardline_rows_committed_total", rows as f64);
+                outcome(proto::BatchStatus::Committed, batch_id, String::new())
+            }
+            Ok(Err(reason)) => outcome(proto::BatchStatus::Refused, 0, reason),
+            Err(e) => outcome(proto::BatchStatus::Unknown, 0, e.to_string()),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl proto::aggregator_server::Aggregator for AggregatorServiceImpl {
     async fn raft(
@@ -86,32 +114,23 @@ impl proto::aggregator_server::Aggregator for AggregatorServiceImpl {
         }))
     }
 
-    async fn commit_batch(
+    async fn commit_batches(
         &self,
-        request: Request<proto::CommitBatchRequest>,
-    ) -> Result<Response<proto::CommitBatchResponse>, Status> {
-        let batch: common::catalog::pipelines::BatchCommit =
-            serde_json::from_slice(&request.into_inner().batch_json)
-                .map_err(|e| Status::invalid_argument(format!("bad batch: {e}")))?;
-        let rows = batch.rows;
-        let resp = match batches::commit(&self.raft, batch).await? {
-            Ok(batch_id) => {
-                self.metrics.add("shardline_batches_committed_total", 1.0);
-                self.metrics
-                    .add("shardline_rows_committed_total", rows as f64);
-                proto::CommitBatchResponse {
-                    committed: true,
-                    batch_id,
-                    reason: String::new(),
-                }
-            }
-            Err(reason) => proto::CommitBatchResponse {
-                committed: false,
-                batch_id: 0,
-                reason,
-            },
-        };
-        Ok(Response::new(resp))
+        request: Request<proto::CommitBatchesRequest>,
+    ) -> Result<Response<proto::CommitBatchesResponse>, Status> {
+        if !self.raft.is_leader() {
+            return Err(self.raft.not_leader().into());
+        }
+        // Proposed together, the batches share Raft readies (one replication and one fsync).
+        let outcomes = futures::future::join_all(
+            request
+                .into_inner()
+                .batches_json
+                .iter()
+                .map(|json| self.commit_one(json)),
+        )
+        .await;
+        Ok(Response::new(proto::CommitBatchesResponse { outcomes }))
     }
 
     async fn resolve_batch(

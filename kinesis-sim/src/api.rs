@@ -4,7 +4,8 @@ use crate::model::{parse_seq, seq, ApiError, Limits, Result, State, Stream, MAX_
 use base64::Engine as _;
 use serde_json::{json, Value as Json};
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::OnceLock;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// Fault injection knobs.
 #[derive(Debug, Clone, Copy, Default)]
@@ -100,6 +101,13 @@ fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Milliseconds on a monotonic clock (since the first call), for the per-second rate limits:
+/// a step of the wall clock must not open or close a window.
+fn rate_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
 fn b64() -> base64::engine::GeneralPurpose {
@@ -301,7 +309,12 @@ impl Api {
                 let mut st = self.state();
                 let s = st.stream(&name)?;
                 let shard = s.route(pk, req.get("ExplicitHashKey").and_then(Json::as_str))?;
-                s.check_write(shard, (data.len() + pk.len()) as u64, &self.limits, now)?;
+                s.check_write(
+                    shard,
+                    (data.len() + pk.len()) as u64,
+                    &self.limits,
+                    rate_ms(),
+                )?;
                 self.record(&[json!({"op": "put", "stream": name, "shard": shard, "pk": pk, "data": b64().encode(&data), "now": now})])?;
                 let (id, sq) = s.append(shard, pk, data, now);
                 Ok(json!({"ShardId": id, "SequenceNumber": sq, "EncryptionType": "NONE"}))
@@ -347,7 +360,12 @@ impl Api {
                 let mut journal = Vec::new();
                 for (pk, data, ehk) in decoded {
                     let shard = s.route(&pk, ehk.as_deref())?;
-                    match s.check_write(shard, (data.len() + pk.len()) as u64, &self.limits, now) {
+                    match s.check_write(
+                        shard,
+                        (data.len() + pk.len()) as u64,
+                        &self.limits,
+                        rate_ms(),
+                    ) {
                         Ok(()) => {
                             if self.journal.is_some() {
                                 journal.push(json!({"op": "put", "stream": name, "shard": shard, "pk": pk, "data": b64().encode(&data), "now": now}));
@@ -544,7 +562,7 @@ impl Api {
             return Err(ApiError::not_found(format!("Stream {} was deleted", it.s)));
         }
         let i = s.shard(&it.h)?;
-        s.check_read(i, &self.limits, now)?;
+        s.check_read(i, &self.limits, rate_ms())?;
         let mut out = Vec::new();
         let mut bytes = 0usize;
         let mut pos = it.p;
@@ -565,7 +583,7 @@ impl Api {
                 pos += 1;
             }
         }
-        if !s.read_bytes_allowed(i, bytes as u64, &self.limits, now) {
+        if !s.read_bytes_allowed(i, bytes as u64, &self.limits, rate_ms()) {
             return Err(ApiError::throttled(
                 "Read rate exceeded (2 MiB/s per shard)",
             ));

@@ -22,6 +22,18 @@ pub enum CallError {
     Rejected(tonic::Status),
 }
 
+impl CallError {
+    /// The same error again (one failed call fails every batch it carried).
+    pub fn duplicate(&self) -> Self {
+        match self {
+            Self::Unreachable(s) => Self::Unreachable(s.clone()),
+            Self::Rejected(status) => {
+                Self::Rejected(tonic::Status::new(status.code(), status.message()))
+            }
+        }
+    }
+}
+
 fn connect(addr: &str) -> Option<AggregatorClient<Channel>> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).ok()?;
     Some(AggregatorClient::new(

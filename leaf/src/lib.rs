@@ -2,12 +2,14 @@
 //!
 //! - [`config`]: `LeafConfig` (flags, env, defaults, validation);
 //! - [`client`]: the client that finds and follows the master aggregator;
+//! - [`commits`]: the leaf's batch commits at the master, sent together;
 //! - [`membership`]: registration and heartbeats;
 //! - [`grpc`]: the leaf's gRPC service (status, task planning, scans, TEST PIPELINE);
 //! - [`store`]: the sled partition store with prepared and committed batches;
 //! - [`tasks`]: connector tasks and their batch loop.
 
 pub mod client;
+pub mod commits;
 pub mod config;
 pub mod grpc;
 pub mod membership;

@@ -4,6 +4,7 @@
 //! finalize (or abort when refused).
 
 use crate::client::{CallError, MasterClient};
+use crate::commits::Committer;
 use crate::store::{BatchKey, Store};
 use common::connect::{self, avro, CommittedOffsets, ConnectorConfig, TaskConfig};
 use serde_json::Value as Json;
@@ -64,12 +65,15 @@ pub struct TaskManager {
     aggregators: Vec<String>,
     address: String,
     running: Mutex<HashMap<(u64, u32), Running>>,
+    /// Shared by every task: their batch commits travel to the master together.
+    committer: Committer,
     tasks: TaskTracker,
     shutdown: CancellationToken,
     metrics: Arc<common::metrics::Metrics>,
 }
 
 impl TaskManager {
+    /// Must be called within a Tokio runtime (it starts the committer).
     pub fn new(
         store: Store,
         aggregators: Vec<String>,
@@ -78,11 +82,17 @@ impl TaskManager {
         shutdown: CancellationToken,
         metrics: Arc<common::metrics::Metrics>,
     ) -> Self {
+        let committer = Committer::start(
+            MasterClient::new(aggregators.clone()),
+            crate::commits::CALLS_IN_FLIGHT,
+            crate::commits::MAX_BATCHES_PER_CALL,
+        );
         Self {
             store,
             aggregators,
             address,
             running: Mutex::new(HashMap::new()),
+            committer,
             tasks,
             shutdown,
             metrics,
@@ -154,6 +164,7 @@ impl TaskManager {
                 metrics: self.metrics.clone(),
                 store: self.store.clone(),
                 client: MasterClient::new(self.aggregators.clone()),
+                committer: self.committer.clone(),
                 address: self.address.clone(),
                 assignment: rx,
                 cancel,
@@ -212,6 +223,7 @@ struct Runner {
     metrics: Arc<common::metrics::Metrics>,
     store: Store,
     client: MasterClient,
+    committer: Committer,
     address: String,
     assignment: watch::Receiver<proto::TaskAssignment>,
     cancel: CancellationToken,
@@ -320,6 +332,7 @@ struct BatchJob {
     pipeline: String,
     store: Store,
     client: MasterClient,
+    committer: Committer,
     metrics: Arc<common::metrics::Metrics>,
     cancel: CancellationToken,
     leaf_shutdown: CancellationToken,
@@ -377,55 +390,57 @@ impl BatchJob {
         let body = serde_json::to_vec(&self.commit).map_err(|e| RunError::Failed(e.to_string()))?;
         let mut backoff = Duration::from_millis(50);
         loop {
-            let req = proto::CommitBatchRequest {
-                batch_json: body.clone(),
-            };
-            match self
-                .client
-                .call(|mut c| {
-                    let req = req.clone();
-                    async move { c.commit_batch(req).await }
-                })
-                .await
-            {
-                Ok(r) if r.committed => {
-                    if std::env::var_os(EXIT_BEFORE_FINALIZE).is_some() {
-                        // Fault injection for the tests: die in the window between the
-                        // master's commit and finalize, as a crash there would.
-                        tracing::error!("{EXIT_BEFORE_FINALIZE} is set: exiting after a commit");
-                        std::process::exit(86);
+            let settled = match self.committer.commit(body.clone()).await {
+                Ok(o) => match o.status() {
+                    proto::BatchStatus::Committed => {
+                        if std::env::var_os(EXIT_BEFORE_FINALIZE).is_some() {
+                            // Fault injection for the tests: die in the window between the
+                            // master's commit and finalize, as a crash there would.
+                            tracing::error!(
+                                "{EXIT_BEFORE_FINALIZE} is set: exiting after a commit"
+                            );
+                            std::process::exit(86);
+                        }
+                        self.store
+                            .finalize(key)
+                            .map_err(|e| RunError::Failed(e.to_string()))?;
+                        tracing::debug!(
+                            ?key,
+                            batch_id = o.batch_id,
+                            rows = self.commit.rows,
+                            "batch committed"
+                        );
+                        return Ok(Outcome::Continue);
                     }
-                    self.store
-                        .finalize(key)
-                        .map_err(|e| RunError::Failed(e.to_string()))?;
-                    tracing::debug!(
-                        ?key,
-                        batch_id = r.batch_id,
-                        rows = self.commit.rows,
-                        "batch committed"
-                    );
-                    return Ok(Outcome::Continue);
-                }
-                Ok(r) => {
-                    self.store
-                        .abort(key)
-                        .map_err(|e| RunError::Failed(e.to_string()))?;
-                    return Ok(Outcome::Refused(r.reason));
-                }
+                    proto::BatchStatus::Refused => Some(Ok(Outcome::Refused(o.reason))),
+                    proto::BatchStatus::Invalid => Some(Err(RunError::Failed(format!(
+                        "commit refused: {}",
+                        o.reason
+                    )))),
+                    proto::BatchStatus::Unknown => {
+                        tracing::debug!(?key, "commit outcome unknown, retrying: {}", o.reason);
+                        None
+                    }
+                },
                 Err(CallError::Rejected(status))
                     if status.code() == tonic::Code::InvalidArgument =>
                 {
-                    self.store
-                        .abort(key)
-                        .map_err(|e| RunError::Failed(e.to_string()))?;
-                    return Err(RunError::Failed(format!(
+                    Some(Err(RunError::Failed(format!(
                         "commit refused: {}",
                         status.message()
-                    )));
+                    ))))
                 }
                 Err(e) => {
                     tracing::debug!(?key, "commit outcome unknown, retrying: {e}");
+                    None
                 }
+            };
+            if let Some(end) = settled {
+                // It never will commit: its rows go.
+                self.store
+                    .abort(key)
+                    .map_err(|e| RunError::Failed(e.to_string()))?;
+                return end;
             }
             if self.cancel.is_cancelled() {
                 // We are being stopped with the outcome unknown: settle it for good.
@@ -675,6 +690,7 @@ impl Runner {
             pipeline: a.pipeline.clone(),
             store: self.store.clone(),
             client: self.client.clone(),
+            committer: self.committer.clone(),
             metrics: self.metrics.clone(),
             cancel: self.cancel.clone(),
             leaf_shutdown: self.leaf_shutdown.clone(),

@@ -1,8 +1,9 @@
 //! Batch-commit throughput of a real aggregator group: this program stands in for a leaf. It
 //! registers, heartbeats, creates a database and a pipeline with `--tasks` tasks through the
 //! master's `Propose` RPC, waits until the master assigns it every task, then commits batches
-//! for every task at once (`CommitBatch`, each moving that task's offset forward) for
-//! `--seconds`. Every commit is a Raft entry replicated to the group and fsynced; concurrent
+//! for every task at once (each moving that task's offset forward) for `--seconds`, through
+//! the leaves' own `Committer`: the batches waiting are sent together in one `CommitBatches`
+//! call. Every commit is a Raft entry replicated to the group and fsynced; concurrent
 //! commits share a Raft ready (group commit).
 
 use anyhow::{bail, Context, Result};
@@ -27,6 +28,12 @@ struct Args {
     /// How long to commit.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// `CommitBatches` calls in flight at once (the leaves use `leaf::commits::CALLS_IN_FLIGHT`).
+    #[arg(long, default_value_t = leaf::commits::CALLS_IN_FLIGHT)]
+    calls_in_flight: usize,
+    /// Batches in one call at most (1: a call per batch, as leaves did before `CommitBatches`).
+    #[arg(long, default_value_t = leaf::commits::MAX_BATCHES_PER_CALL)]
+    batches_per_call: usize,
     /// The address this stand-in leaf registers with (never dialled).
     #[arg(long, default_value = "bench-leaf.invalid:1")]
     address: String,
@@ -208,15 +215,19 @@ async fn main() -> Result<()> {
         assignments.changed().await?;
     };
 
+    // One committer for every task, as a leaf has.
+    let committer = leaf::commits::Committer::start(
+        leaf::client::MasterClient::new(addrs.clone()),
+        args.calls_in_flight,
+        args.batches_per_call,
+    );
     let started = Instant::now();
     let end = started + Duration::from_secs(args.seconds);
     let workers: Vec<_> = tasks
         .into_iter()
         .map(|t| {
-            let addrs = addrs.clone();
+            let committer = committer.clone();
             tokio::spawn(async move {
-                // A connection per task, as every leaf has its own.
-                let mut m = master(&addrs).await?;
                 let key = format!("{{\"task\":{}}}", t.task_id);
                 let mut from: Option<serde_json::Value> = None;
                 let mut latencies = Vec::new();
@@ -243,15 +254,12 @@ async fn main() -> Result<()> {
                         num_partitions: 1,
                     };
                     let t0 = Instant::now();
-                    let r = m
-                        .commit_batch(proto::CommitBatchRequest {
-                            batch_json: serde_json::to_vec(&batch)?,
-                        })
+                    let r = committer
+                        .commit(serde_json::to_vec(&batch)?)
                         .await
-                        .map_err(|s| anyhow::anyhow!("commit: {}", s.message()))?
-                        .into_inner();
-                    if !r.committed {
-                        bail!("batch refused: {}", r.reason);
+                        .map_err(|e| anyhow::anyhow!("commit: {e}"))?;
+                    if r.status() != proto::BatchStatus::Committed {
+                        bail!("batch not committed ({:?}): {}", r.status(), r.reason);
                     }
                     latencies.push(t0.elapsed());
                     from = Some(to);
@@ -278,6 +286,8 @@ async fn main() -> Result<()> {
         "commits_per_sec": latencies.len() as f64 / seconds,
         "tasks": args.tasks,
         "nodes": addrs.len(),
+        "calls_in_flight": args.calls_in_flight,
+        "batches_per_call": args.batches_per_call,
         "p50_ms": pct(0.5),
         "p99_ms": pct(0.99),
     }));
