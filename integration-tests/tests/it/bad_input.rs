@@ -211,3 +211,70 @@ fn start_up_configuration_errors_exit_with_one_clear_line() -> Result<()> {
     );
     Ok(())
 }
+
+/// `CommitBatches` answers every batch on its own: a batch the master cannot read is `Invalid`,
+/// one for an unknown pipeline is `Refused`, neither fails the call; a follower sends the
+/// caller to the master. (Batches that commit go through this call in every pipeline test.)
+#[test]
+fn commit_batches_answers_each_batch_on_its_own() -> Result<()> {
+    let mut c = Cluster::start(ClusterSpec {
+        aggregators: 3,
+        leaves: 0,
+        ..Default::default()
+    })?;
+    let master = c.wait_for_master(Duration::from_secs(30))?;
+    let follower = (master + 1) % 3;
+    let grpc = |i: usize| c.aggregators[i].arg("--grpc-listen").unwrap().to_string();
+    let (master_addr, follower_addr) = (grpc(master), grpc(follower));
+    let batch = common::catalog::pipelines::BatchCommit {
+        pipeline_id: 999_999,
+        task_id: 0,
+        epoch: 1,
+        seq: 1,
+        offsets: vec![],
+        start_ms: 0,
+        extractor_wait_ms: 0,
+        batch_time_ms: 0,
+        rows: 1,
+        bytes: 1,
+        num_partitions: 1,
+    };
+    let request = proto::CommitBatchesRequest {
+        batches_json: vec![b"{not json".to_vec(), serde_json::to_vec(&batch)?],
+    };
+    tokio::runtime::Runtime::new()?.block_on(async {
+        let connect = |addr: String| async move {
+            proto::aggregator_client::AggregatorClient::connect(format!("http://{addr}")).await
+        };
+        let status = connect(follower_addr)
+            .await?
+            .commit_batches(request.clone())
+            .await
+            .expect_err("a follower must not commit");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        let hint = status.metadata().get(proto::LEADER_HINT_METADATA);
+        assert_eq!(
+            hint.and_then(|h| h.to_str().ok()),
+            Some(master_addr.as_str()),
+            "{status:?}"
+        );
+
+        let mut m = connect(master_addr).await?;
+        let outcomes = m.commit_batches(request).await?.into_inner().outcomes;
+        assert_eq!(outcomes.len(), 2, "{outcomes:?}");
+        assert_eq!(outcomes[0].status(), proto::BatchStatus::Invalid);
+        assert!(outcomes[0].reason.contains("bad batch"), "{outcomes:?}");
+        assert_eq!(outcomes[1].status(), proto::BatchStatus::Refused);
+        assert!(!outcomes[1].reason.is_empty(), "{outcomes:?}");
+        let empty = proto::CommitBatchesRequest {
+            batches_json: vec![],
+        };
+        assert!(m
+            .commit_batches(empty)
+            .await?
+            .into_inner()
+            .outcomes
+            .is_empty());
+        anyhow::Ok(())
+    })
+}
