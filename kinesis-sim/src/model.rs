@@ -69,7 +69,7 @@ pub struct Record {
     pub arrival_ms: u64,
 }
 
-/// A per-second usage window.
+/// A per-second usage window, on the rate clock (monotonic milliseconds, `rate_ms`).
 #[derive(Debug, Default, Clone)]
 struct Window {
     second: u64,
@@ -80,13 +80,13 @@ struct Window {
 impl Window {
     fn take(
         &mut self,
-        now_ms: u64,
+        rate_ms: u64,
         count: u64,
         bytes: u64,
         max_count: u64,
         max_bytes: u64,
     ) -> bool {
-        let s = now_ms / 1000;
+        let s = rate_ms / 1000;
         if s != self.second {
             *self = Window {
                 second: s,
@@ -266,14 +266,14 @@ impl Stream {
         shard: usize,
         bytes: u64,
         limits: &Limits,
-        now_ms: u64,
+        rate_ms: u64,
     ) -> Result<()> {
         if !limits.enabled {
             return Ok(());
         }
         let s = &mut self.shards[shard];
         if s.writes.take(
-            now_ms,
+            rate_ms,
             1,
             bytes,
             limits.write_records_per_sec,
@@ -288,13 +288,13 @@ impl Stream {
         }
     }
 
-    pub fn check_read(&mut self, shard: usize, limits: &Limits, now_ms: u64) -> Result<()> {
+    pub fn check_read(&mut self, shard: usize, limits: &Limits, rate_ms: u64) -> Result<()> {
         if !limits.enabled {
             return Ok(());
         }
         let s = &mut self.shards[shard];
         if s.reads
-            .take(now_ms, 1, 0, limits.read_calls_per_sec, u64::MAX)
+            .take(rate_ms, 1, 0, limits.read_calls_per_sec, u64::MAX)
         {
             Ok(())
         } else {
@@ -310,12 +310,12 @@ impl Stream {
         shard: usize,
         bytes: u64,
         limits: &Limits,
-        now_ms: u64,
+        rate_ms: u64,
     ) -> bool {
         !limits.enabled
             || self.shards[shard]
                 .reads
-                .take(now_ms, 0, bytes, u64::MAX, limits.read_bytes_per_sec)
+                .take(rate_ms, 0, bytes, u64::MAX, limits.read_bytes_per_sec)
     }
 
     fn close(&mut self, shard: usize) {

@@ -384,6 +384,21 @@ impl BatchJob {
         Ok(outcome)
     }
 
+    /// The master committed the batch: make its rows visible.
+    fn committed(&self, batch_id: u64) -> Result<Outcome, RunError> {
+        if std::env::var_os(EXIT_BEFORE_FINALIZE).is_some() {
+            // Fault injection for the tests: die in the window between the master's commit
+            // and finalize, as a crash there would.
+            tracing::error!("{EXIT_BEFORE_FINALIZE} is set: exiting after a commit");
+            std::process::exit(86);
+        }
+        self.store
+            .finalize(self.key)
+            .map_err(|e| RunError::Failed(e.to_string()))?;
+        tracing::debug!(key = ?self.key, batch_id, rows = self.commit.rows, "batch committed");
+        Ok(Outcome::Continue)
+    }
+
     /// Commits the prepared batch at the master, retrying while the answer is unknown.
     async fn commit(&mut self) -> Result<Outcome, RunError> {
         let key = self.key;
@@ -392,26 +407,7 @@ impl BatchJob {
         loop {
             let settled = match self.committer.commit(body.clone()).await {
                 Ok(o) => match o.status() {
-                    proto::BatchStatus::Committed => {
-                        if std::env::var_os(EXIT_BEFORE_FINALIZE).is_some() {
-                            // Fault injection for the tests: die in the window between the
-                            // master's commit and finalize, as a crash there would.
-                            tracing::error!(
-                                "{EXIT_BEFORE_FINALIZE} is set: exiting after a commit"
-                            );
-                            std::process::exit(86);
-                        }
-                        self.store
-                            .finalize(key)
-                            .map_err(|e| RunError::Failed(e.to_string()))?;
-                        tracing::debug!(
-                            ?key,
-                            batch_id = o.batch_id,
-                            rows = self.commit.rows,
-                            "batch committed"
-                        );
-                        return Ok(Outcome::Continue);
-                    }
+                    proto::BatchStatus::Committed => return self.committed(o.batch_id),
                     proto::BatchStatus::Refused => Some(Ok(Outcome::Refused(o.reason))),
                     proto::BatchStatus::Invalid => Some(Err(RunError::Failed(format!(
                         "commit refused: {}",
