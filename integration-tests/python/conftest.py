@@ -12,19 +12,39 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
+_GIVEN = set()
+
+
+def _port_range():
+    """Ports below the kernel's ephemeral range: an outgoing connection (of any process) never
+    takes the port of a node that is down for a restart."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    high = max(low, 12000)
+    return high - 10000, high
+
+
+def _bindable(port):
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def _free_base(count):
-    """A base port with `count` free ports after it."""
-    for _ in range(200):
-        base = random.randint(20000, 60000 - count)
-        ok = True
-        for p in range(base, base + count):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", p))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
+    """A base port with `count` free ports after it, none of them handed out before by this
+    process (ports are only checked, not held, so two calls could otherwise overlap)."""
+    low, high = _port_range()
+    for _ in range(500):
+        base = random.randint(low, high - count)
+        ports = range(base, base + count)
+        if not _GIVEN.intersection(ports) and all(_bindable(p) for p in ports):
+            _GIVEN.update(ports)
             return base
     raise RuntimeError("no free port range")
 

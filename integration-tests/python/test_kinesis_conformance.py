@@ -11,6 +11,7 @@ from pathlib import Path
 import boto3
 import botocore
 import pytest
+from conftest import _free_base
 
 REPO = Path(__file__).resolve().parents[2]
 MOTO_LACKS = {
@@ -22,9 +23,7 @@ MOTO_LACKS = {
 
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return _free_base(1)
 
 
 def start_emulator(kind, *args):

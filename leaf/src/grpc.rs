@@ -79,75 +79,13 @@ impl proto::leaf_server::Leaf for LeafServiceImpl {
             ));
         }
         let req = request.into_inner();
-        let indexed = match &req.index_range {
-            Some(r) => {
-                let parse = |v: &Option<String>,
-                             inclusive: bool|
-                 -> Result<Option<(serde_json::Value, bool)>, Status> {
-                    v.as_deref()
-                        .map(|j| serde_json::from_str(j).map(|v| (v, inclusive)))
-                        .transpose()
-                        .map_err(|e| Status::invalid_argument(format!("bad index bound: {e}")))
-                };
-                let range = crate::store::Range {
-                    lower: parse(&r.lower_json, r.lower_inclusive)?,
-                    upper: parse(&r.upper_json, r.upper_inclusive)?,
-                };
-                self.store
-                    .scan_index(&req.database, &req.table, &r.index, &range)
-                    .map_err(|e| Status::internal(e.to_string()))?
-            }
-            None => None,
-        };
-        let (columns, compiled) =
-            crate::tasks::table_columns(&req.columns_json).map_err(Status::invalid_argument)?;
-        let positions: Vec<usize> = if req.project {
-            req.projection.iter().map(|i| *i as usize).collect()
-        } else {
-            (0..columns.len()).collect()
-        };
-        let schema = std::sync::Arc::new(
-            common::arrow::table_schema(&columns)
-                .project(&positions)
-                .map_err(|e| Status::invalid_argument(e.to_string()))?,
-        );
-        let internal = |e: &dyn std::fmt::Display| Status::internal(e.to_string());
-        let batch = if positions.is_empty() {
-            // No column wanted (COUNT(*)): how many rows, without reading them.
-            let n = match indexed {
-                Some(rows) => rows.len(),
-                None => self
-                    .store
-                    .count(&req.database, &req.table)
-                    .map_err(|e| internal(&e))?,
-            };
-            common::arrow::empty_rows(&schema, n)
-        } else {
-            let stored = match indexed {
-                Some(rows) => rows,
-                None => self
-                    .store
-                    .scan(&req.database, &req.table)
-                    .map_err(|e| internal(&e))?,
-            };
-            let mut rows = Vec::with_capacity(stored.len());
-            for row in &stored {
-                let mut values: Vec<serde_json::Value> = serde_json::from_str(row)
-                    .map_err(|e| Status::internal(format!("bad stored row: {e}")))?;
-                if values.len() < columns.len() {
-                    common::expr::complete_row(&mut values, &columns, &compiled);
-                }
-                rows.push(
-                    positions
-                        .iter()
-                        .map(|i| values.get(*i).cloned().unwrap_or(serde_json::Value::Null))
-                        .collect::<Vec<_>>(),
-                );
-            }
-            common::arrow::rows_to_batch(&schema, &rows)
-        }
-        .map_err(|e| internal(&e))?;
-        let arrow_ipc = common::arrow::encode_ipc(&batch).map_err(|e| internal(&e))?;
+        let store = self.store.clone();
+        // Reading, parsing and encoding every row is CPU work of seconds on a big table: off the
+        // runtime's workers, which also carry the heartbeats (a leaf busy with a query must not
+        // look dead to the master) and the tasks' reads.
+        let arrow_ipc = tokio::task::spawn_blocking(move || scan_rows(&store, req))
+            .await
+            .map_err(|e| Status::internal(format!("scan stopped: {e}")))??;
         Ok(Response::new(proto::ScanResponse { arrow_ipc }))
     }
 
@@ -219,4 +157,75 @@ impl proto::leaf_server::Leaf for LeafServiceImpl {
         .map_err(Status::failed_precondition)?;
         Ok(Response::new(proto::TestPipelineResponse { rows_json }))
     }
+}
+
+/// A scan's rows as one Arrow IPC stream (blocking: sled reads and JSON parsing).
+fn scan_rows(store: &Store, req: proto::ScanRequest) -> Result<Vec<u8>, Status> {
+    let indexed = match &req.index_range {
+        Some(r) => {
+            let parse = |v: &Option<String>,
+                         inclusive: bool|
+             -> Result<Option<(serde_json::Value, bool)>, Status> {
+                v.as_deref()
+                    .map(|j| serde_json::from_str(j).map(|v| (v, inclusive)))
+                    .transpose()
+                    .map_err(|e| Status::invalid_argument(format!("bad index bound: {e}")))
+            };
+            let range = crate::store::Range {
+                lower: parse(&r.lower_json, r.lower_inclusive)?,
+                upper: parse(&r.upper_json, r.upper_inclusive)?,
+            };
+            store
+                .scan_index(&req.database, &req.table, &r.index, &range)
+                .map_err(|e| Status::internal(e.to_string()))?
+        }
+        None => None,
+    };
+    let (columns, compiled) =
+        crate::tasks::table_columns(&req.columns_json).map_err(Status::invalid_argument)?;
+    let positions: Vec<usize> = if req.project {
+        req.projection.iter().map(|i| *i as usize).collect()
+    } else {
+        (0..columns.len()).collect()
+    };
+    let schema = std::sync::Arc::new(
+        common::arrow::table_schema(&columns)
+            .project(&positions)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?,
+    );
+    let internal = |e: &dyn std::fmt::Display| Status::internal(e.to_string());
+    let batch = if positions.is_empty() {
+        // No column wanted (COUNT(*)): how many rows, without reading them.
+        let n = match indexed {
+            Some(rows) => rows.len(),
+            None => store
+                .count(&req.database, &req.table)
+                .map_err(|e| internal(&e))?,
+        };
+        common::arrow::empty_rows(&schema, n)
+    } else {
+        let stored = match indexed {
+            Some(rows) => rows,
+            None => store
+                .scan(&req.database, &req.table)
+                .map_err(|e| internal(&e))?,
+        };
+        let mut rows = Vec::with_capacity(stored.len());
+        for row in &stored {
+            let mut values: Vec<serde_json::Value> = serde_json::from_str(row)
+                .map_err(|e| Status::internal(format!("bad stored row: {e}")))?;
+            if values.len() < columns.len() {
+                common::expr::complete_row(&mut values, &columns, &compiled);
+            }
+            rows.push(
+                positions
+                    .iter()
+                    .map(|i| values.get(*i).cloned().unwrap_or(serde_json::Value::Null))
+                    .collect::<Vec<_>>(),
+            );
+        }
+        common::arrow::rows_to_batch(&schema, &rows)
+    }
+    .map_err(|e| internal(&e))?;
+    common::arrow::encode_ipc(&batch).map_err(|e| internal(&e))
 }

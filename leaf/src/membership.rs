@@ -51,7 +51,10 @@ impl Membership {
     }
 }
 
-const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// The longest wait between attempts while the master is unreachable. Well under the master's
+/// leaf heartbeat timeout (2 s by default): during a master failover a leaf that waited longer
+/// would be declared offline by the new master, and its tasks moved, though it never left.
+const MAX_BACKOFF: Duration = Duration::from_millis(500);
 
 pub async fn heartbeat_loop(
     config: LeafConfig,
@@ -127,7 +130,7 @@ pub async fn heartbeat_loop(
                     );
                 }
                 failing = true;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+                backoff = (backoff * 2).min(MAX_BACKOFF.max(interval));
             }
         }
         let wait = if failing { backoff } else { interval };

@@ -79,6 +79,8 @@ impl LeafMonitor {
     pub async fn run(&self, shutdown: CancellationToken) {
         let mut ticker = tokio::time::interval(Duration::from_millis(100));
         let mut was_leader = false;
+        // Each leaf's state at the previous tick.
+        let mut was_online: HashMap<LeafId, bool> = HashMap::new();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -103,6 +105,14 @@ impl LeafMonitor {
                         seen.insert(*id, now);
                     }
                 }
+                // A leaf that came back online since the last tick (a registration or a
+                // heartbeat, perhaps still on its way to `seen`) starts a fresh clock.
+                for (id, online) in &leaves {
+                    if *online && was_online.get(id) == Some(&false) {
+                        seen.insert(*id, now);
+                    }
+                }
+                was_online = leaves.iter().copied().collect();
                 leaves
                     .iter()
                     .filter(|(id, online)| {

@@ -554,7 +554,27 @@ fn schema_provider(
     Ok(Arc::new(s))
 }
 
-/// Runs a SELECT.
+/// The runtime queries execute on. DataFusion's operators are CPU work between awaits (seconds
+/// for a JSON filter over a big table); on the node's main runtime they would hold up the Raft
+/// driver, leaf heartbeats and batch commits, and a busy master would lose its leaves or its
+/// term. On threads of their own, the OS shares the cores between the two.
+fn query_runtime() -> Result<&'static tokio::runtime::Runtime, SqlError> {
+    static RUNTIME: std::sync::OnceLock<Result<tokio::runtime::Runtime, String>> =
+        std::sync::OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
+                .thread_name("query")
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|e| SqlError::new(codes::UNKNOWN, format!("cannot start query threads: {e}")))
+}
+
+/// Runs a SELECT on the query runtime; a dropped call (the client went away) stops it.
 pub async fn run(
     engine: &SqlEngine,
     session: &Session,
@@ -566,6 +586,19 @@ pub async fn run(
         .database
         .clone()
         .unwrap_or_else(|| "information_schema".into());
+    let job = query_runtime()?.spawn(execute(catalog, default_db, query.clone(), vars));
+    tokio_util::task::AbortOnDropHandle::new(job)
+        .await
+        .map_err(|e| SqlError::new(codes::UNKNOWN, format!("the query stopped: {e}")))?
+}
+
+/// Plans and executes a SELECT against a snapshot of the catalog.
+async fn execute(
+    catalog: Catalog,
+    default_db: String,
+    query: Query,
+    vars: HashMap<String, ScalarValue>,
+) -> Result<QueryOutput, SqlError> {
     let mut cfg = SessionConfig::new()
         .with_information_schema(false)
         .with_create_default_catalog_and_schema(false)
@@ -628,7 +661,7 @@ pub async fn run(
     ctx.register_variable(VarType::System, Arc::new(Vars(vars)));
 
     // MySQL names an unaliased expression column by its text.
-    let mut query = query.clone();
+    let mut query = query;
     if let SetExpr::Select(select) = query.body.as_mut() {
         for item in select.projection.iter_mut() {
             if let SelectItem::UnnamedExpr(e) = item {

@@ -8,7 +8,7 @@
 //! (100 faults; `cargo test -p integration-tests -- --ignored chaos_suite_long --nocapture`).
 //! `SHARDLINE_CHAOS_SEED` replays a schedule.
 
-use crate::harness::{signal, wait_for, ClusterSpec, Moto};
+use crate::harness::{signal, wait_for, Cluster, ClusterSpec, Moto};
 use crate::pipelines::{
     assert_exactly_once, count, create_pipeline_sql, create_stream, pipeline_cluster, put_entries,
     runtime, START,
@@ -154,7 +154,23 @@ fn run(total_faults: usize) -> Result<()> {
         },
         DB,
     )?;
-    rt.block_on(create_stream(&kinesis, STREAM, 4))?;
+    let out = faults_then_check(&mut c, m, &rt, &kinesis, &mut rng, total_faults);
+    if out.is_err() {
+        c.failed();
+    }
+    out
+}
+
+/// Starts the pipeline and the producer, runs the fault schedule, then checks exactly-once.
+fn faults_then_check(
+    c: &mut Cluster,
+    m: usize,
+    rt: &tokio::runtime::Runtime,
+    kinesis: &aws_sdk_kinesis::Client,
+    rng: &mut StdRng,
+    total_faults: usize,
+) -> Result<()> {
+    rt.block_on(create_stream(kinesis, STREAM, 4))?;
     c.sql(
         m,
         &format!("USE {DB}; {}", create_pipeline_sql(PIPELINE, STREAM, 4)),
@@ -235,7 +251,7 @@ fn run(total_faults: usize) -> Result<()> {
                 )
             }
             Fault::Split | Fault::Merge => {
-                let shards = rt.block_on(open_shards(&kinesis))?;
+                let shards = rt.block_on(open_shards(kinesis))?;
                 let adjacent = shards
                     .windows(2)
                     .filter(|w| w[0].2.checked_add(1) == Some(w[1].1))
@@ -281,7 +297,7 @@ fn run(total_faults: usize) -> Result<()> {
     wait_for(
         &format!("{} rows", put.len()),
         Duration::from_secs(180),
-        || (count(&c, m, DB, PIPELINE)? >= put.len()).then_some(()),
+        || (count(c, m, DB, PIPELINE)? >= put.len()).then_some(()),
     )?;
     let caught_up = last_put.elapsed();
     // Let any in-flight batch settle, then check.
@@ -300,7 +316,7 @@ fn run(total_faults: usize) -> Result<()> {
         master_elections,
         started.elapsed().as_secs_f64()
     );
-    assert_exactly_once(&c, m, DB, PIPELINE, &put)?;
+    assert_exactly_once(c, m, DB, PIPELINE, &put)?;
     let states = c.sql(
         m,
         "SELECT PIPELINE_NAME, STATE FROM information_schema.PIPELINES",

@@ -6,6 +6,7 @@ use anyhow::{bail, Context, Result};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 /// Directory holding the built `aggregator` and `leaf` binaries.
@@ -31,12 +32,35 @@ fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// A free loopback port (bound then released).
+/// The ports this process hands out: below the kernel's ephemeral range, so an outgoing
+/// connection (of any process) never takes the port of a node that is down for a restart, and
+/// from one counter, so two nodes never get the same port.
+fn port_range() -> std::ops::Range<u16> {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let high = ephemeral_low.max(12000);
+    (high - 10000)..high
+}
+
+/// A loopback port no other node of this test process was given, free when handed out. Not
+/// `bind(0)`: the kernel may hand the same ephemeral port out again at once, and a restarted
+/// node would race every outgoing connection for its own port.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let range = port_range();
+    let span = u32::from(range.end - range.start);
+    // Processes that run one after another start at different places in the range.
+    let offset = std::process::id() % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = range.start + ((offset + n) % span) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {range:?}");
 }
 
 /// Polls `f` until it returns `Some` or the deadline passes.
@@ -230,6 +254,8 @@ pub struct Cluster {
     pub password: String,
     /// /metrics ports: aggregators first, then leaves (when `ClusterSpec::metrics`).
     pub metrics_ports: Vec<u16>,
+    /// Keep the node logs when dropped, as after a panic (see [`Cluster::failed`]).
+    keep_logs: AtomicBool,
 }
 
 impl Cluster {
@@ -313,6 +339,7 @@ impl Cluster {
             mysql_ports,
             password: spec.password,
             metrics_ports,
+            keep_logs: Default::default(),
         };
         for n in cluster
             .aggregators
@@ -322,6 +349,12 @@ impl Cluster {
             n.spawn()?;
         }
         Ok(cluster)
+    }
+
+    /// Marks the test as failed without a panic (it returns an `Err`): the node logs are kept
+    /// and their tails printed when the cluster is dropped.
+    pub fn failed(&self) {
+        self.keep_logs.store(true, Ordering::Relaxed);
     }
 
     /// Runs SQL on aggregator `i` (0-based).
@@ -355,6 +388,7 @@ impl Cluster {
                     .then_some(first - 1)
             },
         )
+        .inspect_err(|_| self.failed())
     }
 
     /// Leaf states from `SHOW LEAVES` on aggregator `i`: (port, state).
@@ -372,6 +406,7 @@ impl Cluster {
             let states = self.leaf_states(via).ok()?;
             (states.iter().filter(|(_, s)| s == "online").count() == n).then_some(())
         })
+        .inspect_err(|_| self.failed())
     }
 }
 
@@ -380,7 +415,10 @@ impl Drop for Cluster {
         for n in self.aggregators.iter_mut().chain(self.leaves.iter_mut()) {
             n.kill();
         }
-        if std::thread::panicking() || std::env::var_os("SHARDLINE_IT_KEEP").is_some() {
+        if self.keep_logs.load(Ordering::Relaxed)
+            || std::thread::panicking()
+            || std::env::var_os("SHARDLINE_IT_KEEP").is_some()
+        {
             // Keep the logs of a failed test for inspection.
             let path = self.dir.path().to_path_buf();
             eprintln!("test failed; node logs kept in {}", path.display());
