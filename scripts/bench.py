@@ -92,6 +92,8 @@ import boto3
 import botocore.config
 import pymysql
 
+import ports  # scripts/ports.py (this script's directory is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
 SCENARIOS = ("datagen", "query", "kinesis", "latency", "failover", "raft")
 
@@ -257,25 +259,11 @@ class Report:
 
 
 def free_base(count: int) -> int:
-    """A base port with `count` free ports after it (as integration-tests/python/conftest.py)."""
-    # Below the kernel's ephemeral range (as conftest.py): an outgoing connection never takes
-    # the port of a node the failover scenario restarts.
+    """A base port with `count` free ports after it (scripts/ports.py)."""
     try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            low = int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    high = max(low, 12000)
-    for _ in range(200):
-        base = random.randint(high - 10000, high - count)
-        try:
-            for p in range(base, base + count):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", p))
-        except OSError:
-            continue
-        return base
-    raise BenchError("no free port range")
+        return ports.free_base(count)
+    except RuntimeError as e:
+        raise BenchError(str(e)) from e
 
 
 def tail(text: str, lines: int = 15) -> str:

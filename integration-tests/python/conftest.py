@@ -1,8 +1,7 @@
 """A local cluster started with deploy/local/up.sh (the operator's path), shared by the tests."""
 import os
-import random
 import shutil
-import socket
+import sys
 import subprocess
 import tempfile
 from pathlib import Path
@@ -10,43 +9,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-_GIVEN = set()
-
-
-def _port_range():
-    """Ports below the kernel's ephemeral range: an outgoing connection (of any process) never
-    takes the port of a node that is down for a restart."""
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            low = int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    high = max(low, 12000)
-    return high - 10000, high
-
-
-def _bindable(port):
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+sys.path.insert(0, str(REPO / "scripts"))
+import ports  # noqa: E402  (scripts/ports.py, shared with the benchmark)
 
 
 def _free_base(count):
-    """A base port with `count` free ports after it, none of them handed out before by this
-    process (ports are only checked, not held, so two calls could otherwise overlap)."""
-    low, high = _port_range()
-    for _ in range(500):
-        base = random.randint(low, high - count)
-        ports = range(base, base + count)
-        if not _GIVEN.intersection(ports) and all(_bindable(p) for p in ports):
-            _GIVEN.update(ports)
-            return base
-    raise RuntimeError("no free port range")
+    """A base port with `count` free ports after it (scripts/ports.py)."""
+    return ports.free_base(count)
 
 
 class LocalCluster:
