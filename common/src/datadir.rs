@@ -1,6 +1,31 @@
 //! Preparing a node's data directory, with the errors an operator needs on one line.
 
 use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// How long [`open_sled`] waits for a database's lock.
+const LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// Opens the sled database at `dir`, waiting up to [`LOCK_WAIT`] for its file lock: the handle
+/// that held it last lets go only once sled's background flusher has stopped, a moment after it
+/// is dropped (a reopen in the same process, or a restart while the old process still exits).
+/// Held longer, the lock is someone else's and the error says so.
+pub fn open_sled(dir: &Path) -> sled::Result<sled::Db> {
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
+        match sled::Config::new().path(dir).open() {
+            // sled reports the lock as an I/O error of its own text around the OS's WouldBlock.
+            Err(sled::Error::Io(e))
+                if (e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.to_string().contains("could not acquire lock"))
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
 
 /// Makes sure `dir` can hold a node's data: created when missing (unless `require_volume`), a
 /// directory, writable, and, with `require_volume` (set in the container image), a mount point of
@@ -105,6 +130,37 @@ mod tests {
         let err = prepare(&tmp.join("missing"), true).unwrap_err();
         assert!(err.contains("does not exist"), "{err}");
         assert!(is_mount_point(Path::new("/")));
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
+
+    #[test]
+    fn a_sled_database_reopens_right_after_it_is_dropped() {
+        let tmp = tempfile_dir();
+        for i in 0..20u8 {
+            let db = open_sled(&tmp).unwrap();
+            db.insert([i], &[i]).unwrap();
+            db.flush().unwrap();
+            drop(db);
+        }
+        let db = open_sled(&tmp).unwrap();
+        assert_eq!(db.len(), 20);
+        drop(db);
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
+
+    #[test]
+    fn a_sled_database_held_open_is_refused_after_the_wait() {
+        let tmp = tempfile_dir();
+        let held = open_sled(&tmp).unwrap();
+        let started = Instant::now();
+        let err = open_sled(&tmp).unwrap_err();
+        assert!(
+            started.elapsed() >= LOCK_WAIT,
+            "gave up after {:?}",
+            started.elapsed()
+        );
+        assert!(err.to_string().contains("lock"), "{err}");
+        drop(held);
         std::fs::remove_dir_all(&tmp).unwrap();
     }
 

@@ -324,7 +324,7 @@ fn get_row(tree: &sled::Tree, row_key: &[u8]) -> Result<Option<Vec<u8>>> {
 
 impl Store {
     pub fn open(dir: &Path) -> Result<Self> {
-        let db = sled::Config::new().path(dir).open()?;
+        let db = common::datadir::open_sled(dir)?;
         let prepared = db.open_tree("prepared")?;
         // Every id handed out before this run is below this one.
         let mut pending = Pending {

@@ -56,7 +56,7 @@ impl SledStorage {
     /// Opens (or creates) the store. A new store starts with `voters` as its membership, the
     /// same on every member, so a static group can elect its first leader.
     pub fn open(dir: &Path, voters: &[u64]) -> Result<Self> {
-        let db = sled::Config::new().path(dir).open()?;
+        let db = common::datadir::open_sled(dir)?;
         let log = db.open_tree("log")?;
         let meta = db.open_tree("meta")?;
         let hard_state: HardState = match meta.get(HARD_STATE)? {
