@@ -14,10 +14,9 @@ pub fn open_sled(dir: &Path) -> sled::Result<sled::Db> {
     let deadline = Instant::now() + LOCK_WAIT;
     loop {
         match sled::Config::new().path(dir).open() {
-            // sled reports the lock as an I/O error of its own text around the OS's WouldBlock.
+            // sled 0.34 reports a held lock only as an `Other` I/O error with this text.
             Err(sled::Error::Io(e))
-                if (e.kind() == std::io::ErrorKind::WouldBlock
-                    || e.to_string().contains("could not acquire lock"))
+                if e.to_string().contains("could not acquire lock")
                     && Instant::now() < deadline =>
             {
                 std::thread::sleep(Duration::from_millis(20));
