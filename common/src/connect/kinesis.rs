@@ -1,12 +1,14 @@
 //! `com.singlestore.kafka.connect.kinesis.KinesisSourceConnector` on `aws-sdk-kinesis`.
 //!
 //! Shards are grouped over `min(tasks.max, open shards)` tasks by shard number. Each task
-//! lists the stream's shards (and lists again to discover new ones), reads a parent shard to
-//! its end before its children (lineage from ListShards; a parent owned by another task counts
-//! as ended once its end is committed), resumes AFTER the committed sequence number, backs off
-//! on throttling, and re-acquires expired iterators after the last record it read.
+//! lists the stream's shards (and lists again to discover new ones; tasks of one leaf that list
+//! within a second share one ListShards call), reads a parent shard to its end before its
+//! children (lineage from ListShards; a parent owned by another task counts as ended once its
+//! end is committed), resumes AFTER the committed sequence number, backs off on throttling, and
+//! re-acquires expired iterators after the last record it read.
 
 use super::avro::canonical_json;
+use super::shared::SharedCalls;
 use super::{
     config_str, config_u64, required, CommittedOffsets, ConnectError, ConnectorConfig, Poll,
     SourceConnector, SourceRecord, SourceTask, TaskConfig,
@@ -34,6 +36,42 @@ const VALUE_SCHEMA: &str = r#"{"type":"record","name":"KinesisRecord","namespace
 
 /// How often a task lists shards to discover new ones.
 const LIST_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How old a listing another task of this process made may be and still serve a task's start
+/// or periodic refresh (a listing after a parent shard ended is always new).
+const SHARED_LISTING_WINDOW: Duration = Duration::from_secs(1);
+
+type Shards = BTreeMap<String, ShardInfo>;
+
+/// What a listing depends on: the stream, where and as whom it is asked, and the shard filter.
+/// Held in memory only (never printed).
+#[derive(PartialEq, Eq, Hash)]
+struct ListingKey {
+    endpoint: Option<String>,
+    region: String,
+    stream: String,
+    access_key: Option<String>,
+    secret_key: Option<String>,
+    session_token: Option<String>,
+    shard_filter: Option<String>,
+}
+
+/// The shard listings of this process, shared by the tasks (and the planning) of a pipeline
+/// that list at about the same time.
+static LISTINGS: std::sync::LazyLock<SharedCalls<ListingKey, Shards, ConnectError>> =
+    std::sync::LazyLock::new(|| SharedCalls::new(SHARED_LISTING_WINDOW));
+
+/// The stream's shards, and when the listing that gave them started: a new listing with
+/// `fresh`, else possibly one another task made within [`SHARED_LISTING_WINDOW`].
+async fn list_shards_shared(
+    client: &Client,
+    s: &Settings,
+    fresh: bool,
+) -> (Instant, Result<Shards, ConnectError>) {
+    LISTINGS
+        .get(s.listing_key(), fresh, || list_shards(client, s))
+        .await
+}
 
 pub struct KinesisConnector {
     key: Schema,
@@ -186,6 +224,18 @@ impl Settings {
         ))
     }
 
+    fn listing_key(&self) -> ListingKey {
+        ListingKey {
+            endpoint: self.endpoint.clone(),
+            region: self.region.clone(),
+            stream: self.stream.clone(),
+            access_key: self.access_key.clone(),
+            secret_key: self.secret_key.clone(),
+            session_token: self.session_token.clone(),
+            shard_filter: self.shard_filter.as_ref().map(|r| r.as_str().to_string()),
+        }
+    }
+
     fn where_(&self) -> String {
         match &self.endpoint {
             Some(e) => format!("stream '{}' at {e}", self.stream),
@@ -284,10 +334,8 @@ struct ShardInfo {
     ending: Option<String>,
 }
 
-async fn list_shards(
-    client: &Client,
-    s: &Settings,
-) -> Result<BTreeMap<String, ShardInfo>, ConnectError> {
+async fn list_shards(client: &Client, s: &Settings) -> Result<Shards, ConnectError> {
+    tracing::debug!(stream = %s.stream, "ListShards");
     let mut out = BTreeMap::new();
     let mut token: Option<String> = None;
     loop {
@@ -427,7 +475,8 @@ impl SourceConnector for KinesisConnector {
         max_tasks: usize,
     ) -> Result<Vec<TaskConfig>, ConnectError> {
         let s = Settings::parse(config)?;
-        let shards = list_shards(&s.client()?, &s).await?;
+        // The tasks starting on this leaf right after may share this listing.
+        let shards = list_shards_shared(&s.client()?, &s, true).await.1?;
         let open = shards.values().filter(|i| i.ending.is_none()).count();
         let count = max_tasks.min(open).max(1);
         Ok((0..count)
@@ -468,7 +517,7 @@ struct KinesisTask {
     client: Option<Client>,
     task_id: u64,
     task_count: u64,
-    shards: BTreeMap<String, ShardInfo>,
+    shards: Shards,
     /// Shards seen by the first listing: they start at the configured position.
     initial: Option<BTreeSet<String>>,
     readers: BTreeMap<String, ShardReader>,
@@ -500,15 +549,18 @@ impl KinesisTask {
             .collect()
     }
 
-    async fn refresh(&mut self) -> Result<(), ConnectError> {
+    /// Lists the shards again: a new listing with `fresh`, else maybe one shared with the
+    /// other tasks of this leaf.
+    async fn refresh(&mut self, fresh: bool) -> Result<(), ConnectError> {
         let (Some(s), Some(client)) = (&self.settings, &self.client) else {
             return Err(ConnectError::Config("task not started".into()));
         };
-        self.shards = list_shards(client, s).await?;
+        let (listed_at, shards) = list_shards_shared(client, s, fresh).await;
+        self.shards = shards?;
         if self.initial.is_none() {
             self.initial = Some(self.shards.keys().cloned().collect());
         }
-        self.listed_at = Some(Instant::now());
+        self.listed_at = Some(listed_at);
         Ok(())
     }
 
@@ -703,14 +755,17 @@ impl SourceTask for KinesisTask {
             committed: offsets.clone(),
             ..Default::default()
         };
-        self.refresh().await
+        self.refresh(false).await
     }
 
     async fn poll(&mut self, max_records: usize, deadline: Instant) -> Result<Poll, ConnectError> {
         let mut poll = Poll::default();
         loop {
-            if self.listed_at.is_none_or(|t| t.elapsed() >= LIST_INTERVAL) {
-                self.refresh().await?;
+            match self.listed_at {
+                // After a parent shard ended: its children must be in the listing.
+                None => self.refresh(true).await?,
+                Some(t) if t.elapsed() >= LIST_INTERVAL => self.refresh(false).await?,
+                Some(_) => {}
             }
             let owned = self.owned();
             let now = Instant::now();

@@ -11,6 +11,7 @@
 pub mod avro;
 pub mod datagen;
 pub mod kinesis;
+pub mod shared;
 
 use async_trait::async_trait;
 use serde_json::{Map, Value as Json};
