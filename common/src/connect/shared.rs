@@ -18,12 +18,14 @@ struct Call<V> {
     answer: tokio::sync::OnceCell<V>,
 }
 
+type SharedCall<T, E> = Arc<Call<Result<T, E>>>;
+
 /// Calls keyed by what they ask (e.g. the stream, its endpoint and credentials), each shared
 /// for `window` after it started. Failed answers are shared only with callers that were
 /// already waiting: a later caller asks again.
 pub struct SharedCalls<K, T, E> {
     window: Duration,
-    calls: Mutex<HashMap<K, Arc<Call<Result<T, E>>>>>,
+    calls: Mutex<HashMap<K, SharedCall<T, E>>>,
 }
 
 impl<K: Eq + Hash, T: Clone, E: Clone> SharedCalls<K, T, E> {
