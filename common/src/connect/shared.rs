@@ -145,7 +145,8 @@ mod tests {
     async fn a_cancelled_caller_leaves_the_call_to_the_next() {
         let shared = SharedCalls::new(Duration::from_secs(1));
         let n = AtomicUsize::new(0);
-        let slow = Duration::from_millis(200);
+        // Far longer than the timeout, so that even a stalled test thread sees the timeout first.
+        let slow = Duration::from_secs(30);
         // The first caller gives up while its call runs; the second runs its own.
         let first = tokio::time::timeout(
             Duration::from_millis(20),
