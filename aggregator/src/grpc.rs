@@ -90,10 +90,16 @@ impl proto::aggregator_server::Aggregator for AggregatorServiceImpl {
         let req = request.into_inner();
         let leaf = LeafId(req.leaf_id);
         self.leaves.heartbeat(leaf).await?;
-        let tasks = self.raft.read_catalog(|c| batches::assignments(c, leaf));
+        let (tasks, live_tables) = self.raft.read_catalog(|c| {
+            (
+                batches::assignments(c, leaf),
+                batches::live_tables(c, req.tables_generation),
+            )
+        });
         Ok(Response::new(proto::HeartbeatResponse {
             leader_node_id: self.raft.node_id().0,
             tasks,
+            live_tables,
         }))
     }
 
@@ -144,6 +150,25 @@ impl proto::aggregator_server::Aggregator for AggregatorServiceImpl {
             committed: outcome.is_some(),
             batch_id: outcome.unwrap_or(0),
         }))
+    }
+
+    async fn confirm_finalized(
+        &self,
+        request: Request<proto::ConfirmFinalizedRequest>,
+    ) -> Result<Response<proto::ConfirmFinalizedResponse>, Status> {
+        let batches = request
+            .into_inner()
+            .batches
+            .into_iter()
+            .map(|b| common::catalog::pipelines::BatchRef {
+                pipeline_id: b.pipeline_id,
+                task_id: b.task_id,
+                epoch: b.epoch,
+                seq: b.seq,
+            })
+            .collect();
+        batches::finalized(&self.raft, batches).await?;
+        Ok(Response::new(proto::ConfirmFinalizedResponse {}))
     }
 
     async fn report_task_error(

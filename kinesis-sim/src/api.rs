@@ -16,6 +16,8 @@ pub struct Faults {
     pub throttle_rate: f64,
     /// Fraction of calls answered with a 500 InternalFailure.
     pub error_rate: f64,
+    /// Reads of each shard answered with an empty page first (AWS may do so before data).
+    pub empty_pages: u32,
 }
 
 pub struct Api {
@@ -24,6 +26,8 @@ pub struct Api {
     pub faults: Faults,
     /// Journal of every change (optional persistence), replayed at start.
     journal: Option<Mutex<std::io::BufWriter<std::fs::File>>>,
+    /// Empty pages served so far per (stream, shard) ([`Faults::empty_pages`]).
+    empty_served: Mutex<std::collections::HashMap<(String, String), u32>>,
 }
 
 /// Applies one journal entry to the state (start-up replay).
@@ -153,6 +157,7 @@ impl Api {
             limits,
             faults,
             journal: None,
+            empty_served: Default::default(),
         }
     }
 
@@ -194,6 +199,7 @@ impl Api {
             limits,
             faults,
             journal: Some(Mutex::new(std::io::BufWriter::new(file))),
+            empty_served: Default::default(),
         })
     }
 
@@ -540,6 +546,19 @@ impl Api {
         Ok(json!({"ShardIterator": encode_iterator(&it)}))
     }
 
+    /// Whether this read of the shard gets one of its empty first pages.
+    fn empty_page(&self, stream: &str, shard: &str) -> bool {
+        if self.faults.empty_pages == 0 {
+            return false;
+        }
+        let mut served = self.empty_served.lock().unwrap_or_else(|p| p.into_inner());
+        let n = served
+            .entry((stream.to_string(), shard.to_string()))
+            .or_default();
+        *n += 1;
+        *n <= self.faults.empty_pages
+    }
+
     fn get_records(&self, req: &Json, now: u64) -> Result<Json> {
         let raw = b64()
             .decode(str_arg(req, "ShardIterator")?)
@@ -563,6 +582,22 @@ impl Api {
         }
         let i = s.shard(&it.h)?;
         s.check_read(i, &self.limits, rate_ms())?;
+        if self.empty_page(&it.s, &it.h) {
+            let shard = &s.shards[i];
+            let behind = shard
+                .records
+                .get(it.p)
+                .zip(shard.records.last())
+                .map_or(0, |(next, last)| {
+                    last.arrival_ms.saturating_sub(next.arrival_ms).max(1)
+                });
+            let next = Iterator { t: now, ..it };
+            return Ok(json!({
+                "Records": [],
+                "MillisBehindLatest": behind,
+                "NextShardIterator": encode_iterator(&next),
+            }));
+        }
         let mut out = Vec::new();
         let mut bytes = 0usize;
         let mut pos = it.p;

@@ -1,5 +1,6 @@
 //! A client for the master aggregator: starts from any configured aggregator, follows the
-//! leader hint on `UNAVAILABLE`, and moves on to the next address when one is unreachable.
+//! leader hint on `UNAVAILABLE`, and moves on to the next address when one is unreachable or
+//! does not answer in time (a partitioned or frozen master: its calls time out, `CANCELLED`).
 
 use proto::aggregator_client::AggregatorClient;
 use std::time::Duration;
@@ -11,7 +12,12 @@ pub struct MasterClient {
     addresses: Vec<String>,
     next: usize,
     current: Option<(String, AggregatorClient<Channel>)>,
+    /// How long one call may take before the aggregator counts as unreachable.
+    timeout: Duration,
 }
+
+/// [`MasterClient::new`]'s call timeout.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a call to the master failed.
 #[derive(Debug, thiserror::Error)]
@@ -34,22 +40,37 @@ impl CallError {
     }
 }
 
-fn connect(addr: &str) -> Option<AggregatorClient<Channel>> {
+fn connect(addr: &str, timeout: Duration) -> Option<AggregatorClient<Channel>> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).ok()?;
     Some(AggregatorClient::new(
         endpoint
             .connect_timeout(Duration::from_millis(500))
-            .timeout(Duration::from_secs(5))
+            .timeout(timeout)
             .connect_lazy(),
     ))
 }
 
+/// Whether a failed call says nothing about the request but that this aggregator did not
+/// answer it (down, cut off, frozen, or not the master): try another one.
+fn try_elsewhere(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+    )
+}
+
 impl MasterClient {
     pub fn new(addresses: Vec<String>) -> Self {
+        Self::with_timeout(addresses, CALL_TIMEOUT)
+    }
+
+    /// A client whose calls give an aggregator `timeout` to answer before moving on.
+    pub fn with_timeout(addresses: Vec<String>, timeout: Duration) -> Self {
         Self {
             addresses,
             next: 0,
             current: None,
+            timeout,
         }
     }
 
@@ -60,12 +81,12 @@ impl MasterClient {
 
     fn client(&mut self, addr: Option<String>) -> Option<AggregatorClient<Channel>> {
         if let Some(addr) = addr {
-            self.current = connect(&addr).map(|c| (addr, c));
+            self.current = connect(&addr, self.timeout).map(|c| (addr, c));
         }
         if self.current.is_none() {
             let addr = self.addresses[self.next % self.addresses.len()].clone();
             self.next += 1;
-            self.current = connect(&addr).map(|c| (addr, c));
+            self.current = connect(&addr, self.timeout).map(|c| (addr, c));
         }
         self.current.as_ref().map(|(_, c)| c.clone())
     }
@@ -85,7 +106,7 @@ impl MasterClient {
             };
             match f(client).await {
                 Ok(r) => return Ok(r.into_inner()),
-                Err(status) if status.code() == tonic::Code::Unavailable => {
+                Err(status) if try_elsewhere(status.code()) => {
                     hint = status
                         .metadata()
                         .get(proto::LEADER_HINT_METADATA)

@@ -1,7 +1,7 @@
 //! `LeafServiceImpl`: the leaf's gRPC service; translation only.
 
 use crate::membership::Membership;
-use crate::store::Store;
+use crate::store::{Store, TableRef};
 use common::connect::{self, ConnectError, ConnectorConfig};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
@@ -33,6 +33,7 @@ impl proto::leaf_server::Leaf for LeafServiceImpl {
             leaf_id: id.unwrap_or(0),
             registered: id.is_some(),
             prepared_batches: prepared.len() as u32,
+            stored_tables: self.store.stored_tables(),
         }))
     }
 
@@ -99,8 +100,7 @@ impl proto::leaf_server::Leaf for LeafServiceImpl {
         let store = self.store.clone();
         let rows_updated = tokio::task::spawn_blocking(move || {
             store.backfill(
-                &req.database,
-                &req.table,
+                &TableRef::new(req.table_id, &req.database, &req.table),
                 |row| common::expr::complete_row(row, &columns, &compiled),
                 columns.len(),
             )
@@ -119,8 +119,7 @@ impl proto::leaf_server::Leaf for LeafServiceImpl {
         let store = self.store.clone();
         let rows_indexed = tokio::task::spawn_blocking(move || {
             store.build_index(
-                &r.database,
-                &r.table,
+                &TableRef::new(r.table_id, &r.database, &r.table),
                 &r.index,
                 r.position as usize,
                 &r.columns_json,
@@ -138,7 +137,7 @@ impl proto::leaf_server::Leaf for LeafServiceImpl {
     ) -> Result<Response<proto::DropIndexResponse>, Status> {
         let r = request.into_inner();
         self.store
-            .drop_index(&r.database, &r.table, &r.index)
+            .drop_index(&TableRef::new(r.table_id, &r.database, &r.table), &r.index)
             .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(proto::DropIndexResponse {}))
     }
@@ -161,6 +160,7 @@ impl proto::leaf_server::Leaf for LeafServiceImpl {
 
 /// A scan's rows as one Arrow IPC stream (blocking: sled reads and JSON parsing).
 fn scan_rows(store: &Store, req: proto::ScanRequest) -> Result<Vec<u8>, Status> {
+    let table = TableRef::new(req.table_id, &req.database, &req.table);
     let indexed = match &req.index_range {
         Some(r) => {
             let parse = |v: &Option<String>,
@@ -176,7 +176,7 @@ fn scan_rows(store: &Store, req: proto::ScanRequest) -> Result<Vec<u8>, Status> 
                 upper: parse(&r.upper_json, r.upper_inclusive)?,
             };
             store
-                .scan_index(&req.database, &req.table, &r.index, &range)
+                .scan_index(&table, &r.index, &range)
                 .map_err(|e| Status::internal(e.to_string()))?
         }
         None => None,
@@ -198,17 +198,13 @@ fn scan_rows(store: &Store, req: proto::ScanRequest) -> Result<Vec<u8>, Status> 
         // No column wanted (COUNT(*)): how many rows, without reading them.
         let n = match indexed {
             Some(rows) => rows.len(),
-            None => store
-                .count(&req.database, &req.table)
-                .map_err(|e| internal(&e))?,
+            None => store.count(&table).map_err(|e| internal(&e))?,
         };
         common::arrow::empty_rows(&schema, n)
     } else {
         let stored = match indexed {
             Some(rows) => rows,
-            None => store
-                .scan(&req.database, &req.table)
-                .map_err(|e| internal(&e))?,
+            None => store.scan(&table).map_err(|e| internal(&e))?,
         };
         let mut rows = Vec::with_capacity(stored.len());
         for row in &stored {

@@ -3,6 +3,7 @@
 //! - [`config`]: `LeafConfig` (flags, env, defaults, validation);
 //! - [`client`]: the client that finds and follows the master aggregator;
 //! - [`commits`]: the leaf's batch commits at the master, sent together;
+//! - [`finalized`]: confirmations to the master of the committed batches made visible;
 //! - [`membership`]: registration and heartbeats;
 //! - [`grpc`]: the leaf's gRPC service (status, task planning, scans, TEST PIPELINE);
 //! - [`store`]: the sled partition store with prepared and committed batches;
@@ -11,6 +12,7 @@
 pub mod client;
 pub mod commits;
 pub mod config;
+pub mod finalized;
 pub mod grpc;
 pub mod membership;
 pub mod store;
@@ -104,10 +106,16 @@ pub async fn run(
             grpc_shutdown.cancel();
         }
     });
+    tasks.spawn(finalized::confirm_finalized_loop(
+        store.clone(),
+        client::MasterClient::new(config.aggregator_addresses()),
+        shutdown.clone(),
+    ));
     tasks.spawn(membership::heartbeat_loop(
         config.clone(),
         state,
         manager,
+        store.clone(),
         shutdown.clone(),
     ));
     tracing::info!(listen = %config.listen, advertise = %config.advertise_address(), "leaf started");

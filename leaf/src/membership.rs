@@ -7,6 +7,7 @@
 
 use crate::client::{CallError, MasterClient};
 use crate::config::LeafConfig;
+use crate::store::{LiveView, Store};
 use crate::tasks::TaskManager;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -56,13 +57,22 @@ impl Membership {
 /// would be declared offline by the new master, and its tasks moved, though it never left.
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
 
+/// How long one heartbeat call may take.
+const HEARTBEAT_CALL_TIMEOUT: Duration = Duration::from_millis(700);
+
 pub async fn heartbeat_loop(
     config: LeafConfig,
     state: Arc<Membership>,
     tasks: Arc<TaskManager>,
+    store: Store,
     shutdown: CancellationToken,
 ) {
-    let mut client = MasterClient::new(config.aggregator_addresses());
+    let sweeping = Arc::new(AtomicBool::new(false));
+    // A heartbeat that takes longer than this is as good as lost: the master declares a leaf
+    // offline after its heartbeat timeout (2 s by default), so a leaf must move on to the new
+    // master well before that when the old one stops answering.
+    let mut client =
+        MasterClient::with_timeout(config.aggregator_addresses(), HEARTBEAT_CALL_TIMEOUT);
     let address = config.advertise_address();
     let interval = config.heartbeat_interval();
     let mut backoff = interval;
@@ -91,16 +101,23 @@ pub async fn heartbeat_loop(
             Some(id) => client
                 .call(|mut c| {
                     let address = address.clone();
+                    let tables_generation = store.tables_generation();
                     async move {
                         c.heartbeat(proto::HeartbeatRequest {
                             leaf_id: id,
                             address,
+                            tables_generation,
                         })
                         .await
                     }
                 })
                 .await
-                .map(|r| Some(r.tasks)),
+                .map(|r| {
+                    if let Some(live) = r.live_tables {
+                        sweep_dropped_tables(&store, live, &sweeping);
+                    }
+                    Some(r.tasks)
+                }),
         };
         let result = match result {
             Ok(Some(assignments)) => {
@@ -140,4 +157,37 @@ pub async fn heartbeat_loop(
             _ = state.wake.notified(), if !failing => {}
         }
     }
+}
+
+/// Removes the storage of the tables the master's view says were dropped, in the background (a
+/// big table takes a while, and heartbeats go on meanwhile); at most one sweep at a time. A
+/// sweep that fails leaves the leaf's generation behind, so the next heartbeat brings the view
+/// again.
+fn sweep_dropped_tables(store: &Store, live: proto::LiveTables, sweeping: &Arc<AtomicBool>) {
+    if live.generation == store.tables_generation() || sweeping.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let mut view = LiveView {
+        generation: live.generation,
+        high: live.high,
+        ..Default::default()
+    };
+    for t in live.tables {
+        match t.id {
+            0 => {
+                view.legacy.insert((t.database, t.name));
+            }
+            id => {
+                view.ids.insert(id);
+            }
+        }
+    }
+    let store = store.clone();
+    let sweeping = sweeping.clone();
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = store.retain_tables(view) {
+            tracing::warn!("cannot remove the storage of dropped tables yet: {e}");
+        }
+        sweeping.store(false, Ordering::Release);
+    });
 }

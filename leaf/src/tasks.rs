@@ -5,7 +5,7 @@
 
 use crate::client::{CallError, MasterClient};
 use crate::commits::Committer;
-use crate::store::{BatchKey, Store};
+use crate::store::{BatchKey, Store, TableRef};
 use common::connect::{self, avro, CommittedOffsets, ConnectorConfig, TaskConfig};
 use serde_json::Value as Json;
 use std::collections::{BTreeMap, HashMap};
@@ -37,12 +37,18 @@ pub fn table_columns(
     Ok((columns, compiled))
 }
 
+/// The committed offsets and start position an assignment carries.
+pub fn assigned_offsets(a: &proto::TaskAssignment) -> CommittedOffsets {
+    CommittedOffsets {
+        start_override: (!a.start_override.is_empty()).then(|| a.start_override.clone()),
+        start_at_ms: (a.start_at_ms != 0).then_some(a.start_at_ms),
+        ..parse_offsets(&a.offsets_json)
+    }
+}
+
 /// Parses the `offsets_json` of an assignment.
-pub fn parse_offsets(json: &str, start_override: &str) -> CommittedOffsets {
-    let mut out = CommittedOffsets {
-        start_override: (!start_override.is_empty()).then(|| start_override.to_string()),
-        ..Default::default()
-    };
+pub fn parse_offsets(json: &str) -> CommittedOffsets {
+    let mut out = CommittedOffsets::default();
     if let Ok(Json::Object(map)) = serde_json::from_str::<Json>(json) {
         for (k, v) in map {
             let finished = v.get("finished").and_then(Json::as_bool).unwrap_or(false);
@@ -161,6 +167,7 @@ impl TaskManager {
                 // Unique per epoch even across restarts of this task or of the leaf: the master
                 // recognises a retried commit by (epoch, seq).
                 next_seq: now_ms().saturating_mul(1000),
+                committed_batches: 0,
                 metrics: self.metrics.clone(),
                 store: self.store.clone(),
                 client: MasterClient::new(self.aggregators.clone()),
@@ -218,8 +225,14 @@ async fn resolve(
     }
 }
 
+/// How long a task whose batch was refused waits for a fresh assignment before it starts again
+/// from the offsets it has.
+const REFUSED_RESYNC: Duration = Duration::from_secs(1);
+
 struct Runner {
     next_seq: u64,
+    /// Batches this runner committed (retry budgets start again after each).
+    committed_batches: u64,
     metrics: Arc<common::metrics::Metrics>,
     store: Store,
     client: MasterClient,
@@ -324,8 +337,7 @@ struct BatchJob {
     key: BatchKey,
     /// When the batch's extraction began: BATCH_TIME runs from there to the end of prepare.
     start: Instant,
-    database: String,
-    table: String,
+    table: TableRef,
     /// Taken when the job runs.
     load: Option<Load>,
     commit: common::catalog::pipelines::BatchCommit,
@@ -365,7 +377,7 @@ impl BatchJob {
             .map_err(|e| RunError::Failed(format!("batch loader stopped: {e}")))?
             .map_err(RunError::Failed)?;
         self.store
-            .prepare(self.key, &self.database, &self.table, &rows)
+            .prepare(self.key, &self.table, &rows)
             .await
             .map_err(|e| RunError::Failed(e.to_string()))?;
         self.commit.batch_time_ms = self.start.elapsed().as_millis() as u64;
@@ -497,21 +509,35 @@ impl Runner {
         }
     }
 
+    /// Runs the task until it is cancelled (stopped, moved, or the pipeline failed). It never
+    /// parks: a refused batch resyncs from the committed offsets, and a failing batch is
+    /// retried up to MAX_RETRIES_PER_BATCH_PARTITION times (the count starts again with every
+    /// batch that commits), then reported as fatal, which moves the pipeline to Error (the
+    /// master then stops this task) or, with STOP_ON_ERROR OFF, skips it and goes on.
     async fn run(mut self) {
         let a = self.current();
         let mut failures: u32 = 0;
+        let mut committed_before = self.committed_batches;
         loop {
             let result = self.run_once().await;
             if self.cancel.is_cancelled() {
                 return;
             }
+            if self.committed_batches != committed_before {
+                // A batch went through since the last failure: the next one has its own budget.
+                committed_before = self.committed_batches;
+                failures = 0;
+            }
             match result {
                 Ok(()) => return,
                 Err(RunError::Refused(reason)) => {
-                    tracing::info!(pipeline = %a.pipeline, task = a.task_id, "batch refused ({reason}); waiting for a new assignment");
-                    // Stay out of the way until the master reassigns (new epoch) or stops us.
-                    self.cancel.cancelled().await;
-                    return;
+                    // The offsets this run started from are not the committed ones (an old
+                    // assignment after a failover or a restart): start again from the master's.
+                    tracing::info!(pipeline = %a.pipeline, task = a.task_id, "batch refused ({reason}); resyncing from the committed offsets");
+                    self.metrics.add("shardline_batches_refused_total", 1.0);
+                    if !self.await_new_assignment(REFUSED_RESYNC).await {
+                        return;
+                    }
                 }
                 Err(RunError::Failed(msg)) => {
                     failures += 1;
@@ -519,17 +545,29 @@ impl Runner {
                     let fatal = failures > max;
                     tracing::warn!(pipeline = %a.pipeline, task = a.task_id, attempt = failures, fatal, "task failed: {msg}");
                     self.report(&msg, fatal).await;
-                    if fatal {
-                        self.cancel.cancelled().await;
-                        return;
-                    }
                     let backoff = Duration::from_millis(500 * (1u64 << (failures - 1).min(5)));
+                    if fatal {
+                        // Reported as the batch's last failure: the master stops the pipeline
+                        // (STOP_ON_ERROR ON: this task is cancelled) or counts the batch as
+                        // skipped; then the next batch starts with a budget of its own.
+                        failures = 0;
+                    }
                     tokio::select! {
                         _ = self.cancel.cancelled() => return,
                         _ = tokio::time::sleep(backoff) => {}
                     }
                 }
             }
+        }
+    }
+
+    /// Waits until the master sends this task's assignment again (a heartbeat: it carries the
+    /// committed offsets as the master has them now), or `at_most`. `false` when cancelled.
+    async fn await_new_assignment(&mut self, at_most: Duration) -> bool {
+        tokio::select! {
+            _ = self.cancel.cancelled() => false,
+            _ = self.assignment.changed() => true,
+            _ = tokio::time::sleep(at_most) => true,
         }
     }
 
@@ -549,6 +587,7 @@ impl Runner {
             Outcome::Continue => {
                 committed.offsets.extend(in_flight.last);
                 task.commit(committed);
+                self.committed_batches += 1;
                 Ok(())
             }
             Outcome::Refused(reason) => Err(RunError::Refused(reason)),
@@ -570,7 +609,7 @@ impl Runner {
         let schema = avro::envelope_schema(connector.key_schema(), connector.value_schema())
             .map(Arc::new)
             .map_err(|e| RunError::Failed(e.to_string()))?;
-        let mut committed = parse_offsets(&a.offsets_json, &a.start_override);
+        let mut committed = assigned_offsets(&a);
         let mut task = connector.task();
         tokio::select! {
             _ = self.cancel.cancelled() => return Ok(()),
@@ -581,7 +620,7 @@ impl Runner {
         loop {
             if self.assignment.has_changed().unwrap_or(false) {
                 let latest = self.assignment.borrow_and_update().clone();
-                task.observe(&parse_offsets(&latest.offsets_json, &latest.start_override));
+                task.observe(&assigned_offsets(&latest));
             }
             let a = self.current();
             let loading = in_flight.as_ref().map(|f| &f.handle);
@@ -673,8 +712,7 @@ impl Runner {
         let job = BatchJob {
             key,
             start: batch.start,
-            database: a.database.clone(),
-            table: a.table.clone(),
+            table: TableRef::new(a.table_id, &a.database, &a.table),
             load: Some(Load {
                 schema: schema.clone(),
                 records: batch.records,
@@ -758,7 +796,7 @@ pub async fn test_extract(
         .task_configs(&config, 1)
         .await
         .map_err(|e| e.to_string())?;
-    let offsets = parse_offsets(offsets_json, "");
+    let offsets = parse_offsets(offsets_json);
     let schema = avro::envelope_schema(connector.key_schema(), connector.value_schema())
         .map_err(|e| e.to_string())?;
     let mut out = Vec::new();

@@ -4,7 +4,7 @@
 use crate::error::{Error, Result};
 use crate::raft::RaftHandle;
 use crate::sql::exec::now_ms;
-use common::catalog::pipelines::{BatchCommit, PipelineError, PipelineState};
+use common::catalog::pipelines::{BatchCommit, BatchRef, PipelineError, PipelineState};
 use common::catalog::{Catalog, Command, Output};
 use common::connect::avro::canonical_json;
 use common::ids::LeafId;
@@ -36,17 +36,26 @@ pub async fn resolve(
     if !raft.is_leader() {
         return Err(raft.not_leader());
     }
+    let batch = BatchRef {
+        pipeline_id,
+        task_id,
+        epoch,
+        seq,
+    };
     let committed = |raft: &RaftHandle| {
         raft.read_catalog(|c| {
-            c.pipelines
-                .get(&pipeline_id)
-                .map(|p| p.committed_batch(task_id, epoch, seq))
+            (
+                c.committed_batch(&batch),
+                c.pipelines.contains_key(&pipeline_id),
+            )
         })
     };
     match committed(raft) {
-        None => return Ok(None), // the pipeline is gone: its rows must go too
-        Some(Some(id)) => return Ok(Some(id)),
-        Some(None) => {}
+        (Some(id), _) => return Ok(Some(id)),
+        // The pipeline is gone and the batch is not among the committed ones: nothing can
+        // commit it any more.
+        (None, false) => return Ok(None),
+        (None, true) => {}
     }
     match raft
         .propose(Command::FenceTask {
@@ -59,7 +68,19 @@ pub async fn resolve(
         Ok(_) | Err(Error::Catalog(_)) => {}
         Err(e) => return Err(e),
     }
-    Ok(committed(raft).flatten())
+    Ok(committed(raft).0)
+}
+
+/// A leaf made these committed batches visible: the catalog forgets them.
+pub async fn finalized(raft: &RaftHandle, batches: Vec<BatchRef>) -> Result<()> {
+    if !raft.is_leader() {
+        return Err(raft.not_leader());
+    }
+    if batches.is_empty() {
+        return Ok(());
+    }
+    raft.propose(Command::BatchesFinalized { batches }).await?;
+    Ok(())
 }
 
 /// Records a task failure (fatal ones may move the pipeline to Error).
@@ -125,10 +146,11 @@ pub fn assignments(catalog: &Catalog, leaf: LeafId) -> Vec<proto::TaskAssignment
             .map(|(k, o)| (k.clone(), json!({"value": o.value, "finished": o.finished})))
             .collect();
         let offsets_json = canonical_json(&serde_json::Value::Object(offsets));
-        let columns_json = catalog
-            .table(&p.database, &p.table)
+        let table = catalog.table(&p.database, &p.table);
+        let columns_json = table
             .and_then(|t| serde_json::to_string(&t.columns).ok())
             .unwrap_or_default();
+        let table_id = table.map_or(0, |t| t.id);
         for t in p
             .tasks
             .iter()
@@ -159,8 +181,25 @@ pub fn assignments(catalog: &Catalog, leaf: LeafId) -> Vec<proto::TaskAssignment
                 }),
                 partitions: partitions.clone(),
                 columns_json: columns_json.clone(),
+                table_id,
+                start_at_ms: p.start_ms.unwrap_or(0),
             });
         }
     }
     out
+}
+
+/// The tables that exist, for a leaf that last applied `generation` (`None` if that is the
+/// catalog's: the leaf is up to date).
+pub fn live_tables(catalog: &Catalog, generation: u64) -> Option<proto::LiveTables> {
+    let live = catalog.live_tables();
+    (live.generation != generation).then(|| proto::LiveTables {
+        generation: live.generation,
+        high: live.high,
+        tables: live
+            .tables
+            .into_iter()
+            .map(|(id, database, name)| proto::LiveTable { id, database, name })
+            .collect(),
+    })
 }

@@ -187,9 +187,22 @@ impl RaftHandle {
 
     /// Commits a command through the master and waits until this node has applied it too,
     /// so the caller reads its own write. On a follower the write is forwarded over gRPC.
-    /// While there is no master (an election) or the master changes under a write that was
-    /// certainly not applied, it waits and tries again, up to the commit timeout.
+    /// While there is no master (an election), or an attempt's outcome is unknown (the master
+    /// changed, or died before it answered), it waits and tries again, up to the commit
+    /// timeout. Every attempt carries the same request id, so the catalog applies the command
+    /// once and a retry gets the first attempt's outcome (a CREATE that took effect is not
+    /// told "exists" by its own retry).
     pub async fn propose(&self, command: Command) -> Result<Output> {
+        let command = match command {
+            // Idempotent by their own keys, and the hot path: no request log entry.
+            c @ (Command::CommitBatch(_)
+            | Command::BatchesFinalized { .. }
+            | Command::Request { .. }) => c,
+            c => Command::Request {
+                id: rand::random(),
+                command: Box::new(c),
+            },
+        };
         let deadline = tokio::time::Instant::now() + self.inner.commit_timeout;
         let mut status = self.inner.status.clone();
         loop {
@@ -202,8 +215,9 @@ impl RaftHandle {
                     .map(|(out, _)| out),
                 Some(l) => self.forward(l, &command, deadline).await,
             };
+            let again = |e: &Error| e.is_retryable() || matches!(e, Error::CommitUnknown(_));
             match attempt {
-                Err(e) if e.is_retryable() && tokio::time::Instant::now() < deadline => {
+                Err(e) if again(&e) && tokio::time::Instant::now() < deadline => {
                     tracing::debug!("write will be retried: {e}");
                     // Wait for news of the group (a new leader), but poll as well.
                     let _ = tokio::time::timeout_at(
@@ -215,6 +229,7 @@ impl RaftHandle {
                 Err(e) if e.is_retryable() => {
                     return Err(Error::CommitTimeout(self.inner.commit_timeout))
                 }
+                Err(e @ Error::CommitUnknown(_)) => return Err(e),
                 other => return other,
             }
         }
@@ -300,8 +315,19 @@ impl RaftHandle {
             return Err(self.not_leader());
         }
         let deadline = tokio::time::Instant::now() + self.inner.commit_timeout;
+        let fault = exit_after_forwarded(&command);
         match self.propose_local(command, deadline).await {
-            Ok((out, index)) => Ok((Ok(out), index)),
+            Ok((out, index)) => {
+                if fault {
+                    // Fault injection for the tests: the master dies after applying a
+                    // forwarded write and before its answer leaves.
+                    tracing::error!(
+                        "{EXIT_AFTER_FORWARDED} is set: exiting after a forwarded write"
+                    );
+                    std::process::exit(87);
+                }
+                Ok((Ok(out), index))
+            }
             // A deterministic refusal changed nothing: there is nothing to wait for.
             Err(Error::Catalog(e)) => Ok((Err(e), 0)),
             Err(e) => Err(e),
@@ -312,4 +338,25 @@ impl RaftHandle {
     pub fn step(&self, msg: raft::eraftpb::Message) {
         let _ = self.inner.inputs.try_send(Input::Step(msg));
     }
+}
+
+/// Set in an aggregator's environment (tests only) to a file path: the first master that
+/// applies a forwarded CREATE DATABASE exits before answering, and creates the file so that
+/// the next master does not.
+pub const EXIT_AFTER_FORWARDED: &str = "SHARDLINE_TEST_EXIT_AFTER_FORWARDED_CREATE_DATABASE";
+
+fn exit_after_forwarded(command: &Command) -> bool {
+    let Some(flag) = std::env::var_os(EXIT_AFTER_FORWARDED) else {
+        return false;
+    };
+    let creates_database = match command {
+        Command::Request { command, .. } => matches!(**command, Command::CreateDatabase { .. }),
+        other => matches!(other, Command::CreateDatabase { .. }),
+    };
+    creates_database
+        && std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(flag)
+            .is_ok()
 }

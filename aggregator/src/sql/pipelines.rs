@@ -338,6 +338,7 @@ impl SqlEngine {
                 }
                 self.propose(Command::CreateTable {
                     table: Table {
+                        id: 0, // assigned by the catalog
                         database: db,
                         name,
                         columns,
@@ -450,9 +451,12 @@ impl SqlEngine {
                     name: name.clone(),
                 })
                 .await?;
-                let leaves = self
-                    .raft()
-                    .read_catalog(|c| leaf_client::online_leaves(c, Some(&db)));
+                let (leaves, table_id) = self.raft().read_catalog(|c| {
+                    (
+                        leaf_client::online_leaves(c, Some(&db)),
+                        c.table(&db, &table).map_or(0, |t| t.id),
+                    )
+                });
                 for addr in leaves {
                     if let Ok(mut c) = leaf_client::client(&addr, Duration::from_secs(60)) {
                         let _ = c
@@ -460,6 +464,7 @@ impl SqlEngine {
                                 database: db.clone(),
                                 table: table.clone(),
                                 index: name.clone(),
+                                table_id,
                             })
                             .await;
                     }
@@ -488,7 +493,7 @@ impl SqlEngine {
         index: &str,
         only: Option<&[common::ids::LeafId]>,
     ) -> Result<(), SqlError> {
-        let (holders, offline, columns, position) = self.raft().read_catalog(|c| {
+        let (holders, offline, columns, position, table_id) = self.raft().read_catalog(|c| {
             let holders: Vec<_> = c
                 .databases
                 .get(db)
@@ -521,6 +526,7 @@ impl SqlEngine {
                 t.and_then(|t| serde_json::to_string(&t.columns).ok())
                     .unwrap_or_default(),
                 position,
+                t.map_or(0, |t| t.id),
             )
         });
         if !offline.is_empty() {
@@ -540,6 +546,7 @@ impl SqlEngine {
                 index: index.into(),
                 position: position as u32,
                 columns_json: columns.clone(),
+                table_id,
             })
             .await
             .map_err(|s| {
@@ -559,16 +566,22 @@ impl SqlEngine {
     /// Asks every leaf holding the table to compute and store its new columns. Best effort:
     /// a leaf that misses it fills them when its rows are scanned.
     async fn backfill(&self, db: &str, table: &str) {
-        let (leaves, columns) = self.raft().read_catalog(|c| {
+        let (leaves, columns, table_id) = self.raft().read_catalog(|c| {
+            let t = c.table(db, table);
             (
                 leaf_client::online_leaves(c, Some(db)),
-                c.table(db, table)
-                    .and_then(|t| serde_json::to_string(&t.columns).ok())
+                t.and_then(|t| serde_json::to_string(&t.columns).ok())
                     .unwrap_or_default(),
+                t.map_or(0, |t| t.id),
             )
         });
         let calls = leaves.iter().map(|addr| {
-            let req = proto::BackfillRequest { database: db.into(), table: table.into(), columns_json: columns.clone() };
+            let req = proto::BackfillRequest {
+                database: db.into(),
+                table: table.into(),
+                columns_json: columns.clone(),
+                table_id,
+            };
             async move {
                 match leaf_client::client(addr, Duration::from_secs(300)) {
                     Ok(mut c) => {

@@ -367,6 +367,8 @@ pub fn table_schema(t: &Table) -> SchemaRef {
 struct ClusterTable {
     database: String,
     table: String,
+    /// The catalog's id of the table (the leaves store its rows under it).
+    table_id: u64,
     schema: SchemaRef,
     /// The catalog's columns (JSON), so leaves can fill computed columns.
     columns_json: String,
@@ -439,6 +441,7 @@ impl TableProvider for ClusterTable {
             let req = proto::ScanRequest {
                 database: self.database.clone(),
                 table: self.table.clone(),
+                table_id: self.table_id,
                 columns_json: self.columns_json.clone(),
                 index_range: index_range.clone(),
                 project: projection.is_some(),
@@ -639,6 +642,7 @@ async fn execute(
                 let provider: Arc<dyn TableProvider> = Arc::new(ClusterTable {
                     database: db.name.clone(),
                     table: t.name.clone(),
+                    table_id: t.id,
                     schema: table_schema(t),
                     columns_json: serde_json::to_string(&t.columns).unwrap_or_default(),
                     indexes: t

@@ -120,15 +120,22 @@ async fn main() -> Result<()> {
         let stop = stop.clone();
         let address = args.address.clone();
         tokio::spawn(async move {
+            // As a leaf does: the table list comes once per change, not in every answer.
+            let mut tables_generation = 0;
             while !stop.load(Ordering::Relaxed) {
                 if let Ok(r) = m
                     .heartbeat(proto::HeartbeatRequest {
                         leaf_id,
                         address: address.clone(),
+                        tables_generation,
                     })
                     .await
                 {
-                    let _ = tx.send(r.into_inner().tasks);
+                    let r = r.into_inner();
+                    if let Some(live) = r.live_tables {
+                        tables_generation = live.generation;
+                    }
+                    let _ = tx.send(r.tasks);
                 }
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }

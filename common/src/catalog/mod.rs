@@ -10,7 +10,10 @@ pub mod tables;
 use crate::error::{Error, Result};
 use crate::ids::{LeafId, NodeId};
 use crate::variables;
-use pipelines::{BatchCommit, Pipeline, PipelineChange, PipelineDef, PipelineError, PipelineState};
+use pipelines::{
+    BatchCommit, BatchRef, Pipeline, PipelineChange, PipelineDef, PipelineError, PipelineState,
+    Unfinalized,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use tables::Table;
@@ -74,6 +77,103 @@ pub struct Catalog {
     pub pipelines: BTreeMap<u64, Pipeline>,
     #[serde(default)]
     pub next_pipeline_id: u64,
+    /// The last table id handed out ([`Table::id`]).
+    #[serde(default)]
+    pub next_table_id: u64,
+    /// Changes whenever a table is created or dropped (with its database, too): a leaf that saw
+    /// this generation has already removed the rows of every table dropped before it.
+    #[serde(default)]
+    pub table_generation: u64,
+    /// Every batch that committed and whose leaf has not confirmed yet that it made the rows
+    /// visible ([`Command::BatchesFinalized`]). Kept whatever happens to the pipeline (stop,
+    /// drop, task moves): a leaf that comes back with the batch still prepared must hear
+    /// "committed", or it would delete rows the table already counts.
+    #[serde(default, with = "pairs")]
+    pub unfinalized: BTreeMap<BatchRef, Unfinalized>,
+    /// The outcomes of the last requests ([`Command::Request`]): a request proposed again
+    /// (after an answer that was lost) gets its first outcome instead of running twice.
+    #[serde(default)]
+    pub requests: RequestLog,
+}
+
+/// How many request outcomes the catalog remembers. A retry comes within the commit timeout
+/// (seconds); requests (DDL, task assignments, leaf state changes, task errors) come at tens a
+/// second at most (batch commits are idempotent by their own keys and are not logged).
+pub const REQUESTS_TO_KEEP: usize = 4096;
+
+/// The outcomes of recent requests, oldest first.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RequestLog {
+    outcomes: std::collections::VecDeque<(u64, std::result::Result<Output, Error>)>,
+    /// The ids in `outcomes` (rebuilt after a snapshot is loaded).
+    #[serde(skip)]
+    ids: std::collections::HashSet<u64>,
+}
+
+impl PartialEq for RequestLog {
+    fn eq(&self, other: &Self) -> bool {
+        self.outcomes == other.outcomes
+    }
+}
+
+impl Eq for RequestLog {}
+
+impl RequestLog {
+    fn get(&mut self, id: u64) -> Option<std::result::Result<Output, Error>> {
+        if self.ids.len() != self.outcomes.len() {
+            self.ids = self.outcomes.iter().map(|(id, _)| *id).collect();
+        }
+        if !self.ids.contains(&id) {
+            return None; // the common case: a request seen for the first time
+        }
+        self.outcomes
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map(|(_, r)| r.clone())
+    }
+
+    fn insert(&mut self, id: u64, outcome: std::result::Result<Output, Error>) {
+        self.ids.insert(id);
+        self.outcomes.push_back((id, outcome));
+        while self.outcomes.len() > REQUESTS_TO_KEEP {
+            if let Some((old, _)) = self.outcomes.pop_front() {
+                self.ids.remove(&old);
+            }
+        }
+    }
+}
+
+/// A map with non-string keys as a JSON list of pairs.
+mod pairs {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use std::collections::BTreeMap;
+
+    pub fn serialize<K: Serialize, V: Serialize, S: Serializer>(
+        map: &BTreeMap<K, V>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_seq(map.iter())
+    }
+
+    pub fn deserialize<'de, K, V, D>(d: D) -> Result<BTreeMap<K, V>, D::Error>
+    where
+        K: Deserialize<'de> + Ord,
+        V: Deserialize<'de>,
+        D: Deserializer<'de>,
+    {
+        Ok(Vec::<(K, V)>::deserialize(d)?.into_iter().collect())
+    }
+}
+
+/// The tables that exist, as leaves need to know them to delete the rows of dropped ones.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveTables {
+    pub generation: u64,
+    /// Every table id handed out is at most this: a stored table with a higher id was created
+    /// after this view (a lagging master's) and must be kept.
+    pub high: u64,
+    /// (id, database, name) of every table.
+    pub tables: Vec<(u64, String, String)>,
 }
 
 /// A change to the catalog, proposed through Raft.
@@ -179,6 +279,10 @@ pub enum Command {
         leaf: Option<LeafId>,
     },
     CommitBatch(BatchCommit),
+    /// A leaf made these committed batches visible: the catalog may forget them.
+    BatchesFinalized {
+        batches: Vec<BatchRef>,
+    },
     /// Ends an epoch so none of its batches can commit any more (batch recovery).
     FenceTask {
         pipeline_id: u64,
@@ -197,6 +301,12 @@ pub enum Command {
     ClearPipelineErrors {
         database: String,
         name: Option<String>,
+    },
+    /// A command with the proposer's request id: applied once, however often it is proposed
+    /// (a proposer whose answer was lost proposes it again and gets the first outcome).
+    Request {
+        id: u64,
+        command: Box<Command>,
     },
 }
 
@@ -221,6 +331,14 @@ impl Catalog {
     /// Applies a committed command. Errors are part of the result, identical on every replica.
     pub fn apply(&mut self, command: Command) -> Result<Output> {
         match command {
+            Command::Request { id, command } => {
+                if let Some(first) = self.requests.get(id) {
+                    return first;
+                }
+                let outcome = self.apply(*command);
+                self.requests.insert(id, outcome.clone());
+                outcome
+            }
             Command::SetVariable { name, value } => {
                 let def = variables::lookup(&name)?;
                 if def.access == variables::Access::ReadOnly {
@@ -316,6 +434,7 @@ impl Catalog {
             Command::DropDatabase { name, if_exists } => {
                 if self.databases.remove(&name).is_some() {
                     self.pipelines.retain(|_, p| p.database != name);
+                    self.table_generation += 1;
                     Ok(Output::Done)
                 } else if if_exists {
                     Ok(Output::Unchanged)
@@ -367,9 +486,10 @@ impl Catalog {
                 Ok(Output::Done)
             }
             Command::CreateTable {
-                table,
+                mut table,
                 if_not_exists,
             } => {
+                let id = self.next_table_id + 1;
                 let db = self.database_mut(&table.database)?;
                 if db.tables.contains_key(&table.name) {
                     return if if_not_exists {
@@ -381,7 +501,10 @@ impl Catalog {
                         })
                     };
                 }
+                table.id = id;
                 db.tables.insert(table.name.clone(), table);
+                self.next_table_id = id;
+                self.table_generation += 1;
                 Ok(Output::Done)
             }
             Command::DropTable {
@@ -401,7 +524,10 @@ impl Catalog {
                 }
                 let db = self.database_mut(&database)?;
                 match db.tables.remove(&name) {
-                    Some(_) => Ok(Output::Done),
+                    Some(_) => {
+                        self.table_generation += 1;
+                        Ok(Output::Done)
+                    }
                     None if if_exists => Ok(Output::Unchanged),
                     None => Err(Error::TableNotFound { database, name }),
                 }
@@ -520,11 +646,26 @@ impl Catalog {
                 self.pipeline_by_id(pipeline_id)?.assign(task_id, leaf)?,
             )),
             Command::CommitBatch(batch) => {
+                let key = batch.batch_ref();
+                if let Some(u) = self.unfinalized.get(&key) {
+                    return Ok(Output::Batch(u.batch_id)); // a retried commit: same answer
+                }
                 let keep = self.variable_u32("pipelines_batches_metadata_to_keep") as usize;
-                Ok(Output::Batch(
-                    self.pipeline_by_id(batch.pipeline_id)?
-                        .commit(batch, keep)?,
-                ))
+                let p = self.pipeline_by_id(batch.pipeline_id)?;
+                let leaf = p
+                    .tasks
+                    .iter()
+                    .find(|t| t.task_id == batch.task_id)
+                    .and_then(|t| t.leaf);
+                let batch_id = p.commit(batch, keep)?;
+                self.unfinalized.insert(key, Unfinalized { batch_id, leaf });
+                Ok(Output::Batch(batch_id))
+            }
+            Command::BatchesFinalized { batches } => {
+                for b in &batches {
+                    self.unfinalized.remove(b);
+                }
+                Ok(Output::Done)
             }
             Command::FenceTask {
                 pipeline_id,
@@ -594,6 +735,8 @@ impl Catalog {
                 return Err(Error::PipelineRunning { name });
             }
         }
+        let table_id = self.next_table_id + 1;
+        let mut created_table = false;
         let db = self.database_mut(&def.database)?;
         match db.tables.get(&def.table) {
             Some(t) => t
@@ -603,8 +746,10 @@ impl Catalog {
                     reason,
                 })?,
             None if def.inferred => {
-                let t = Table::kafka_connect_static(&def.database, &def.table, now_ms);
+                let mut t = Table::kafka_connect_static(&def.database, &def.table, now_ms);
+                t.id = table_id;
                 db.tables.insert(def.table.clone(), t);
+                created_table = true;
             }
             None => {
                 return Err(Error::TableNotFound {
@@ -612,6 +757,10 @@ impl Catalog {
                     name: def.table.clone(),
                 })
             }
+        }
+        if created_table {
+            self.next_table_id = table_id;
+            self.table_generation += 1;
         }
         if let Some(id) = existing {
             if let Some(p) = self.pipelines.get_mut(&id) {
@@ -623,6 +772,30 @@ impl Catalog {
         let id = self.next_pipeline_id;
         self.pipelines.insert(id, Pipeline::new(id, def, now_ms));
         Ok(Output::Pipeline(id))
+    }
+
+    /// The BATCH_ID of a batch if it committed. Final once the batch's epoch is fenced.
+    pub fn committed_batch(&self, b: &BatchRef) -> Option<u64> {
+        if let Some(u) = self.unfinalized.get(b) {
+            return Some(u.batch_id);
+        }
+        self.pipelines
+            .get(&b.pipeline_id)?
+            .committed_batch(b.task_id, b.epoch, b.seq)
+    }
+
+    /// The tables that exist now (what a leaf keeps).
+    pub fn live_tables(&self) -> LiveTables {
+        LiveTables {
+            generation: self.table_generation,
+            high: self.next_table_id,
+            tables: self
+                .databases
+                .values()
+                .flat_map(|d| d.tables.values())
+                .map(|t| (t.id, t.database.clone(), t.name.clone()))
+                .collect(),
+        }
     }
 
     /// The ids of the leaves online now, in id order.
@@ -841,5 +1014,209 @@ mod tests {
         let json = serde_json::to_string(&c).unwrap();
         let back: Catalog = serde_json::from_str(&json).unwrap();
         assert_eq!(back, c);
+    }
+
+    fn pipeline_catalog() -> Catalog {
+        let mut c = with_leaves(1);
+        c.apply(Command::SetVariable {
+            name: "experimental_features_config".into(),
+            value: "kafka_connect_enabled=true".into(),
+        })
+        .unwrap();
+        c.apply(create("d", Some(1))).unwrap();
+        let def = PipelineDef {
+            database: "d".into(),
+            name: "p".into(),
+            connector: "kafka-connector".into(),
+            config: serde_json::Map::new(),
+            credentials: "{}".into(),
+            table: "p".into(),
+            inferred: true,
+            batch_interval_ms: None,
+            max_retries: None,
+            stop_on_error: None,
+        };
+        c.apply(Command::CreatePipeline {
+            def,
+            or_replace: false,
+            if_not_exists: false,
+            now_ms: 3,
+        })
+        .unwrap();
+        c.apply(Command::StartPipeline {
+            database: "d".into(),
+            name: "p".into(),
+            tasks: vec![BTreeMap::new()],
+            if_not_running: false,
+            now_ms: 4,
+        })
+        .unwrap();
+        c
+    }
+
+    fn commit(epoch: u64, seq: u64, from: Option<&str>, to: &str) -> Command {
+        Command::CommitBatch(BatchCommit {
+            pipeline_id: 1,
+            task_id: 0,
+            epoch,
+            seq,
+            offsets: vec![pipelines::OffsetUpdate {
+                key: "k".into(),
+                from: from.map(|f| serde_json::json!(f)),
+                to: serde_json::json!(to),
+                finished: false,
+            }],
+            start_ms: 0,
+            extractor_wait_ms: 0,
+            batch_time_ms: 0,
+            rows: 1,
+            bytes: 1,
+            num_partitions: 1,
+        })
+    }
+
+    #[test]
+    fn a_committed_batch_is_known_until_its_leaf_confirms_whatever_the_pipeline_does() {
+        let mut c = pipeline_catalog();
+        let epoch = match c
+            .apply(Command::AssignTask {
+                pipeline_id: 1,
+                task_id: 0,
+                leaf: Some(LeafId(1)),
+            })
+            .unwrap()
+        {
+            Output::Epoch(e) => e,
+            other => panic!("{other:?}"),
+        };
+        // Two batches of one epoch commit; the first is not yet visible on its leaf.
+        assert_eq!(c.apply(commit(epoch, 5, None, "a")), Ok(Output::Batch(1)));
+        assert_eq!(
+            c.apply(commit(epoch, 6, Some("a"), "b")),
+            Ok(Output::Batch(2))
+        );
+        let first = BatchRef {
+            pipeline_id: 1,
+            task_id: 0,
+            epoch,
+            seq: 5,
+        };
+        assert_eq!(
+            c.committed_batch(&first),
+            Some(1),
+            "not only the epoch's last"
+        );
+        // Stopped, then dropped: still committed, and a retried commit gets its old answer.
+        c.apply(Command::StopPipeline {
+            database: "d".into(),
+            name: "p".into(),
+            if_running: false,
+            now_ms: 5,
+        })
+        .unwrap();
+        c.apply(Command::DropPipeline {
+            database: "d".into(),
+            name: "p".into(),
+            if_exists: false,
+        })
+        .unwrap();
+        assert_eq!(c.committed_batch(&first), Some(1));
+        assert_eq!(c.apply(commit(epoch, 5, None, "a")), Ok(Output::Batch(1)));
+        // The catalog survives a snapshot with them.
+        let json = serde_json::to_string(&c).unwrap();
+        let back: Catalog = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, c);
+        // Confirmed visible: forgotten.
+        c.apply(Command::BatchesFinalized {
+            batches: vec![first],
+        })
+        .unwrap();
+        assert_eq!(c.committed_batch(&first), None);
+        assert_eq!(c.unfinalized.len(), 1);
+    }
+
+    #[test]
+    fn tables_get_ids_that_are_never_reused() {
+        let mut c = pipeline_catalog();
+        let first = c.table("d", "p").unwrap().id;
+        assert!(first > 0);
+        let live = c.live_tables();
+        assert_eq!(live.tables, vec![(first, "d".to_string(), "p".to_string())]);
+        c.apply(Command::StopPipeline {
+            database: "d".into(),
+            name: "p".into(),
+            if_running: false,
+            now_ms: 5,
+        })
+        .unwrap();
+        c.apply(Command::DropPipeline {
+            database: "d".into(),
+            name: "p".into(),
+            if_exists: false,
+        })
+        .unwrap();
+        c.apply(Command::DropTable {
+            database: "d".into(),
+            name: "p".into(),
+            if_exists: false,
+        })
+        .unwrap();
+        let dropped = c.live_tables();
+        assert!(dropped.tables.is_empty());
+        assert!(dropped.generation > live.generation);
+        c.apply(Command::CreateTable {
+            table: Table::kafka_connect_static("d", "p", 6),
+            if_not_exists: false,
+        })
+        .unwrap();
+        let again = c.table("d", "p").unwrap().id;
+        assert!(again > first, "a new table under an old name gets a new id");
+        let before = c.live_tables().generation;
+        c.apply(Command::DropDatabase {
+            name: "d".into(),
+            if_exists: false,
+        })
+        .unwrap();
+        let after = c.live_tables();
+        assert!(after.tables.is_empty() && after.generation > before);
+        assert_eq!(after.high, again);
+    }
+
+    #[test]
+    fn a_request_applies_once_however_often_it_is_proposed() {
+        let mut c = with_leaves(1);
+        let request = |id| Command::Request {
+            id,
+            command: Box::new(create("d", Some(1))),
+        };
+        assert_eq!(c.apply(request(7)), Ok(Output::Done));
+        assert_eq!(
+            c.apply(request(7)),
+            Ok(Output::Done),
+            "the first outcome again"
+        );
+        assert!(matches!(
+            c.apply(request(8)),
+            Err(Error::DatabaseExists { .. })
+        ));
+        // After a snapshot, too.
+        let mut back: Catalog = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back.apply(request(7)), Ok(Output::Done));
+        // Bounded: the oldest outcomes go.
+        for id in 100..100 + REQUESTS_TO_KEEP as u64 {
+            c.apply(Command::Request {
+                id,
+                command: Box::new(Command::SetVariable {
+                    name: "pipelines_batch_interval".into(),
+                    value: "100".into(),
+                }),
+            })
+            .unwrap();
+        }
+        assert_eq!(c.requests.outcomes.len(), REQUESTS_TO_KEEP);
+        assert!(matches!(
+            c.apply(request(7)),
+            Err(Error::DatabaseExists { .. })
+        ));
     }
 }

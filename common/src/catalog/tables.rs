@@ -50,6 +50,12 @@ pub struct Index {
 /// A table.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Table {
+    /// Unique in the cluster and never reused: the leaves store a table's rows under it, so a
+    /// table created again under a dropped one's name starts empty. Assigned by the catalog
+    /// when the table is created; 0 for tables created before ids existed (their rows are
+    /// stored under the table's name).
+    #[serde(default)]
+    pub id: u64,
     pub database: String,
     pub name: String,
     pub columns: Vec<TableColumn>,
@@ -71,6 +77,7 @@ impl Table {
             computed: None,
         };
         Table {
+            id: 0,
             database: database.into(),
             name: name.into(),
             columns: vec![

@@ -582,6 +582,14 @@ impl KinesisTask {
             Some("earliest") => Position::TrimHorizon,
             _ => s.position,
         };
+        // "Latest" as of the moment the catalog fixed the pipeline's start: the same position
+        // however often the task restarts before its first commit. (Records are matched by
+        // their arrival time at Kinesis against the master's clock: skew between the two
+        // moves the start by as much.)
+        let position = match (position, self.committed.start_at_ms) {
+            (Position::Latest, Some(ms)) => Position::AtTimestamp(ms as i64),
+            (p, _) => p,
+        };
         let mut req = client
             .get_shard_iterator()
             .stream_name(&s.stream)
@@ -683,12 +691,14 @@ impl KinesisTask {
                 reader.iterator = out.next_shard_iterator.clone();
                 let last = reader.last_seq.clone().or(committed_seq);
                 // The end of a closed shard: Kinesis says so with a null iterator; emulators
-                // that never do are caught by the shard's ending sequence number (ListShards).
+                // that never do are caught by the shard's ending sequence number (ListShards),
+                // once a record at or past it was read. An empty page alone says nothing: AWS
+                // may answer so before a shard's data, closed or not.
                 let at_end = reader.iterator.is_none()
                     || (got == 0
                         && ending.as_ref().is_some_and(|end| {
                             last.as_ref()
-                                .is_none_or(|l| seq_cmp(l, end) != std::cmp::Ordering::Less)
+                                .is_some_and(|l| seq_cmp(l, end) != std::cmp::Ordering::Less)
                         }));
                 if at_end {
                     reader.finished = true;

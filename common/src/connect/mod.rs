@@ -56,6 +56,9 @@ pub struct CommittedOffsets {
     pub offsets: BTreeMap<String, (Json, bool)>,
     /// `Some("earliest"|"latest")` after `ALTER PIPELINE ... SET OFFSETS EARLIEST|LATEST`.
     pub start_override: Option<String>,
+    /// When the pipeline's start position was fixed (unix ms, the catalog's): "latest" means
+    /// the records that arrived from then on, however often a task starts before it commits.
+    pub start_at_ms: Option<u64>,
 }
 
 impl CommittedOffsets {

@@ -228,6 +228,8 @@ pub struct ClusterSpec {
     pub aggregator_args: Vec<String>,
     /// Extra environment for every leaf (e.g. the Kinesis endpoint).
     pub leaf_env: Vec<(String, String)>,
+    /// Extra environment for every aggregator (fault injection).
+    pub aggregator_env: Vec<(String, String)>,
     /// Serve /metrics on every node.
     pub metrics: bool,
 }
@@ -240,6 +242,7 @@ impl Default for ClusterSpec {
             password: String::new(),
             aggregator_args: vec![],
             leaf_env: vec![],
+            aggregator_env: vec![],
             metrics: false,
         }
     }
@@ -307,7 +310,7 @@ impl Cluster {
                 name,
                 args,
                 program: binary("aggregator"),
-                env: vec![],
+                env: spec.aggregator_env.clone(),
                 child: None,
             });
         }

@@ -7,3 +7,4 @@ mod cluster;
 mod harness;
 mod kinesis;
 mod pipelines;
+mod scenarios;

@@ -81,7 +81,7 @@ pub(crate) fn put_entries(payloads: &[(String, Vec<u8>)]) -> Result<Vec<PutRecor
 }
 
 /// Puts records; returns (shardId, sequenceNumber) of each.
-async fn put_records(
+pub(crate) async fn put_records(
     client: &aws_sdk_kinesis::Client,
     stream: &str,
     payloads: &[(String, Vec<u8>)],
@@ -1020,7 +1020,7 @@ ORDER BY seq;",
     Ok(())
 }
 
-fn datagen_config(per_task: usize) -> String {
+pub(crate) fn datagen_config(per_task: usize) -> String {
     format!(
         "{{\"connector.class\":\"io.shardline.connect.datagen.DatagenSourceConnector\",\"datagen.rate\":0,\"datagen.records\":{per_task},\"tasks.max\":2}}"
     )

@@ -1,0 +1,443 @@
+//! Exactly-once and liveness outside the chaos suite's fault model: sequences that once lost,
+//! doubled or stalled records (each test names the sequence; they failed before their fixes).
+
+use crate::harness::{wait_for, Cluster, ClusterSpec, Moto};
+use crate::pipelines::{
+    assert_exactly_once, count, create_pipeline_sql, create_stream, datagen_config,
+    pipeline_cluster, put_records, runtime, setup, START,
+};
+use anyhow::Result;
+use std::time::Duration;
+
+/// The table ids a leaf stores rows of (its Status call).
+fn stored_tables(c: &Cluster, leaf: usize) -> Option<Vec<u64>> {
+    let addr = c.leaves[leaf].arg("--listen")?.to_string();
+    runtime().block_on(async move {
+        let mut client = proto::leaf_client::LeafClient::connect(format!("http://{addr}"))
+            .await
+            .ok()?;
+        let status = client.status(proto::StatusRequest {}).await.ok()?;
+        Some(status.into_inner().stored_tables)
+    })
+}
+
+/// Creates pipeline `gen` (datagen, two tasks of `per_task` records) into table `gen`.
+fn create_datagen(c: &Cluster, m: usize, db: &str, per_task: usize) -> Result<()> {
+    c.sql(
+        m,
+        &format!(
+            "USE {db}; CREATE INFERRED PIPELINE gen AS LOAD DATA KAFKACONNECT 'datagen' CONFIG '{}' FORMAT AVRO",
+            datagen_config(per_task)
+        ),
+    )?;
+    Ok(())
+}
+
+/// Scenario 1: DROP TABLE and DROP DATABASE delete the rows on every leaf, also on one that
+/// was down during the DROP; a table created again under the same name starts empty. Before,
+/// only the catalog forgot the table: the re-created pipeline's table counted 2N rows.
+#[test]
+fn a_dropped_table_or_database_never_comes_back() -> Result<()> {
+    let mut c = Cluster::start(ClusterSpec {
+        aggregators: 1,
+        ..Default::default()
+    })?;
+    let m = c.wait_for_master(START)?;
+    c.wait_for_leaves_online(m, 2, START)?;
+    setup(&c, m, "dropped")?;
+    let per_task = 100;
+    create_datagen(&c, m, "dropped", per_task)?;
+    c.sql(m, "USE dropped; START PIPELINE gen FOREGROUND")?;
+    assert_eq!(count(&c, m, "dropped", "gen"), Some(2 * per_task));
+    let first = stored_tables(&c, 0).unwrap_or_default();
+
+    c.sql(m, "USE dropped; DROP PIPELINE gen; DROP TABLE gen")?;
+    create_datagen(&c, m, "dropped", per_task)?;
+    c.sql(m, "USE dropped; START PIPELINE gen FOREGROUND")?;
+    assert_eq!(
+        count(&c, m, "dropped", "gen"),
+        Some(2 * per_task),
+        "a table created again under a dropped one's name shows only its own rows"
+    );
+    // The first table's rows are gone from the disks, not just hidden.
+    wait_for("the dropped table's storage to go", START, || {
+        let now: Vec<u64> = (0..2)
+            .flat_map(|l| stored_tables(&c, l).unwrap_or_default())
+            .collect();
+        (!first.is_empty() && first.iter().all(|id| !now.contains(id))).then_some(())
+    })?;
+
+    // DROP DATABASE while leaf 2 is down: it deletes its rows when it returns.
+    c.leaves[1].kill();
+    let held = stored_tables(&c, 0).unwrap_or_default();
+    c.sql(m, "DROP DATABASE dropped")?;
+    c.leaves[1].start()?;
+    c.wait_for_leaves_online(m, 2, START)?;
+    c.sql(m, "CREATE DATABASE dropped")?;
+    create_datagen(&c, m, "dropped", per_task)?;
+    c.sql(m, "USE dropped; START PIPELINE gen FOREGROUND")?;
+    assert_eq!(
+        count(&c, m, "dropped", "gen"),
+        Some(2 * per_task),
+        "a database created again under a dropped one's name shows only its own rows"
+    );
+    wait_for("the dropped database's storage to go", START, || {
+        let now: Vec<u64> = (0..2)
+            .flat_map(|l| stored_tables(&c, l).unwrap_or_default())
+            .collect();
+        (now.len() == 2 && held.iter().all(|id| !now.contains(id))).then_some(())
+    })?;
+    assert!(c.leaves[1]
+        .log_text()
+        .contains("removed the storage of dropped tables"));
+    Ok(())
+}
+
+/// Scenario 4: a batch the master committed stays in the table when the pipeline is dropped
+/// before its leaf (dead between commit and finalize) returns. Before, the returning leaf
+/// heard "not committed" (the pipeline was gone) and deleted rows the table had counted.
+#[test]
+fn a_committed_batch_survives_drop_pipeline() -> Result<()> {
+    let mut c = Cluster::start(ClusterSpec {
+        aggregators: 1,
+        ..Default::default()
+    })?;
+    let m = c.wait_for_master(START)?;
+    c.wait_for_leaves_online(m, 2, START)?;
+    c.leaves[1].kill();
+    c.leaves[1].set_env("SHARDLINE_TEST_EXIT_BEFORE_FINALIZE", Some("1"));
+    c.leaves[1].start()?;
+    c.wait_for_leaves_online(m, 2, START)?;
+    setup(&c, m, "dropp")?;
+    create_datagen(&c, m, "dropp", 100)?;
+    c.sql(m, "USE dropp; START PIPELINE gen")?;
+    wait_for(
+        "the leaf to exit after its commit",
+        Duration::from_secs(30),
+        || (!c.leaves[1].is_running()).then_some(()),
+    )?;
+    wait_for("both tasks' offsets", Duration::from_secs(30), || {
+        c.sql(
+            m,
+            "SELECT COUNT(*) FROM information_schema.PIPELINES_SOURCE_OFFSETS WHERE PIPELINE_NAME = 'gen'",
+        )
+        .ok()
+        .and_then(|o| (o.rows[0][0] == "2").then_some(()))
+    })?;
+    c.sql(m, "USE dropp; STOP PIPELINE gen; DROP PIPELINE gen")?;
+    c.leaves[1].set_env("SHARDLINE_TEST_EXIT_BEFORE_FINALIZE", None);
+    c.leaves[1].start()?;
+    wait_for("all 200 rows", Duration::from_secs(30), || {
+        let n = count(&c, m, "dropp", "gen");
+        assert!(matches!(n, None | Some(200)), "a short answer: {n:?}");
+        n.map(|_| ())
+    })?;
+    Ok(())
+}
+
+/// Scenario 2: transient source errors, many more than the retry budget over the pipeline's
+/// life, with STOP_ON_ERROR OFF: every record loads exactly once and the pipeline stays
+/// Running. Before, the budget never reset: the second failure of a task (days apart or not)
+/// was fatal, and the task then waited forever while the pipeline showed Running.
+#[test]
+fn transient_errors_spread_over_time_never_park_a_task() -> Result<()> {
+    let sim = Moto::sim(&["--error-rate", "0.1"])?;
+    let rt = runtime();
+    let kinesis = sim.client();
+    let (c, m) = pipeline_cluster(
+        &sim,
+        ClusterSpec {
+            aggregators: 1,
+            leaves: 1,
+            ..Default::default()
+        },
+        "budget",
+    )?;
+    // The simulator fails calls at random, the test's own too: retry them.
+    rt.block_on(async {
+        for _ in 0..50 {
+            match kinesis
+                .create_stream()
+                .stream_name("budget-stream")
+                .shard_count(2)
+                .send()
+                .await
+            {
+                Ok(_) => break,
+                Err(e) if format!("{e:?}").contains("ResourceInUse") => break,
+                Err(_) => continue,
+            }
+        }
+    });
+    wait_for("the stream to be ACTIVE", START, || {
+        rt.block_on(
+            kinesis
+                .describe_stream_summary()
+                .stream_name("budget-stream")
+                .send(),
+        )
+        .ok()
+        .filter(|s| {
+            s.stream_description_summary()
+                .is_some_and(|d| d.stream_status().as_str() == "ACTIVE")
+        })
+        .map(|_| ())
+    })?;
+    c.sql(
+        m,
+        &format!(
+            "USE budget; {}",
+            create_pipeline_sql("budget_pipeline", "budget-stream", 2)
+        ),
+    )?;
+    c.sql(
+        m,
+        "USE budget; ALTER PIPELINE budget_pipeline SET MAX_RETRIES_PER_BATCH_PARTITION 1; ALTER PIPELINE budget_pipeline SET STOP_ON_ERROR OFF",
+    )?;
+    c.sql(m, "USE budget; START PIPELINE budget_pipeline")?;
+    let mut put = Vec::new();
+    for round in 0..20 {
+        let payloads: Vec<(String, Vec<u8>)> = (0..20)
+            .map(|i| (format!("k{round}-{i}"), format!("{round}-{i}").into_bytes()))
+            .collect();
+        loop {
+            match rt.block_on(put_records(&kinesis, "budget-stream", &payloads)) {
+                Ok(p) => {
+                    put.extend(p);
+                    break;
+                }
+                Err(_) => continue, // an injected failure: nothing was put
+            }
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let errors = |c: &Cluster| -> usize {
+        c.sql(m, "SELECT COUNT(*) FROM information_schema.PIPELINES_ERRORS WHERE PIPELINE_NAME = 'budget_pipeline'")
+            .ok()
+            .and_then(|o| o.rows[0][0].parse().ok())
+            .unwrap_or(0)
+    };
+    wait_for(
+        &format!("{} rows", put.len()),
+        Duration::from_secs(60),
+        || (count(&c, m, "budget", "budget_pipeline")? >= put.len()).then_some(()),
+    )
+    .inspect_err(|_| c.failed())?;
+    println!("errors recorded: {}", errors(&c));
+    assert!(
+        errors(&c) >= 3,
+        "the source failed more often than a lifetime budget of 1 retry allows"
+    );
+    assert_exactly_once(&c, m, "budget", "budget_pipeline", &put)?;
+    let state = c
+        .sql(m, "SELECT STATE FROM information_schema.PIPELINES WHERE PIPELINE_NAME = 'budget_pipeline'")?
+        .rows;
+    assert_eq!(state, vec![vec!["Running".to_string()]]);
+    Ok(())
+}
+
+/// Scenario 6: a closed shard whose first pages are empty (AWS may answer so before data) is
+/// read to its end before its children; only a null NextShardIterator ends it. Before, an
+/// empty first page of a closed shard marked it finished unread, losing its records.
+#[test]
+fn a_closed_shard_with_empty_first_pages_is_read_whole() -> Result<()> {
+    let sim = Moto::sim(&["--empty-pages", "3"])?;
+    let rt = runtime();
+    let kinesis = sim.client();
+    let (c, m) = pipeline_cluster(
+        &sim,
+        ClusterSpec {
+            aggregators: 1,
+            leaves: 1,
+            ..Default::default()
+        },
+        "empty",
+    )?;
+    rt.block_on(create_stream(&kinesis, "empty-stream", 1))?;
+    let batch = |from: usize| -> Vec<(String, Vec<u8>)> {
+        (from..from + 100)
+            .map(|i| (format!("key-{i}"), format!("{i}").into_bytes()))
+            .collect()
+    };
+    let mut put = rt.block_on(put_records(&kinesis, "empty-stream", &batch(0)))?;
+    // Closed before the pipeline ever reads it.
+    rt.block_on(async {
+        kinesis
+            .split_shard()
+            .stream_name("empty-stream")
+            .shard_to_split("shardId-000000000000")
+            .new_starting_hash_key("170141183460469231731687303715884105728")
+            .send()
+            .await
+    })?;
+    put.extend(rt.block_on(put_records(&kinesis, "empty-stream", &batch(100)))?);
+    c.sql(
+        m,
+        &format!(
+            "USE empty; {}",
+            create_pipeline_sql("empty_pipeline", "empty-stream", 2)
+        ),
+    )?;
+    c.sql(m, "USE empty; START PIPELINE empty_pipeline")?;
+    wait_for(
+        &format!("{} rows", put.len()),
+        Duration::from_secs(60),
+        || (count(&c, m, "empty", "empty_pipeline")? >= put.len()).then_some(()),
+    )
+    .inspect_err(|_| c.failed())?;
+    std::thread::sleep(Duration::from_secs(1));
+    assert_exactly_once(&c, m, "empty", "empty_pipeline", &put)?;
+    Ok(())
+}
+
+/// Scenario 10: the master stops answering (frozen: its calls time out, as when it is cut off
+/// from the network). Leaves move to the new master soon after the election, and ingestion
+/// goes on while the old one is still frozen. Before, a leaf took the timeout (`CANCELLED`) as
+/// a final answer and kept calling the old master: the new one declared every leaf offline,
+/// ingestion stopped and every query failed until the old master came back.
+#[test]
+fn leaves_follow_the_new_master_while_the_old_one_is_frozen() -> Result<()> {
+    let mut c = Cluster::start(ClusterSpec::default())?;
+    let m = c.wait_for_master(START)?;
+    c.wait_for_leaves_online(m, 2, START)?;
+    setup(&c, m, "frozen")?;
+    c.sql(
+        m,
+        "USE frozen; CREATE INFERRED PIPELINE gen AS LOAD DATA KAFKACONNECT 'datagen' CONFIG '{\"connector.class\":\"io.shardline.connect.datagen.DatagenSourceConnector\",\"datagen.rate\":200,\"datagen.records\":1000000,\"tasks.max\":2}' FORMAT AVRO",
+    )?;
+    c.sql(m, "USE frozen; START PIPELINE gen")?;
+    wait_for("rows", START, || {
+        (count(&c, m, "frozen", "gen")? > 0).then_some(())
+    })?;
+    let pid = c.aggregators[m].pid().expect("master pid");
+    crate::harness::signal(pid, "STOP")?;
+    let frozen_at = std::time::Instant::now();
+    let others: Vec<usize> = (0..c.aggregators.len()).filter(|i| *i != m).collect();
+    let result = (|| -> Result<()> {
+        let new = wait_for("a new master", START, || {
+            let seen: Vec<Option<usize>> = others.iter().map(|i| c.master_seen_by(*i)).collect();
+            let first = seen.first().copied().flatten()?;
+            (first != m + 1 && seen.iter().all(|s| *s == Some(first))).then_some(first - 1)
+        })?;
+        let elected = frozen_at.elapsed();
+        let before = wait_for(
+            "a full count on the new master",
+            Duration::from_secs(10),
+            || count(&c, new, "frozen", "gen"),
+        )?;
+        wait_for(
+            "ingestion on the new master",
+            Duration::from_secs(10),
+            || (count(&c, new, "frozen", "gen")? > before).then_some(()),
+        )?;
+        println!(
+            "master frozen: new master after {elected:?}, ingestion going on after {:?}",
+            frozen_at.elapsed()
+        );
+        c.wait_for_leaves_online(new, 2, Duration::from_secs(1))?;
+        Ok(())
+    })();
+    crate::harness::signal(pid, "CONT")?;
+    let resumed = std::time::Instant::now();
+    result.inspect_err(|_| c.failed())?;
+    let m = c.wait_for_master(START)?;
+    // The old master comes back with a stale view (scenario 12): queries may fail until the
+    // group settles; they must come back.
+    wait_for("a full count after the old master resumed", START, || {
+        count(&c, m, "frozen", "gen")
+    })?;
+    println!(
+        "full counts again {:?} after the old master resumed",
+        resumed.elapsed()
+    );
+    c.sql(m, "USE frozen; STOP PIPELINE gen")?;
+    let rows = c
+        .sql(m, "SELECT COUNT(*), COUNT(DISTINCT record) FROM frozen.gen")?
+        .rows;
+    assert_eq!(rows[0][0], rows[0][1], "no record twice");
+    Ok(())
+}
+
+/// Scenario 5: a pipeline that starts at LATEST keeps the start position it took, however often
+/// its task restarts before the first commit. Before, every restart asked Kinesis for LATEST
+/// again, and the records that arrived while the task was down were skipped.
+#[test]
+fn latest_is_decided_once_however_often_the_task_restarts() -> Result<()> {
+    let sim = Moto::sim(&[])?;
+    let rt = runtime();
+    let kinesis = sim.client();
+    let (mut c, m) = pipeline_cluster(
+        &sim,
+        ClusterSpec {
+            aggregators: 1,
+            leaves: 1,
+            ..Default::default()
+        },
+        "latest",
+    )?;
+    rt.block_on(create_stream(&kinesis, "latest-stream", 1))?;
+    let batch = |tag: &str| -> Vec<(String, Vec<u8>)> {
+        (0..30)
+            .map(|i| (format!("{tag}-{i}"), format!("{tag}-{i}").into_bytes()))
+            .collect()
+    };
+    // Before the pipeline starts: not its to read.
+    rt.block_on(put_records(&kinesis, "latest-stream", &batch("before")))?;
+    let sql = create_pipeline_sql("latest_pipeline", "latest-stream", 1).replace(
+        "\"tasks.max\": 1",
+        "\"tasks.max\": 1, \"kinesis.position\": \"LATEST\"",
+    );
+    assert!(sql.contains("LATEST"));
+    c.sql(m, &format!("USE latest; {sql}"))?;
+    c.sql(m, "USE latest; START PIPELINE latest_pipeline")?;
+    wait_for("the task to start", START, || {
+        c.leaves[0]
+            .log_text()
+            .contains("starting task")
+            .then_some(())
+    })?;
+    // Time for the task to take its position (nothing to commit: no record yet).
+    std::thread::sleep(Duration::from_secs(1));
+    c.leaves[0].kill();
+    let mut put = rt.block_on(put_records(&kinesis, "latest-stream", &batch("between")))?;
+    c.leaves[0].start()?;
+    c.wait_for_leaves_online(m, 1, START)?;
+    put.extend(rt.block_on(put_records(&kinesis, "latest-stream", &batch("after")))?);
+    wait_for(
+        &format!("{} rows", put.len()),
+        Duration::from_secs(30),
+        || (count(&c, m, "latest", "latest_pipeline")? >= put.len()).then_some(()),
+    )
+    .inspect_err(|_| c.failed())?;
+    std::thread::sleep(Duration::from_secs(1));
+    assert_exactly_once(&c, m, "latest", "latest_pipeline", &put)?;
+    Ok(())
+}
+
+/// Scenario 9: the master applies a forwarded CREATE DATABASE and dies before it answers. The
+/// follower proposes it again at the new master under the same request id and the client
+/// hears the first outcome: OK. Before, the retry ran again and answered "database exists"
+/// for a statement that had taken effect.
+#[test]
+fn a_write_retried_after_its_master_died_gets_its_first_outcome() -> Result<()> {
+    let flags = tempfile::tempdir()?;
+    let flag = flags.path().join("fired");
+    let mut c = Cluster::start(ClusterSpec {
+        aggregator_env: vec![(
+            "SHARDLINE_TEST_EXIT_AFTER_FORWARDED_CREATE_DATABASE".into(),
+            flag.to_string_lossy().into(),
+        )],
+        ..Default::default()
+    })?;
+    let m = c.wait_for_master(START)?;
+    c.wait_for_leaves_online(m, 2, START)?;
+    let follower = (m + 1) % c.aggregators.len();
+    let created = c.sql(follower, "CREATE DATABASE idem");
+    assert!(flag.exists(), "the master applied the write and exited");
+    assert!(!c.aggregators[m].is_running(), "the old master is gone");
+    created.inspect_err(|_| c.failed())?;
+    let m = c.wait_for_master(START)?;
+    let dbs = c.sql(m, "SHOW DATABASES")?.rows;
+    assert_eq!(dbs.iter().filter(|r| r[0] == "idem").count(), 1, "{dbs:?}");
+    Ok(())
+}
