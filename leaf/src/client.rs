@@ -40,11 +40,20 @@ impl CallError {
     }
 }
 
+/// How often an open connection to an aggregator is checked with an HTTP/2 ping, and how long
+/// a ping may go unanswered: an aggregator that is cut off or frozen is left within about a
+/// second, whatever the call's own timeout (a commit may legitimately wait on Raft longer).
+const KEEPALIVE_INTERVAL: Duration = Duration::from_millis(250);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_millis(750);
+
 fn connect(addr: &str, timeout: Duration) -> Option<AggregatorClient<Channel>> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).ok()?;
     Some(AggregatorClient::new(
         endpoint
             .connect_timeout(Duration::from_millis(500))
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
             .timeout(timeout)
             .connect_lazy(),
     ))

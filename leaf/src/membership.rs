@@ -57,8 +57,9 @@ impl Membership {
 /// would be declared offline by the new master, and its tasks moved, though it never left.
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
 
-/// How long one heartbeat call may take.
-const HEARTBEAT_CALL_TIMEOUT: Duration = Duration::from_millis(700);
+/// How long one heartbeat call may take (a frozen or cut-off master is noticed sooner, by
+/// the connection's keepalive: see `client`).
+const HEARTBEAT_CALL_TIMEOUT: Duration = Duration::from_millis(1500);
 
 pub async fn heartbeat_loop(
     config: LeafConfig,

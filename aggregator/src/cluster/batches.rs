@@ -192,8 +192,11 @@ pub fn assignments(catalog: &Catalog, leaf: LeafId) -> Vec<proto::TaskAssignment
 /// The tables that exist, for a leaf that last applied `generation` (`None` if that is the
 /// catalog's: the leaf is up to date).
 pub fn live_tables(catalog: &Catalog, generation: u64) -> Option<proto::LiveTables> {
+    if catalog.table_generation == generation {
+        return None; // the common case: built only when the leaf needs it
+    }
     let live = catalog.live_tables();
-    (live.generation != generation).then(|| proto::LiveTables {
+    Some(proto::LiveTables {
         generation: live.generation,
         high: live.high,
         tables: live

@@ -5,11 +5,22 @@ use proto::leaf_client::LeafClient;
 use std::time::Duration;
 use tonic::transport::Channel;
 
-/// A client for one leaf (lazy connection, bounded timeouts).
+/// How often an open connection to a leaf is checked with an HTTP/2 ping.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a ping may go unanswered before the connection counts as dead. With
+/// [`KEEPALIVE_INTERVAL`] this bounds how long a call to a leaf that is cut off or frozen hangs
+/// (about 3 s), however long the call itself may take on a leaf that answers (a big scan).
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A client for one leaf (lazy connection, bounded timeouts: `timeout` for the whole call, a
+/// few seconds for a leaf that stops answering).
 pub fn client(address: &str, timeout: Duration) -> Result<LeafClient<Channel>, String> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
         .map_err(|e| format!("bad leaf address {address}: {e}"))?
         .connect_timeout(Duration::from_millis(500))
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
         .timeout(timeout);
     Ok(LeafClient::new(endpoint.connect_lazy())
         .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)

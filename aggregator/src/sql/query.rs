@@ -457,10 +457,13 @@ impl TableProvider for ClusterTable {
                     .await
                     .map(|r| r.into_inner().arrow_ipc)
                     .map_err(|s| {
-                        DataFusionError::Execution(format!(
-                            "scan on leaf {addr} failed: {}",
-                            s.message()
-                        ))
+                        DataFusionError::Execution(match s.code() {
+                            tonic::Code::Unavailable | tonic::Code::Cancelled => format!(
+                                "scan on leaf {addr} failed: the leaf is unreachable or not answering ({})",
+                                s.message()
+                            ),
+                            _ => format!("scan on leaf {addr} failed: {}", s.message()),
+                        })
                     })?;
                 common::arrow::decode_ipc(&bytes).map_err(|e| {
                     DataFusionError::Execution(format!("bad batch from leaf {addr}: {e}"))

@@ -441,3 +441,39 @@ fn a_write_retried_after_its_master_died_gets_its_first_outcome() -> Result<()> 
     assert_eq!(dbs.iter().filter(|r| r[0] == "idem").count(), 1, "{dbs:?}");
     Ok(())
 }
+
+/// Scenario 11: a query in flight when a leaf stops answering (frozen, as when it is cut off)
+/// fails within a few seconds with an error naming the leaf. Before, it hung for the scan's
+/// 60 s timeout.
+#[test]
+fn a_query_to_a_leaf_that_stops_answering_fails_fast() -> Result<()> {
+    let mut c = Cluster::start(ClusterSpec {
+        aggregators: 1,
+        ..Default::default()
+    })?;
+    let m = c.wait_for_master(START)?;
+    c.wait_for_leaves_online(m, 2, START)?;
+    setup(&c, m, "cut")?;
+    create_datagen(&c, m, "cut", 100)?;
+    c.sql(m, "USE cut; START PIPELINE gen FOREGROUND")?;
+    assert_eq!(count(&c, m, "cut", "gen"), Some(200));
+    let pid = c.leaves[1].pid().expect("leaf pid");
+    crate::harness::signal(pid, "STOP")?;
+    let asked = std::time::Instant::now();
+    let answer = c.sql(m, "SELECT COUNT(*) FROM cut.gen");
+    let took = asked.elapsed();
+    crate::harness::signal(pid, "CONT")?;
+    println!("a query to a frozen leaf answered after {took:?}: {answer:?}");
+    let err = answer.expect_err("a frozen leaf cannot answer");
+    let leaf = c.leaves[1].arg("--listen").unwrap_or_default().to_string();
+    assert!(
+        err.to_string().contains(&leaf),
+        "the error names the leaf: {err}"
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "the query failed after {took:?}: past the documented bound (about 3 s)"
+    );
+    c.leaves[1].kill();
+    Ok(())
+}
