@@ -657,13 +657,17 @@ impl SqlEngine {
     }
 
     /// Plans the tasks on a leaf (the connector may ask its source) and starts the pipeline.
-    /// Returns the BATCH_ID the run starts at.
+    /// Returns where the run starts: its first BATCH_ID and the rows loaded before it.
     async fn start_pipeline(
         &self,
         db: &str,
         name: &str,
         if_not_running: bool,
-    ) -> Result<u64, SqlError> {
+    ) -> Result<RunStart, SqlError> {
+        let start = |p: &common::catalog::pipelines::Pipeline| RunStart {
+            batch_id: p.next_batch_id,
+            rows: p.rows_loaded,
+        };
         self.require_feature()?;
         let (pipeline, leaves) = self.raft().read_catalog(|c| {
             c.pipeline(db, name)
@@ -671,7 +675,7 @@ impl SqlEngine {
         })?;
         if pipeline.state == PipelineState::Running {
             if if_not_running {
-                return Ok(pipeline.next_batch_id);
+                return Ok(start(&pipeline));
             }
             return Err(common::Error::PipelineRunning { name: name.into() }.into());
         }
@@ -687,7 +691,7 @@ impl SqlEngine {
             now_ms: now_ms(),
         })
         .await?;
-        Ok(pipeline.next_batch_id)
+        Ok(start(&pipeline))
     }
 
     async fn plan_on_leaf(
@@ -756,9 +760,10 @@ impl SqlEngine {
         &self,
         db: &str,
         name: &str,
-        from_batch: u64,
+        run: RunStart,
         limit: Option<u64>,
     ) -> Result<QueryOutput, SqlError> {
+        let from_batch = run.batch_id;
         // Idle: no batch for a max batch interval plus 3 s, and longer than a dead leaf can
         // go unnoticed (its tasks move only after the heartbeat timeout).
         let idle_after = Duration::from_millis(
@@ -776,11 +781,10 @@ impl SqlEngine {
             let (state, batches, rows, error, moving, all_ended) =
                 self.raft().read_catalog(|c| {
                     c.pipeline(db, name).map(|p| {
-                        let new: Vec<_> = p
-                            .batches
-                            .iter()
-                            .filter(|b| b.batch_id >= from_batch)
-                            .collect();
+                        // Counted from the totals, not the bounded batch history: a run may
+                        // have more batches than pipelines_batches_metadata_to_keep.
+                        let batches = p.next_batch_id.saturating_sub(from_batch) as usize;
+                        let rows = p.rows_loaded.saturating_sub(run.rows);
                         // A task without a live leaf (lost, being moved) is not idle: wait for it.
                         let moving = p.tasks.iter().any(|t| {
                             t.epoch == 0
@@ -804,8 +808,8 @@ impl SqlEngine {
                             });
                         (
                             p.state,
-                            new.len(),
-                            new.iter().map(|b| b.rows).sum::<u64>(),
+                            batches,
+                            rows,
                             p.errors.back().map(|e| e.message.clone()),
                             moving,
                             all_ended,
@@ -977,6 +981,13 @@ fn parse_offsets(text: &str) -> Result<Vec<(String, Json)>, SqlError> {
         _ => return Err(bad_args("OFFSETS must be a JSON object or array")),
     }
     Ok(out)
+}
+
+/// Where a pipeline run starts: its first BATCH_ID and the rows loaded before it.
+#[derive(Debug, Clone, Copy)]
+struct RunStart {
+    batch_id: u64,
+    rows: u64,
 }
 
 #[cfg(test)]

@@ -127,6 +127,10 @@ pub struct Pipeline {
     /// it commits (deciding "latest" again at each start would skip what came in between).
     #[serde(default)]
     pub start_ms: Option<u64>,
+    /// Rows of every batch committed so far (not bounded like `batches`): FOREGROUND counts
+    /// a run's rows from it, however many batches the run has.
+    #[serde(default)]
+    pub rows_loaded: u64,
 }
 
 /// How many errors a pipeline keeps.
@@ -246,6 +250,7 @@ impl Pipeline {
             errors: VecDeque::new(),
             next_error_id: 1,
             start_ms: None,
+            rows_loaded: 0,
         };
         p.redefine(def, now_ms);
         p
@@ -393,6 +398,7 @@ impl Pipeline {
         }
         let batch_id = self.next_batch_id;
         self.next_batch_id += 1;
+        self.rows_loaded += b.rows;
         for u in b.offsets {
             self.offsets.insert(
                 u.key,

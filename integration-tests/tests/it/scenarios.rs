@@ -477,3 +477,38 @@ fn a_query_to_a_leaf_that_stops_answering_fails_fast() -> Result<()> {
     c.leaves[1].kill();
     Ok(())
 }
+
+/// Bounds: START PIPELINE ... FOREGROUND LIMIT n BATCHES with n above
+/// `pipelines_batches_metadata_to_keep` stops after n batches. Before, it counted the bounded
+/// batch history, never reached n, and ran until the source was exhausted.
+#[test]
+fn foreground_limit_counts_past_the_kept_batch_history() -> Result<()> {
+    let mut c = Cluster::start(ClusterSpec {
+        aggregators: 1,
+        leaves: 1,
+        ..Default::default()
+    })?;
+    let m = c.wait_for_master(START)?;
+    c.wait_for_leaves_online(m, 1, START)?;
+    setup(&c, m, "limit")?;
+    c.sql(m, "SET GLOBAL pipelines_batches_metadata_to_keep = 3")?;
+    c.sql(m, "SET GLOBAL pipelines_extractor_batch_size = 10")?;
+    let per_task = 5000;
+    create_datagen(&c, m, "limit", per_task)?;
+    c.sql(
+        m,
+        "USE limit; START PIPELINE gen FOREGROUND LIMIT 8 BATCHES",
+    )?;
+    let rows = count(&c, m, "limit", "gen").unwrap_or(0);
+    println!("FOREGROUND LIMIT 8 BATCHES of at most 10 rows loaded {rows} rows");
+    assert!(rows >= 8, "at least 8 batches: {rows} rows");
+    assert!(
+        rows < 2 * per_task,
+        "stopped after the limit, not at the source's end: {rows} rows"
+    );
+    let kept = c
+        .sql(m, "SELECT COUNT(*) FROM information_schema.PIPELINES_BATCHES_SUMMARY WHERE PIPELINE_NAME = 'gen'")?
+        .rows;
+    assert_eq!(kept[0][0], "3", "the history stays bounded");
+    Ok(())
+}
