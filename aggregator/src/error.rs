@@ -24,6 +24,8 @@ pub enum Error {
     Forward(String),
     #[error("the master did not confirm the write ({0}); it may or may not have been applied")]
     CommitUnknown(String),
+    #[error("this aggregator is not in contact with a master aggregator (none confirmed within {0:?}); its view of the cluster may be stale: retry, or connect to another aggregator")]
+    NoMasterContact(std::time::Duration),
     #[error(transparent)]
     Catalog(#[from] common::Error),
     #[error("raft: {0}")]
@@ -70,7 +72,8 @@ impl From<Error> for tonic::Status {
             | Error::Shutdown
             | Error::ProposalLost
             | Error::Forward(_)
-            | Error::CommitUnknown(_) => tonic::Status::unavailable(e.to_string()),
+            | Error::CommitUnknown(_)
+            | Error::NoMasterContact(_) => tonic::Status::unavailable(e.to_string()),
             Error::Catalog(common::Error::LeafNotFound { .. }) => {
                 tonic::Status::not_found(e.to_string())
             }

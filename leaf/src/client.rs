@@ -43,8 +43,8 @@ impl CallError {
 /// How often an open connection to an aggregator is checked with an HTTP/2 ping, and how long
 /// a ping may go unanswered: an aggregator that is cut off or frozen is left within about a
 /// second, whatever the call's own timeout (a commit may legitimately wait on Raft longer).
-const KEEPALIVE_INTERVAL: Duration = Duration::from_millis(250);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_millis(750);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_millis(500);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_millis(1000);
 
 fn connect(addr: &str, timeout: Duration) -> Option<AggregatorClient<Channel>> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).ok()?;
@@ -60,11 +60,17 @@ fn connect(addr: &str, timeout: Duration) -> Option<AggregatorClient<Channel>> {
 }
 
 /// Whether a failed call says nothing about the request but that this aggregator did not
-/// answer it (down, cut off, frozen, or not the master): try another one.
+/// answer it (down, cut off, frozen, a connection that died under it, or not the master): try
+/// another one. Every call a leaf makes to the master may be repeated (commits, finalize
+/// confirmations and registration are idempotent; a heartbeat or an error report twice is
+/// harmless).
 fn try_elsewhere(code: tonic::Code) -> bool {
     matches!(
         code,
-        tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+        tonic::Code::Unavailable
+            | tonic::Code::Cancelled
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Unknown
     )
 }
 
@@ -88,13 +94,26 @@ impl MasterClient {
         self.current.as_ref().map(|(a, _)| a.as_str())
     }
 
-    fn client(&mut self, addr: Option<String>) -> Option<AggregatorClient<Channel>> {
-        if let Some(addr) = addr {
+    /// The client to call next: the hinted aggregator, the current one, or the next address,
+    /// avoiding those that did not answer in time during this call (a frozen old master that
+    /// followers still name until they notice) while another one is left to try.
+    fn client(
+        &mut self,
+        addr: Option<String>,
+        silent: &[String],
+    ) -> Option<AggregatorClient<Channel>> {
+        if let Some(addr) = addr.filter(|a| !silent.contains(a)) {
             self.current = connect(&addr, self.timeout).map(|c| (addr, c));
         }
         if self.current.is_none() {
-            let addr = self.addresses[self.next % self.addresses.len()].clone();
-            self.next += 1;
+            let mut addr = String::new();
+            for _ in 0..self.addresses.len() {
+                addr = self.addresses[self.next % self.addresses.len()].clone();
+                self.next += 1;
+                if !silent.contains(&addr) {
+                    break;
+                }
+            }
             self.current = connect(&addr, self.timeout).map(|c| (addr, c));
         }
         self.current.as_ref().map(|(_, c)| c.clone())
@@ -108,14 +127,19 @@ impl MasterClient {
     {
         let mut hint = None;
         let mut last = String::from("no attempt");
+        let mut silent: Vec<String> = Vec::new();
         for _ in 0..self.addresses.len() + 3 {
-            let Some(client) = self.client(hint.take()) else {
+            let Some(client) = self.client(hint.take(), &silent) else {
                 self.current = None;
                 continue;
             };
             match f(client).await {
                 Ok(r) => return Ok(r.into_inner()),
                 Err(status) if try_elsewhere(status.code()) => {
+                    if status.code() != tonic::Code::Unavailable {
+                        // It took the whole timeout: do not wait on it again in this call.
+                        silent.extend(self.target().map(String::from));
+                    }
                     hint = status
                         .metadata()
                         .get(proto::LEADER_HINT_METADATA)

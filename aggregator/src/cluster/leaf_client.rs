@@ -5,23 +5,38 @@ use proto::leaf_client::LeafClient;
 use std::time::Duration;
 use tonic::transport::Channel;
 
-/// How often an open connection to a leaf is checked with an HTTP/2 ping.
+/// How often a scan's connection to a leaf is checked with an HTTP/2 ping.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a ping may go unanswered before the connection counts as dead. With
-/// [`KEEPALIVE_INTERVAL`] this bounds how long a call to a leaf that is cut off or frozen hangs
-/// (about 3 s), however long the call itself may take on a leaf that answers (a big scan).
-pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// [`KEEPALIVE_INTERVAL`] this bounds how long a scan of a leaf that is cut off or frozen hangs
+/// (about 5 s), however long the scan itself takes on a leaf that answers. Not shorter: a
+/// leaf busy on a loaded machine must not look dead.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(4);
 
-/// A client for one leaf (lazy connection, bounded timeouts: `timeout` for the whole call, a
-/// few seconds for a leaf that stops answering).
+/// A client for one leaf (lazy connection, `timeout` for the whole call).
 pub fn client(address: &str, timeout: Duration) -> Result<LeafClient<Channel>, String> {
+    with_endpoint(address, |e| e.timeout(timeout))
+}
+
+/// A client for scans: `timeout` for the whole call, and a few seconds for a leaf that stops
+/// answering ([`KEEPALIVE_TIMEOUT`]), so a query fails fast instead of hanging on it.
+pub fn scan_client(address: &str, timeout: Duration) -> Result<LeafClient<Channel>, String> {
+    with_endpoint(address, |e| {
+        e.timeout(timeout)
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
+    })
+}
+
+fn with_endpoint(
+    address: &str,
+    configure: impl FnOnce(tonic::transport::Endpoint) -> tonic::transport::Endpoint,
+) -> Result<LeafClient<Channel>, String> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
         .map_err(|e| format!("bad leaf address {address}: {e}"))?
-        .connect_timeout(Duration::from_millis(500))
-        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(true)
-        .timeout(timeout);
+        .connect_timeout(Duration::from_millis(500));
+    let endpoint = configure(endpoint);
     Ok(LeafClient::new(endpoint.connect_lazy())
         .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(proto::MAX_MESSAGE_BYTES))

@@ -24,6 +24,9 @@ pub enum Input {
     Unreachable { to: u64 },
     /// A snapshot was (or failed to be) delivered to a peer.
     SnapshotSent { to: u64, ok: bool },
+    /// Ask the master for its commit index, confirmed by a quorum (Raft's ReadIndex): answered
+    /// with that index, or never (no master, or one not yet settled in its term).
+    ReadIndex { reply: oneshot::Sender<u64> },
 }
 
 /// Answers a proposal: its output and the log index it was applied at.
@@ -64,6 +67,9 @@ pub struct Driver {
     /// Proposals awaiting apply, by the log index they were appended at (leader only).
     pub(super) pending: HashMap<u64, (u64, Reply)>,
     pub(super) next_proposal: u64,
+    /// ReadIndex requests awaiting their index, by request id.
+    pub(super) reads: HashMap<u64, oneshot::Sender<u64>>,
+    pub(super) next_read: u64,
     pub(super) applied: u64,
     pub(super) snapshot_entries: u64,
 }
@@ -97,6 +103,7 @@ impl Driver {
                 _ = ticker.tick() => {
                     self.node.tick();
                     self.pending.retain(|_, (_, tx)| !tx.is_closed());
+                    self.reads.retain(|_, tx| !tx.is_closed());
                 }
                 input = inputs.recv() => {
                     let Some(input) = input else { break };
@@ -148,6 +155,12 @@ impl Driver {
                 if let Err(e) = self.node.step(msg) {
                     tracing::debug!("raft step: {e}");
                 }
+            }
+            Input::ReadIndex { reply } => {
+                let id = self.next_read;
+                self.next_read = self.next_read.wrapping_add(1);
+                self.reads.insert(id, reply);
+                self.node.read_index(id.to_be_bytes().to_vec());
             }
             Input::Unreachable { to } => self.node.report_unreachable(to),
             Input::SnapshotSent { to, ok } => {
@@ -210,6 +223,16 @@ impl Driver {
         let mut ready = self.node.ready();
         if !ready.messages().is_empty() {
             self.transport.send(ready.take_messages());
+        }
+        for read in ready.take_read_states() {
+            let id = read
+                .request_ctx
+                .get(..8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes);
+            if let Some(tx) = id.and_then(|id| self.reads.remove(&id)) {
+                let _ = tx.send(read.index);
+            }
         }
         if !ready.snapshot().is_empty() {
             let snapshot = ready.snapshot().clone();

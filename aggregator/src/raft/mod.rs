@@ -103,6 +103,8 @@ impl RaftHandle {
             status: status_tx,
             pending: HashMap::new(),
             next_proposal: rand::random::<u64>() >> 1,
+            reads: HashMap::new(),
+            next_read: 0,
             applied,
             snapshot_entries: config.raft_snapshot_entries,
         };
@@ -177,6 +179,41 @@ impl RaftHandle {
                 address: self.inner.peers.get(&leader).cloned(),
             },
             None => Error::NoLeader,
+        }
+    }
+
+    /// Waits until this node has applied everything the master had committed when the call
+    /// began, as the master confirms with a quorum (Raft's ReadIndex): what it reads of the
+    /// catalog afterwards is current, on a follower too. An aggregator that cannot reach a
+    /// master that can reach a quorum (cut off, or during an election) says so within
+    /// [`READ_BARRIER_TIMEOUT`] instead of answering from a view that may be stale.
+    pub async fn read_barrier(&self) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + READ_BARRIER_TIMEOUT;
+        loop {
+            let (tx, rx) = oneshot::channel();
+            self.inner
+                .inputs
+                .send(Input::ReadIndex { reply: tx })
+                .await
+                .map_err(|_| Error::Shutdown)?;
+            // A request the master dropped (not settled in its term yet, or none known) is
+            // asked again.
+            let attempt = deadline.min(tokio::time::Instant::now() + Duration::from_millis(200));
+            if let Ok(Ok(index)) = tokio::time::timeout_at(attempt, rx).await {
+                let mut status = self.inner.status.clone();
+                return match tokio::time::timeout_at(
+                    deadline,
+                    status.wait_for(|s| s.applied >= index),
+                )
+                .await
+                {
+                    Ok(Ok(_)) => Ok(()),
+                    _ => Err(Error::NoMasterContact(READ_BARRIER_TIMEOUT)),
+                };
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::NoMasterContact(READ_BARRIER_TIMEOUT));
+            }
         }
     }
 
@@ -360,3 +397,7 @@ fn exit_after_forwarded(command: &Command) -> bool {
             .open(flag)
             .is_ok()
 }
+
+/// How long a read waits for the master's confirmation ([`RaftHandle::read_barrier`]): an
+/// election here takes about 3 s, so a query that meets one waits for the new master.
+pub const READ_BARRIER_TIMEOUT: Duration = Duration::from_secs(5);

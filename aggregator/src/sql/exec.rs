@@ -87,6 +87,27 @@ impl EvalContext for Ctx<'_> {
     }
 }
 
+/// Whether a statement reads the catalog or the leaves (and so needs a current view of the
+/// cluster, [`crate::raft::RaftHandle::read_barrier`]). Session statements, constant SELECTs
+/// (a pool's `SELECT 1`) and `SHOW AGGREGATORS` (this aggregator's own view of the group, for
+/// diagnosing it) answer without the master.
+fn reads_cluster_state(stmt: &Stmt) -> bool {
+    match stmt {
+        Stmt::Set(_)
+        | Stmt::SetNames
+        | Stmt::Transaction
+        | Stmt::Use { .. }
+        | Stmt::ShowVariables { .. }
+        | Stmt::ShowWarnings
+        | Stmt::ShowAggregators => false,
+        Stmt::Select(query) => {
+            matches!(query.body.as_ref(), SetExpr::Select(s) if !s.from.is_empty())
+                || !matches!(query.body.as_ref(), SetExpr::Select(_))
+        }
+        _ => true,
+    }
+}
+
 impl SqlEngine {
     pub fn new(
         raft: RaftHandle,
@@ -112,6 +133,11 @@ impl SqlEngine {
     }
 
     async fn run(&self, session: &mut Session, stmt: Stmt) -> Result<QueryOutput, SqlError> {
+        if reads_cluster_state(&stmt) {
+            // Answer from the cluster as it is, not from a view this aggregator may have been
+            // left with (cut off from the master, or a master that lost its quorum).
+            self.raft.read_barrier().await?;
+        }
         match stmt {
             Stmt::CreateDatabase {
                 name,

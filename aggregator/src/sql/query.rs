@@ -450,7 +450,7 @@ impl TableProvider for ClusterTable {
                     .unwrap_or_default(),
             };
             async move {
-                let mut c = leaf_client::client(&addr, Duration::from_secs(60))
+                let mut c = leaf_client::scan_client(&addr, Duration::from_secs(60))
                     .map_err(DataFusionError::Execution)?;
                 let bytes = c
                     .scan(req)

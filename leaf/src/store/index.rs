@@ -103,8 +103,9 @@ impl Store {
             columns.clone(),
             common::expr::compile_table(&columns).map_err(corrupt)?,
         );
-        // Not for a dropped table: its trees would outlive it.
-        let _guard = self.writing_to(table)?;
+        // Not for a dropped table: its trees would outlive it (checked again at the end: the
+        // build takes long, and writers must not wait for it).
+        drop(self.writing_to(table)?);
         self.indexes.insert(
             table.index_key(name).as_bytes(),
             serde_json::to_vec(&def).map_err(corrupt)?,
@@ -128,6 +129,15 @@ impl Store {
             }
         }
         index.apply_batch(batch)?;
+        let live = self.live.read().unwrap_or_else(|e| e.into_inner());
+        if live.as_ref().is_some_and(|v| v.dropped(table)) {
+            // Dropped while it was built: what it wrote goes too.
+            self.drop_index(table, name)?;
+            return Err(super::StoreError::TableDropped {
+                database: table.database.clone(),
+                table: table.table.clone(),
+            });
+        }
         Ok(n)
     }
 
