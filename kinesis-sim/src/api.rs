@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// Fault injection knobs.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Faults {
     /// Extra latency per call.
     pub latency_ms: u64,
@@ -16,6 +16,8 @@ pub struct Faults {
     pub throttle_rate: f64,
     /// Fraction of calls answered with a 500 InternalFailure.
     pub error_rate: f64,
+    /// The operations `error_rate` applies to (all when empty).
+    pub error_ops: Vec<String>,
     /// Reads of each shard answered with an empty page first (AWS may do so before data).
     pub empty_pages: u32,
 }
@@ -229,7 +231,10 @@ impl Api {
 
     /// Runs one operation.
     pub fn call(&self, op: &str, req: &Json) -> Result<Json> {
-        if self.faults.error_rate > 0.0 && rand::random::<f64>() < self.faults.error_rate {
+        let failing =
+            self.faults.error_ops.is_empty() || self.faults.error_ops.iter().any(|o| o == op);
+        if failing && self.faults.error_rate > 0.0 && rand::random::<f64>() < self.faults.error_rate
+        {
             return Err(ApiError {
                 kind: "InternalFailure",
                 message: "injected failure".into(),

@@ -63,6 +63,10 @@ pub struct SimConfig {
     /// Fraction (0..1) of calls failed with a 500 on purpose.
     #[arg(long, env = "KINESIS_SIM_ERROR_RATE", default_value_t = 0.0)]
     pub error_rate: f64,
+    /// The operations `--error-rate` fails (comma-separated, e.g. `GetRecords,ListShards`);
+    /// every operation when not given.
+    #[arg(long, env = "KINESIS_SIM_ERROR_OPS", value_delimiter = ',')]
+    pub error_ops: Vec<String>,
     /// GetRecords answers the first N reads of every shard with an empty page and a next
     /// iterator at the same position, as AWS may before data (a closed shard too).
     #[arg(long, env = "KINESIS_SIM_EMPTY_PAGES", default_value_t = 0)]
@@ -134,6 +138,7 @@ pub async fn run(
         latency_ms: config.latency_ms,
         throttle_rate: config.throttle_rate,
         error_rate: config.error_rate,
+        error_ops: config.error_ops.clone(),
         empty_pages: config.empty_pages,
     };
     let api = Arc::new(match &config.data_dir {

@@ -2,7 +2,9 @@
 //! while a seeded schedule of faults runs: SIGKILL and restart of random leaves, SIGKILL of the
 //! master, a leaf frozen past the heartbeat timeout and resumed, shard splits and merges. At the
 //! end every record put is in the table exactly once, the offsets are each shard's last sequence
-//! number and the pipeline is Running.
+//! number and the pipeline is Running. Throughout, the simulator fails 3% of the reads
+//! (GetRecords, GetShardIterator, ListShards) with STOP_ON_ERROR OFF and one retry per batch, and
+//! answers every shard's first reads with empty pages.
 //!
 //! Profiles: `chaos_suite` (CI, `SHARDLINE_CHAOS_FAULTS`, default 12) and `chaos_suite_long`
 //! (100 faults; `cargo test -p integration-tests -- --ignored chaos_suite_long --nocapture`).
@@ -138,7 +140,16 @@ fn run(total_faults: usize) -> Result<()> {
     let seed = env_u64("SHARDLINE_CHAOS_SEED").unwrap_or_else(rand::random);
     println!("chaos: {total_faults} faults, seed {seed} (SHARDLINE_CHAOS_SEED={seed} replays)");
     let mut rng = StdRng::seed_from_u64(seed);
-    let sim = Moto::sim(&[])?;
+    // Reads fail now and then (the pipeline skips, never parks: STOP_ON_ERROR OFF), and every
+    // shard answers its first reads with empty pages, closed ones too.
+    let sim = Moto::sim(&[
+        "--error-rate",
+        "0.03",
+        "--error-ops",
+        "GetRecords,GetShardIterator,ListShards",
+        "--empty-pages",
+        "2",
+    ])?;
     let rt = runtime();
     let kinesis = sim.client();
     let (mut c, m) = pipeline_cluster(
@@ -174,6 +185,10 @@ fn faults_then_check(
     c.sql(
         m,
         &format!("USE {DB}; {}", create_pipeline_sql(PIPELINE, STREAM, 4)),
+    )?;
+    c.sql(
+        m,
+        &format!("USE {DB}; ALTER PIPELINE {PIPELINE} SET STOP_ON_ERROR OFF; ALTER PIPELINE {PIPELINE} SET MAX_RETRIES_PER_BATCH_PARTITION 1"),
     )?;
     c.sql(m, &format!("USE {DB}; START PIPELINE {PIPELINE}"))?;
 
@@ -338,5 +353,18 @@ fn faults_then_check(
         .sum();
     assert!(lag_samples > 0, "no shardline_source_lag_millis samples");
     println!("chaos: duplicates 0, missing 0, offsets = last sequence number per shard");
+    // The injected read failures reached the pipeline (and were skipped past, not fatal).
+    let errors: usize = c
+        .sql(
+            m,
+            &format!("SELECT COUNT(*) FROM information_schema.PIPELINES_ERRORS WHERE PIPELINE_NAME = '{PIPELINE}'"),
+        )?
+        .rows[0][0]
+        .parse()?;
+    println!("chaos: {errors} source errors recorded in PIPELINES_ERRORS");
+    assert!(
+        errors > 0,
+        "the simulator's injected read failures reached no task"
+    );
     Ok(())
 }
