@@ -20,7 +20,14 @@ PID_DIR="$DATA_DIR/pids"
 LOG_DIR="$DATA_DIR/logs"
 
 pid_alive() { # pidfile
-  [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
+  # Alive and not a zombie: where nothing reaps orphans (some container and VM inits do not),
+  # a killed node stays a zombie that `kill -0` still finds.
+  [ -f "$1" ] || return 1
+  local pid state
+  pid="$(cat "$1")"
+  kill -0 "$pid" 2>/dev/null || return 1
+  state="$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | cut -d' ' -f1)"
+  [ "$state" != "Z" ]
 }
 
 mysql_q() { # port sql...

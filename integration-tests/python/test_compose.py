@@ -96,6 +96,53 @@ def compose():
         print(logs[-20000:])
 
 
+def start_kinesis_pipeline(c, stream, shards, db, pipeline):
+    """Creates a simulator stream of `shards` shards, database `db` and the spec's pipeline from
+    the stream into table `pipeline` (one task a shard), starts it; returns the boto3 client."""
+    k = boto3.client("kinesis", endpoint_url=f"http://127.0.0.1:{c.kinesis_port}",
+                     region_name="us-east-1", aws_access_key_id="test",
+                     aws_secret_access_key="test")
+    k.create_stream(StreamName=stream, ShardCount=shards)
+    wait("stream ACTIVE", 30, lambda: k.describe_stream_summary(StreamName=stream)
+         ["StreamDescriptionSummary"]["StreamStatus"] == "ACTIVE")
+    c.sql('SET GLOBAL experimental_features_config = "kafka_connect_enabled=true"')
+    c.sql("SET GLOBAL pipelines_extractor_max_batch_interval_ms = 200")
+    c.sql(f"CREATE DATABASE {db}")
+    config = ('{"connector.class": "com.singlestore.kafka.connect.kinesis.KinesisSourceConnector",'
+              ' "aws.access.key.id": "test", "aws.secret.access.key": "test",'
+              ' "kafka.topic": "kinesis-topic", "kinesis.stream": "' + stream + '",'
+              f' "kinesis.region": "us-east-1", "tasks.max": {shards}}}')
+    c.sql(f"CREATE INFERRED PIPELINE {pipeline} AS LOAD DATA KAFKACONNECT 'kafka-connector' "
+          f"CONFIG '{config}' CREDENTIALS '{{}}' FORMAT AVRO", db=db)
+    c.sql(f"START PIPELINE {pipeline}", db=db)
+    return k
+
+
+def produce(k, stream, per_put, pause, put, errors, stop):
+    """Puts `per_put` records every `pause` seconds until `stop`, retrying what Kinesis refused,
+    and notes (shard, sequence number) of each record put; an exception lands in `errors`."""
+    n = 0
+    try:
+        while not stop.is_set():
+            pending = [{"Data": f'{{"n":{n + i}}}'.encode(),
+                        "PartitionKey": f"key-{random.getrandbits(32)}"} for i in range(per_put)]
+            n += len(pending)
+            while pending:
+                r = k.put_records(StreamName=stream, Records=pending)
+                retry = []
+                for rec, res in zip(pending, r["Records"]):
+                    if "SequenceNumber" in res:
+                        put.append((res["ShardId"], res["SequenceNumber"]))
+                    else:
+                        retry.append(rec)
+                pending = retry
+                if pending:
+                    time.sleep(0.1)
+            time.sleep(pause)
+    except Exception as e:  # noqa: BLE001 - reported by the test
+        errors.append(e)
+
+
 def master(c):
     for row in c.sql("SHOW AGGREGATORS"):
         if str(row[5]) == "1":
@@ -126,50 +173,14 @@ def test_compose_cluster_is_healthy_and_loads_exactly_once_through_a_leaf_kill(c
                              capture_output=True, text=True)
         assert out.returncode == 0 and "SERVING" in out.stdout, (service, out)
 
-    k = boto3.client("kinesis", endpoint_url=f"http://127.0.0.1:{c.kinesis_port}",
-                     region_name="us-east-1", aws_access_key_id="test",
-                     aws_secret_access_key="test")
-    k.create_stream(StreamName=STREAM, ShardCount=3)
-    wait("stream ACTIVE", 30, lambda: k.describe_stream_summary(StreamName=STREAM)
-         ["StreamDescriptionSummary"]["StreamStatus"] == "ACTIVE")
-    c.sql('SET GLOBAL experimental_features_config = "kafka_connect_enabled=true"')
-    c.sql("SET GLOBAL pipelines_extractor_max_batch_interval_ms = 200")
-    c.sql("CREATE DATABASE compose_db")
-    config = ('{"connector.class": "com.singlestore.kafka.connect.kinesis.KinesisSourceConnector",'
-              ' "aws.access.key.id": "test", "aws.secret.access.key": "test",'
-              ' "kafka.topic": "kinesis-topic", "kinesis.stream": "' + STREAM + '",'
-              ' "kinesis.region": "us-east-1", "tasks.max": 3}')
-    c.sql("CREATE INFERRED PIPELINE kinesis_pipe AS LOAD DATA KAFKACONNECT 'kafka-connector' "
-          f"CONFIG '{config}' CREDENTIALS '{{}}' FORMAT AVRO", db="compose_db")
-    c.sql("START PIPELINE kinesis_pipe", db="compose_db")
+    k = start_kinesis_pipeline(c, STREAM, 3, "compose_db", "kinesis_pipe")
 
     put = []
     stop = threading.Event()
     errors = []
 
-    def produce():
-        n = 0
-        try:
-            while not stop.is_set():
-                pending = [{"Data": f'{{"n":{n + i}}}'.encode(),
-                            "PartitionKey": f"key-{random.getrandbits(32)}"} for i in range(50)]
-                n += len(pending)
-                while pending:
-                    r = k.put_records(StreamName=STREAM, Records=pending)
-                    retry = []
-                    for rec, res in zip(pending, r["Records"]):
-                        if "SequenceNumber" in res:
-                            put.append((res["ShardId"], res["SequenceNumber"]))
-                        else:
-                            retry.append(rec)
-                    pending = retry
-                    if pending:
-                        time.sleep(0.1)
-                time.sleep(0.05)
-        except Exception as e:  # noqa: BLE001 - reported by the test
-            errors.append(e)
-
-    producer = threading.Thread(target=produce, daemon=True)
+    producer = threading.Thread(target=produce, args=(k, STREAM, 50, 0.05, put, errors, stop),
+                                daemon=True)
     producer.start()
     wait("rows arriving", 60, lambda: c.sql("SELECT COUNT(*) FROM kinesis_pipe",
                                             db="compose_db")[0][0] > 0)
@@ -255,49 +266,12 @@ def test_compose_network_partitions_lose_nothing_and_hang_no_query(compose):
     wait("a master", 90, lambda: master(c))
     wait("3 online leaves", 90,
          lambda: sum(1 for r in c.sql("SHOW LEAVES") if r[5] == "online") == 3)
-    k = boto3.client("kinesis", endpoint_url=f"http://127.0.0.1:{c.kinesis_port}",
-                     region_name="us-east-1", aws_access_key_id="test",
-                     aws_secret_access_key="test")
     stream = "partition-stream"
-    k.create_stream(StreamName=stream, ShardCount=2)
-    wait("stream ACTIVE", 30, lambda: k.describe_stream_summary(StreamName=stream)
-         ["StreamDescriptionSummary"]["StreamStatus"] == "ACTIVE")
-    c.sql('SET GLOBAL experimental_features_config = "kafka_connect_enabled=true"')
-    c.sql("SET GLOBAL pipelines_extractor_max_batch_interval_ms = 200")
-    c.sql("CREATE DATABASE partition_db")
-    config = ('{"connector.class": "com.singlestore.kafka.connect.kinesis.KinesisSourceConnector",'
-              ' "aws.access.key.id": "test", "aws.secret.access.key": "test",'
-              ' "kafka.topic": "kinesis-topic", "kinesis.stream": "' + stream + '",'
-              ' "kinesis.region": "us-east-1", "tasks.max": 2}')
-    c.sql("CREATE INFERRED PIPELINE part_pipe AS LOAD DATA KAFKACONNECT 'kafka-connector' "
-          f"CONFIG '{config}' CREDENTIALS '{{}}' FORMAT AVRO", db="partition_db")
-    c.sql("START PIPELINE part_pipe", db="partition_db")
+    k = start_kinesis_pipeline(c, stream, 2, "partition_db", "part_pipe")
 
     put, errors, queries = [], [], []
     stop = threading.Event()
     cut_aggregators = set()  # 0-based indexes of aggregators off the network now
-
-    def produce():
-        n = 0
-        try:
-            while not stop.is_set():  # about 200 records/s
-                pending = [{"Data": f'{{"n":{n + i}}}'.encode(),
-                            "PartitionKey": f"key-{random.getrandbits(32)}"} for i in range(20)]
-                n += len(pending)
-                while pending and not stop.is_set():
-                    r = k.put_records(StreamName=stream, Records=pending)
-                    retry = []
-                    for rec, res in zip(pending, r["Records"]):
-                        if "SequenceNumber" in res:
-                            put.append((res["ShardId"], res["SequenceNumber"]))
-                        else:
-                            retry.append(rec)
-                    pending = retry
-                    if pending:
-                        time.sleep(0.1)
-                time.sleep(0.1)
-        except Exception as e:  # noqa: BLE001 - reported by the test
-            errors.append(e)
 
     def query():
         while not stop.is_set():
@@ -310,7 +284,9 @@ def test_compose_network_partitions_lose_nothing_and_hang_no_query(compose):
                 queries.append((start, time.time() - start, via, None, str(e)))
             time.sleep(0.25)
 
-    threads = [threading.Thread(target=produce, daemon=True),
+    # About 200 records/s.
+    threads = [threading.Thread(target=produce, args=(k, stream, 20, 0.1, put, errors, stop),
+                                daemon=True),
                threading.Thread(target=query, daemon=True)]
     for t in threads:
         t.start()

@@ -1075,6 +1075,22 @@ mod tests {
         })
     }
 
+    fn stop_and_drop(c: &mut Catalog) {
+        c.apply(Command::StopPipeline {
+            database: "d".into(),
+            name: "p".into(),
+            if_running: false,
+            now_ms: 5,
+        })
+        .unwrap();
+        c.apply(Command::DropPipeline {
+            database: "d".into(),
+            name: "p".into(),
+            if_exists: false,
+        })
+        .unwrap();
+    }
+
     #[test]
     fn a_committed_batch_is_known_until_its_leaf_confirms_whatever_the_pipeline_does() {
         let mut c = pipeline_catalog();
@@ -1107,19 +1123,7 @@ mod tests {
             "not only the epoch's last"
         );
         // Stopped, then dropped: still committed, and a retried commit gets its old answer.
-        c.apply(Command::StopPipeline {
-            database: "d".into(),
-            name: "p".into(),
-            if_running: false,
-            now_ms: 5,
-        })
-        .unwrap();
-        c.apply(Command::DropPipeline {
-            database: "d".into(),
-            name: "p".into(),
-            if_exists: false,
-        })
-        .unwrap();
+        stop_and_drop(&mut c);
         assert_eq!(c.committed_batch(&first), Some(1));
         assert_eq!(c.apply(commit(epoch, 5, None, "a")), Ok(Output::Batch(1)));
         // The catalog survives a snapshot with them.
@@ -1142,19 +1146,7 @@ mod tests {
         assert!(first > 0);
         let live = c.live_tables();
         assert_eq!(live.tables, vec![(first, "d".to_string(), "p".to_string())]);
-        c.apply(Command::StopPipeline {
-            database: "d".into(),
-            name: "p".into(),
-            if_running: false,
-            now_ms: 5,
-        })
-        .unwrap();
-        c.apply(Command::DropPipeline {
-            database: "d".into(),
-            name: "p".into(),
-            if_exists: false,
-        })
-        .unwrap();
+        stop_and_drop(&mut c);
         c.apply(Command::DropTable {
             database: "d".into(),
             name: "p".into(),

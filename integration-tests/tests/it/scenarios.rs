@@ -21,6 +21,62 @@ fn stored_tables(c: &Cluster, leaf: usize) -> Option<Vec<u64>> {
     })
 }
 
+/// A Kinesis simulator started with `args`, and a cluster of one aggregator and one leaf that
+/// reaches it, with `db` created: (simulator, runtime, client, cluster, master).
+fn one_leaf_on_sim(
+    args: &[&str],
+    db: &str,
+) -> Result<(
+    Moto,
+    tokio::runtime::Runtime,
+    aws_sdk_kinesis::Client,
+    Cluster,
+    usize,
+)> {
+    let sim = Moto::sim(args)?;
+    let rt = runtime();
+    let kinesis = sim.client();
+    let (c, m) = pipeline_cluster(
+        &sim,
+        ClusterSpec {
+            aggregators: 1,
+            leaves: 1,
+            ..Default::default()
+        },
+        db,
+    )?;
+    Ok((sim, rt, kinesis, c, m))
+}
+
+/// Waits until the table holds as many rows as records were put, then checks each is there
+/// exactly once and the offsets are each shard's last.
+fn all_loaded_once(
+    c: &Cluster,
+    m: usize,
+    db: &str,
+    table: &str,
+    put: &[(String, String)],
+) -> Result<()> {
+    wait_for(
+        &format!("{} rows", put.len()),
+        Duration::from_secs(60),
+        || (count(c, m, db, table)? >= put.len()).then_some(()),
+    )
+    .inspect_err(|_| c.failed())?;
+    std::thread::sleep(Duration::from_secs(1));
+    assert_exactly_once(c, m, db, table, put)
+}
+
+/// A cluster of `spec` with a master, every leaf online and `db` created (pipeline variables
+/// set), and the master's index.
+fn ready_cluster(spec: ClusterSpec, db: &str) -> Result<(Cluster, usize)> {
+    let mut c = Cluster::start(spec)?;
+    let m = c.wait_for_master(START)?;
+    c.wait_for_leaves_online(m, c.leaves.len(), START)?;
+    setup(&c, m, db)?;
+    Ok((c, m))
+}
+
 /// Creates pipeline `gen` (datagen, two tasks of `per_task` records) into table `gen`.
 fn create_datagen(c: &Cluster, m: usize, db: &str, per_task: usize) -> Result<()> {
     c.sql(
@@ -38,13 +94,13 @@ fn create_datagen(c: &Cluster, m: usize, db: &str, per_task: usize) -> Result<()
 /// only the catalog forgot the table: the re-created pipeline's table counted 2N rows.
 #[test]
 fn a_dropped_table_or_database_never_comes_back() -> Result<()> {
-    let mut c = Cluster::start(ClusterSpec {
-        aggregators: 1,
-        ..Default::default()
-    })?;
-    let m = c.wait_for_master(START)?;
-    c.wait_for_leaves_online(m, 2, START)?;
-    setup(&c, m, "dropped")?;
+    let (mut c, m) = ready_cluster(
+        ClusterSpec {
+            aggregators: 1,
+            ..Default::default()
+        },
+        "dropped",
+    )?;
     let per_task = 100;
     create_datagen(&c, m, "dropped", per_task)?;
     c.sql(m, "USE dropped; START PIPELINE gen FOREGROUND")?;
@@ -98,6 +154,19 @@ fn a_dropped_table_or_database_never_comes_back() -> Result<()> {
 /// heard "not committed" (the pipeline was gone) and deleted rows the table had counted.
 #[test]
 fn a_committed_batch_survives_drop_pipeline() -> Result<()> {
+    committed_batch_survives("dropp", "STOP PIPELINE gen; DROP PIPELINE gen")
+}
+
+/// The same when the pipeline is only stopped (which forgets its tasks and their epochs).
+#[test]
+fn a_batch_committed_just_before_a_crash_survives_a_stopped_pipeline() -> Result<()> {
+    committed_batch_survives("crash", "STOP PIPELINE gen")
+}
+
+/// A leaf exits right after the master committed its first batch, before making it visible;
+/// `then` runs on the pipeline; the leaf comes back. Every answer is complete or an error, never
+/// short, and it becomes complete: the leaf settles the batch as committed before it serves.
+fn committed_batch_survives(db: &str, then: &str) -> Result<()> {
     let mut c = Cluster::start(ClusterSpec {
         aggregators: 1,
         ..Default::default()
@@ -108,14 +177,15 @@ fn a_committed_batch_survives_drop_pipeline() -> Result<()> {
     c.leaves[1].set_env("SHARDLINE_TEST_EXIT_BEFORE_FINALIZE", Some("1"));
     c.leaves[1].start()?;
     c.wait_for_leaves_online(m, 2, START)?;
-    setup(&c, m, "dropp")?;
-    create_datagen(&c, m, "dropp", 100)?;
-    c.sql(m, "USE dropp; START PIPELINE gen")?;
+    setup(&c, m, db)?;
+    create_datagen(&c, m, db, 100)?;
+    c.sql(m, &format!("USE {db}; START PIPELINE gen"))?;
     wait_for(
         "the leaf to exit after its commit",
         Duration::from_secs(30),
         || (!c.leaves[1].is_running()).then_some(()),
     )?;
+    assert!(c.leaves[1].log_text().contains("exiting after a commit"));
     wait_for("both tasks' offsets", Duration::from_secs(30), || {
         c.sql(
             m,
@@ -124,14 +194,15 @@ fn a_committed_batch_survives_drop_pipeline() -> Result<()> {
         .ok()
         .and_then(|o| (o.rows[0][0] == "2").then_some(()))
     })?;
-    c.sql(m, "USE dropp; STOP PIPELINE gen; DROP PIPELINE gen")?;
+    c.sql(m, &format!("USE {db}; {then}"))?;
     c.leaves[1].set_env("SHARDLINE_TEST_EXIT_BEFORE_FINALIZE", None);
     c.leaves[1].start()?;
     wait_for("all 200 rows", Duration::from_secs(30), || {
-        let n = count(&c, m, "dropp", "gen");
+        let n = count(&c, m, db, "gen");
         assert!(matches!(n, None | Some(200)), "a short answer: {n:?}");
         n.map(|_| ())
     })?;
+    assert!(c.leaves[1].log_text().contains("committed=true"));
     Ok(())
 }
 
@@ -141,18 +212,7 @@ fn a_committed_batch_survives_drop_pipeline() -> Result<()> {
 /// was fatal, and the task then waited forever while the pipeline showed Running.
 #[test]
 fn transient_errors_spread_over_time_never_park_a_task() -> Result<()> {
-    let sim = Moto::sim(&["--error-rate", "0.1"])?;
-    let rt = runtime();
-    let kinesis = sim.client();
-    let (c, m) = pipeline_cluster(
-        &sim,
-        ClusterSpec {
-            aggregators: 1,
-            leaves: 1,
-            ..Default::default()
-        },
-        "budget",
-    )?;
+    let (_sim, rt, kinesis, c, m) = one_leaf_on_sim(&["--error-rate", "0.1"], "budget")?;
     // The simulator fails calls at random, the test's own too: retry them.
     rt.block_on(async {
         for _ in 0..50 {
@@ -217,18 +277,12 @@ fn transient_errors_spread_over_time_never_park_a_task() -> Result<()> {
             .and_then(|o| o.rows[0][0].parse().ok())
             .unwrap_or(0)
     };
-    wait_for(
-        &format!("{} rows", put.len()),
-        Duration::from_secs(60),
-        || (count(&c, m, "budget", "budget_pipeline")? >= put.len()).then_some(()),
-    )
-    .inspect_err(|_| c.failed())?;
+    all_loaded_once(&c, m, "budget", "budget_pipeline", &put)?;
     println!("errors recorded: {}", errors(&c));
     assert!(
         errors(&c) >= 3,
         "the source failed more often than a lifetime budget of 1 retry allows"
     );
-    assert_exactly_once(&c, m, "budget", "budget_pipeline", &put)?;
     let state = c
         .sql(m, "SELECT STATE FROM information_schema.PIPELINES WHERE PIPELINE_NAME = 'budget_pipeline'")?
         .rows;
@@ -241,18 +295,7 @@ fn transient_errors_spread_over_time_never_park_a_task() -> Result<()> {
 /// empty first page of a closed shard marked it finished unread, losing its records.
 #[test]
 fn a_closed_shard_with_empty_first_pages_is_read_whole() -> Result<()> {
-    let sim = Moto::sim(&["--empty-pages", "3"])?;
-    let rt = runtime();
-    let kinesis = sim.client();
-    let (c, m) = pipeline_cluster(
-        &sim,
-        ClusterSpec {
-            aggregators: 1,
-            leaves: 1,
-            ..Default::default()
-        },
-        "empty",
-    )?;
+    let (_sim, rt, kinesis, c, m) = one_leaf_on_sim(&["--empty-pages", "3"], "empty")?;
     rt.block_on(create_stream(&kinesis, "empty-stream", 1))?;
     let batch = |from: usize| -> Vec<(String, Vec<u8>)> {
         (from..from + 100)
@@ -279,15 +322,7 @@ fn a_closed_shard_with_empty_first_pages_is_read_whole() -> Result<()> {
         ),
     )?;
     c.sql(m, "USE empty; START PIPELINE empty_pipeline")?;
-    wait_for(
-        &format!("{} rows", put.len()),
-        Duration::from_secs(60),
-        || (count(&c, m, "empty", "empty_pipeline")? >= put.len()).then_some(()),
-    )
-    .inspect_err(|_| c.failed())?;
-    std::thread::sleep(Duration::from_secs(1));
-    assert_exactly_once(&c, m, "empty", "empty_pipeline", &put)?;
-    Ok(())
+    all_loaded_once(&c, m, "empty", "empty_pipeline", &put)
 }
 
 /// Scenario 10: the master stops answering (frozen: its calls time out, as when it is cut off
@@ -297,10 +332,7 @@ fn a_closed_shard_with_empty_first_pages_is_read_whole() -> Result<()> {
 /// ingestion stopped and every query failed until the old master came back.
 #[test]
 fn leaves_follow_the_new_master_while_the_old_one_is_frozen() -> Result<()> {
-    let mut c = Cluster::start(ClusterSpec::default())?;
-    let m = c.wait_for_master(START)?;
-    c.wait_for_leaves_online(m, 2, START)?;
-    setup(&c, m, "frozen")?;
+    let (mut c, m) = ready_cluster(ClusterSpec::default(), "frozen")?;
     c.sql(
         m,
         "USE frozen; CREATE INFERRED PIPELINE gen AS LOAD DATA KAFKACONNECT 'datagen' CONFIG '{\"connector.class\":\"io.shardline.connect.datagen.DatagenSourceConnector\",\"datagen.rate\":200,\"datagen.records\":1000000,\"tasks.max\":2}' FORMAT AVRO",
@@ -363,18 +395,7 @@ fn leaves_follow_the_new_master_while_the_old_one_is_frozen() -> Result<()> {
 /// again, and the records that arrived while the task was down were skipped.
 #[test]
 fn latest_is_decided_once_however_often_the_task_restarts() -> Result<()> {
-    let sim = Moto::sim(&[])?;
-    let rt = runtime();
-    let kinesis = sim.client();
-    let (mut c, m) = pipeline_cluster(
-        &sim,
-        ClusterSpec {
-            aggregators: 1,
-            leaves: 1,
-            ..Default::default()
-        },
-        "latest",
-    )?;
+    let (_sim, rt, kinesis, mut c, m) = one_leaf_on_sim(&[], "latest")?;
     rt.block_on(create_stream(&kinesis, "latest-stream", 1))?;
     let batch = |tag: &str| -> Vec<(String, Vec<u8>)> {
         (0..30)
@@ -403,15 +424,7 @@ fn latest_is_decided_once_however_often_the_task_restarts() -> Result<()> {
     c.leaves[0].start()?;
     c.wait_for_leaves_online(m, 1, START)?;
     put.extend(rt.block_on(put_records(&kinesis, "latest-stream", &batch("after")))?);
-    wait_for(
-        &format!("{} rows", put.len()),
-        Duration::from_secs(30),
-        || (count(&c, m, "latest", "latest_pipeline")? >= put.len()).then_some(()),
-    )
-    .inspect_err(|_| c.failed())?;
-    std::thread::sleep(Duration::from_secs(1));
-    assert_exactly_once(&c, m, "latest", "latest_pipeline", &put)?;
-    Ok(())
+    all_loaded_once(&c, m, "latest", "latest_pipeline", &put)
 }
 
 /// Scenario 9: the master applies a forwarded CREATE DATABASE and dies before it answers. The
@@ -447,13 +460,13 @@ fn a_write_retried_after_its_master_died_gets_its_first_outcome() -> Result<()> 
 /// 60 s timeout.
 #[test]
 fn a_query_to_a_leaf_that_stops_answering_fails_fast() -> Result<()> {
-    let mut c = Cluster::start(ClusterSpec {
-        aggregators: 1,
-        ..Default::default()
-    })?;
-    let m = c.wait_for_master(START)?;
-    c.wait_for_leaves_online(m, 2, START)?;
-    setup(&c, m, "cut")?;
+    let (mut c, m) = ready_cluster(
+        ClusterSpec {
+            aggregators: 1,
+            ..Default::default()
+        },
+        "cut",
+    )?;
     create_datagen(&c, m, "cut", 100)?;
     c.sql(m, "USE cut; START PIPELINE gen FOREGROUND")?;
     assert_eq!(count(&c, m, "cut", "gen"), Some(200));
@@ -483,14 +496,14 @@ fn a_query_to_a_leaf_that_stops_answering_fails_fast() -> Result<()> {
 /// batch history, never reached n, and ran until the source was exhausted.
 #[test]
 fn foreground_limit_counts_past_the_kept_batch_history() -> Result<()> {
-    let mut c = Cluster::start(ClusterSpec {
-        aggregators: 1,
-        leaves: 1,
-        ..Default::default()
-    })?;
-    let m = c.wait_for_master(START)?;
-    c.wait_for_leaves_online(m, 1, START)?;
-    setup(&c, m, "limit")?;
+    let (c, m) = ready_cluster(
+        ClusterSpec {
+            aggregators: 1,
+            leaves: 1,
+            ..Default::default()
+        },
+        "limit",
+    )?;
     c.sql(m, "SET GLOBAL pipelines_batches_metadata_to_keep = 3")?;
     c.sql(m, "SET GLOBAL pipelines_extractor_batch_size = 10")?;
     let per_task = 5000;
@@ -519,10 +532,7 @@ fn foreground_limit_counts_past_the_kept_batch_history() -> Result<()> {
 /// it answered every query from its last catalog.
 #[test]
 fn an_aggregator_cut_off_from_the_master_says_so_instead_of_answering_stale() -> Result<()> {
-    let mut c = Cluster::start(ClusterSpec::default())?;
-    let m = c.wait_for_master(START)?;
-    c.wait_for_leaves_online(m, 2, START)?;
-    setup(&c, m, "stale")?;
+    let (c, m) = ready_cluster(ClusterSpec::default(), "stale")?;
     create_datagen(&c, m, "stale", 100)?;
     c.sql(m, "USE stale; START PIPELINE gen FOREGROUND")?;
     let alone = (m + 1) % 3;
