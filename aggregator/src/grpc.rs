@@ -90,9 +90,14 @@ impl proto::aggregator_server::Aggregator for AggregatorServiceImpl {
         let req = request.into_inner();
         let leaf = LeafId(req.leaf_id);
         self.leaves.heartbeat(leaf).await?;
+        let seen: batches::OffsetsSeen = req
+            .offsets_seen
+            .iter()
+            .map(|s| (s.pipeline_id, (s.generation, s.batch_id)))
+            .collect();
         let (tasks, live_tables) = self.raft.read_catalog(|c| {
             (
-                batches::assignments(c, leaf),
+                batches::assignments(c, leaf, &seen),
                 batches::live_tables(c, req.tables_generation),
             )
         });

@@ -5,6 +5,7 @@
 //! - [`commits`]: the leaf's batch commits at the master, sent together;
 //! - [`finalized`]: confirmations to the master of the committed batches made visible;
 //! - [`membership`]: registration and heartbeats;
+//! - [`offsets`]: the committed offsets the leaf holds, kept up to date by heartbeat deltas;
 //! - [`grpc`]: the leaf's gRPC service (status, task planning, scans, TEST PIPELINE);
 //! - [`store`]: the sled partition store with prepared and committed batches;
 //! - [`tasks`]: connector tasks and their batch loop.
@@ -15,6 +16,7 @@ pub mod config;
 pub mod finalized;
 pub mod grpc;
 pub mod membership;
+pub mod offsets;
 pub mod store;
 pub mod tasks;
 
@@ -63,6 +65,10 @@ pub async fn run(
     metrics.describe(
         "shardline_commit_seconds_sum",
         "Time from a batch's prepare to its commit.",
+    );
+    metrics.describe(
+        "shardline_heartbeat_response_bytes",
+        "Size of the last heartbeat answer from the master (assignments, offsets changes).",
     );
     metrics.describe(
         "shardline_source_lag_millis",

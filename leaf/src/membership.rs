@@ -103,17 +103,24 @@ pub async fn heartbeat_loop(
                 .call(|mut c| {
                     let address = address.clone();
                     let tables_generation = store.tables_generation();
+                    let offsets_seen = tasks.offsets_seen();
                     async move {
                         c.heartbeat(proto::HeartbeatRequest {
                             leaf_id: id,
                             address,
                             tables_generation,
+                            offsets_seen,
                         })
                         .await
                     }
                 })
                 .await
                 .map(|r| {
+                    use prost::Message as _;
+                    tasks.metrics().set(
+                        "shardline_heartbeat_response_bytes",
+                        r.encoded_len() as f64,
+                    );
                     if let Some(live) = r.live_tables {
                         sweep_dropped_tables(&store, live, &sweeping);
                     }

@@ -71,6 +71,8 @@ pub struct TaskManager {
     aggregators: Vec<String>,
     address: String,
     running: Mutex<HashMap<(u64, u32), Running>>,
+    /// The committed offsets the master sent, per pipeline (heartbeats carry only changes).
+    offsets: std::sync::Mutex<crate::offsets::OffsetCache>,
     /// Shared by every task: their batch commits travel to the master together.
     committer: Committer,
     tasks: TaskTracker,
@@ -98,6 +100,7 @@ impl TaskManager {
             aggregators,
             address,
             running: Mutex::new(HashMap::new()),
+            offsets: Default::default(),
             committer,
             tasks,
             shutdown,
@@ -126,8 +129,24 @@ impl TaskManager {
         }
     }
 
+    pub fn metrics(&self) -> &common::metrics::Metrics {
+        &self.metrics
+    }
+
+    /// What this leaf holds of each pipeline's committed offsets (for the next heartbeat).
+    pub fn offsets_seen(&self) -> Vec<proto::OffsetsSeen> {
+        self.offsets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .seen()
+    }
+
     /// Starts, updates and stops runners to match the master's assignments.
-    pub async fn reconcile(&self, assignments: Vec<proto::TaskAssignment>) {
+    pub async fn reconcile(&self, mut assignments: Vec<proto::TaskAssignment>) {
+        self.offsets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .merge(&mut assignments);
         let mut running = self.running.lock().await;
         let wanted: HashMap<(u64, u32), proto::TaskAssignment> = assignments
             .into_iter()

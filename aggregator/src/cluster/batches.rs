@@ -117,8 +117,19 @@ pub async fn report_error(raft: &RaftHandle, req: proto::TaskErrorRequest) -> Re
     }
 }
 
-/// The tasks `leaf` should run, with everything it needs to run them.
-pub fn assignments(catalog: &Catalog, leaf: LeafId) -> Vec<proto::TaskAssignment> {
+/// What a leaf holds of each pipeline's committed offsets: pipeline -> (generation, BATCH_ID
+/// up to which every committed offset is included).
+pub type OffsetsSeen = std::collections::HashMap<u64, (u64, u64)>;
+
+/// The tasks `leaf` should run, with everything it needs to run them. The committed offsets
+/// come whole, or only those committed since what the leaf holds (`seen`): a heartbeat then
+/// grows with what changed, not with every source partition the pipeline ever read (a stream
+/// resharded for months has thousands of closed shards).
+pub fn assignments(
+    catalog: &Catalog,
+    leaf: LeafId,
+    seen: &OffsetsSeen,
+) -> Vec<proto::TaskAssignment> {
     let var = |n: &str| u64::from(catalog.variable_u32(n));
     let mut out = Vec::new();
     for p in catalog
@@ -126,6 +137,14 @@ pub fn assignments(catalog: &Catalog, leaf: LeafId) -> Vec<proto::TaskAssignment
         .values()
         .filter(|p| p.state == PipelineState::Running)
     {
+        let mine: Vec<_> = p
+            .tasks
+            .iter()
+            .filter(|t| t.leaf == Some(leaf) && t.epoch != 0)
+            .collect();
+        if mine.is_empty() {
+            continue;
+        }
         let partitions: Vec<u32> = catalog
             .databases
             .get(&p.database)
@@ -140,9 +159,16 @@ pub fn assignments(catalog: &Catalog, leaf: LeafId) -> Vec<proto::TaskAssignment
         let config = common::connect::effective_config(&p.config, &p.credentials)
             .map(|c| serde_json::Value::Object(c).to_string())
             .unwrap_or_else(|_| serde_json::Value::Object(p.config.clone()).to_string());
+        // Every batch below the next BATCH_ID has committed (ids are consecutive).
+        let offsets_batch_id = p.next_batch_id.saturating_sub(1);
+        let since = seen
+            .get(&p.id)
+            .filter(|(generation, _)| *generation == p.offsets_generation)
+            .map(|(_, batch_id)| *batch_id);
         let offsets: serde_json::Map<String, serde_json::Value> = p
             .offsets
             .iter()
+            .filter(|(_, o)| since.is_none_or(|b| o.batch_id > b))
             .map(|(k, o)| (k.clone(), json!({"value": o.value, "finished": o.finished})))
             .collect();
         let offsets_json = canonical_json(&serde_json::Value::Object(offsets));
@@ -151,11 +177,7 @@ pub fn assignments(catalog: &Catalog, leaf: LeafId) -> Vec<proto::TaskAssignment
             .and_then(|t| serde_json::to_string(&t.columns).ok())
             .unwrap_or_default();
         let table_id = table.map_or(0, |t| t.id);
-        for t in p
-            .tasks
-            .iter()
-            .filter(|t| t.leaf == Some(leaf) && t.epoch != 0)
-        {
+        for t in mine {
             out.push(proto::TaskAssignment {
                 pipeline_id: p.id,
                 pipeline: p.name.clone(),
@@ -183,6 +205,9 @@ pub fn assignments(catalog: &Catalog, leaf: LeafId) -> Vec<proto::TaskAssignment
                 columns_json: columns_json.clone(),
                 table_id,
                 start_at_ms: p.start_ms.unwrap_or(0),
+                offsets_delta: since.is_some(),
+                offsets_generation: p.offsets_generation,
+                offsets_batch_id,
             });
         }
     }

@@ -120,21 +120,25 @@ async fn main() -> Result<()> {
         let stop = stop.clone();
         let address = args.address.clone();
         tokio::spawn(async move {
-            // As a leaf does: the table list comes once per change, not in every answer.
+            // As a leaf does: the table list comes once per change, not in every answer, and
+            // the offsets as changes to what the stand-in holds.
             let mut tables_generation = 0;
+            let mut offsets = leaf::offsets::OffsetCache::default();
             while !stop.load(Ordering::Relaxed) {
                 if let Ok(r) = m
                     .heartbeat(proto::HeartbeatRequest {
                         leaf_id,
                         address: address.clone(),
                         tables_generation,
+                        offsets_seen: offsets.seen(),
                     })
                     .await
                 {
-                    let r = r.into_inner();
+                    let mut r = r.into_inner();
                     if let Some(live) = r.live_tables {
                         tables_generation = live.generation;
                     }
+                    offsets.merge(&mut r.tasks);
                     let _ = tx.send(r.tasks);
                 }
                 tokio::time::sleep(Duration::from_millis(250)).await;

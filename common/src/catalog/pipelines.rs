@@ -131,6 +131,10 @@ pub struct Pipeline {
     /// a run's rows from it, however many batches the run has.
     #[serde(default)]
     pub rows_loaded: u64,
+    /// Moves when the committed offsets are replaced (ALTER ... SET OFFSETS): a leaf holding
+    /// offsets of an older generation gets them all again, not only what changed.
+    #[serde(default)]
+    pub offsets_generation: u64,
 }
 
 /// How many errors a pipeline keeps.
@@ -251,6 +255,7 @@ impl Pipeline {
             next_error_id: 1,
             start_ms: None,
             rows_loaded: 0,
+            offsets_generation: 0,
         };
         p.redefine(def, now_ms);
         p
@@ -458,6 +463,7 @@ impl Pipeline {
                 self.offsets.clear();
                 self.start_override = start;
                 self.start_ms = None; // fixed again at the next START
+                self.offsets_generation += 1;
                 for (key, value) in offsets {
                     self.offsets.insert(
                         key,

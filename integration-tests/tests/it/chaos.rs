@@ -113,9 +113,12 @@ async fn produce(
     Ok(put)
 }
 
-/// Open shards of the stream: (id, starting hash key, ending hash key).
-async fn open_shards(client: &aws_sdk_kinesis::Client) -> Result<Vec<(String, u128, u128)>> {
-    let r = client.list_shards().stream_name(STREAM).send().await?;
+/// Open shards of a stream: (id, starting hash key, ending hash key), by hash key.
+pub(crate) async fn open_shards(
+    client: &aws_sdk_kinesis::Client,
+    stream: &str,
+) -> Result<Vec<(String, u128, u128)>> {
+    let r = client.list_shards().stream_name(stream).send().await?;
     let mut out = Vec::new();
     for s in r.shards() {
         let closed = s
@@ -266,7 +269,7 @@ fn faults_then_check(
                 )
             }
             Fault::Split | Fault::Merge => {
-                let shards = rt.block_on(open_shards(kinesis))?;
+                let shards = rt.block_on(open_shards(kinesis, STREAM))?;
                 let adjacent = shards
                     .windows(2)
                     .filter(|w| w[0].2.checked_add(1) == Some(w[1].1))

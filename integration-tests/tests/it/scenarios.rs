@@ -561,3 +561,93 @@ fn an_aggregator_cut_off_from_the_master_says_so_instead_of_answering_stale() ->
         .map(|n| assert_eq!(n, 200))?;
     Ok(())
 }
+
+/// Bounds: a stream resharded again and again leaves its pipeline with many closed shards. The
+/// heartbeat answer carries the offsets committed since the leaf's last, so an idle leaf's
+/// heartbeat is smaller than the offsets it holds, however many shards there were. Before,
+/// every heartbeat (4 a second per leaf) carried every offset the pipeline ever committed.
+#[test]
+fn heartbeats_carry_offset_changes_not_every_shard_ever_read() -> Result<()> {
+    let sim = Moto::sim(&["--no-limits"])?;
+    let rt = runtime();
+    let kinesis = sim.client();
+    let (c, m) = pipeline_cluster(
+        &sim,
+        ClusterSpec {
+            aggregators: 1,
+            leaves: 1,
+            metrics: true,
+            ..Default::default()
+        },
+        "reshards",
+    )?;
+    let stream = "reshards-stream";
+    rt.block_on(create_stream(&kinesis, stream, 1))?;
+    c.sql(
+        m,
+        &format!(
+            "USE reshards; {}",
+            create_pipeline_sql("reshards_pipeline", stream, 1)
+        ),
+    )?;
+    c.sql(m, "USE reshards; START PIPELINE reshards_pipeline")?;
+    let mut put = Vec::new();
+    let batch = |round: usize, step: &str| -> Vec<(String, Vec<u8>)> {
+        (0..10)
+            .map(|i| {
+                let tag = format!("{round}-{step}-{i}");
+                (tag.clone(), tag.into_bytes())
+            })
+            .collect()
+    };
+    put.extend(rt.block_on(put_records(&kinesis, stream, &batch(0, "first")))?);
+    for round in 0..8 {
+        // Split the one open shard in two, then merge the two back: three shards closed.
+        rt.block_on(async {
+            let shards = crate::chaos::open_shards(&kinesis, stream).await?;
+            let (id, lo, hi) = shards.first().cloned().expect("an open shard");
+            kinesis
+                .split_shard()
+                .stream_name(stream)
+                .shard_to_split(id)
+                .new_starting_hash_key((lo + (hi - lo) / 2).to_string())
+                .send()
+                .await?;
+            put.extend(put_records(&kinesis, stream, &batch(round, "split")).await?);
+            let shards = crate::chaos::open_shards(&kinesis, stream).await?;
+            kinesis
+                .merge_shards()
+                .stream_name(stream)
+                .shard_to_merge(&shards[0].0)
+                .adjacent_shard_to_merge(&shards[1].0)
+                .send()
+                .await?;
+            put.extend(put_records(&kinesis, stream, &batch(round, "merge")).await?);
+            anyhow::Ok(())
+        })?;
+    }
+    all_loaded_once(&c, m, "reshards", "reshards_pipeline", &put)?;
+    let offsets = c
+        .sql(m, "SELECT `KEY`, `VALUE` FROM information_schema.PIPELINES_SOURCE_OFFSETS WHERE PIPELINE_NAME = 'reshards_pipeline'")?
+        .rows;
+    let offsets_bytes: usize = offsets.iter().map(|r| r[0].len() + r[1].len()).sum();
+    // Idle now: what a heartbeat answer carries is the assignment, not the offsets.
+    std::thread::sleep(Duration::from_secs(1));
+    let leaf_metrics = c.metrics_ports[c.aggregators.len()];
+    let text = crate::harness::scrape(leaf_metrics)?;
+    assert!(
+        text.contains("shardline_heartbeat_response_bytes "),
+        "the leaf reports its heartbeat size"
+    );
+    let heartbeat = crate::harness::metric_sum(&text, "shardline_heartbeat_response_bytes");
+    println!(
+        "{} source partitions, their offsets {offsets_bytes} bytes; an idle heartbeat answer {heartbeat} bytes",
+        offsets.len()
+    );
+    assert!(offsets.len() >= 25, "{} source partitions", offsets.len());
+    assert!(
+        (heartbeat as usize) < offsets_bytes,
+        "the heartbeat carries every offset: {heartbeat} bytes >= {offsets_bytes}"
+    );
+    Ok(())
+}

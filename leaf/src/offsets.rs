@@ -1,0 +1,138 @@
+//! The committed offsets a leaf holds per pipeline, kept up to date from the master's
+//! heartbeat answers, which carry only what changed since the version the leaf reports
+//! (`OffsetsSeen`): a heartbeat grows with the offsets committed since the last one, not with
+//! every source partition a pipeline ever read.
+
+use serde_json::Value as Json;
+use std::collections::HashMap;
+
+/// One pipeline's committed offsets: KEY -> `{"value": .., "finished": ..}`.
+#[derive(Default)]
+struct Held {
+    generation: u64,
+    batch_id: u64,
+    offsets: serde_json::Map<String, Json>,
+    /// `offsets` as the JSON text tasks read (rebuilt only when they change).
+    json: String,
+}
+
+/// Per pipeline, what this leaf holds.
+#[derive(Default)]
+pub struct OffsetCache {
+    pipelines: HashMap<u64, Held>,
+}
+
+impl OffsetCache {
+    /// Takes in a heartbeat's assignments: merges each pipeline's offsets (a delta, or the whole
+    /// set) and gives every assignment the whole set, as tasks expect. Pipelines without an
+    /// assignment are forgotten.
+    pub fn merge(&mut self, assignments: &mut [proto::TaskAssignment]) {
+        let mut merged: HashMap<u64, ()> = HashMap::new();
+        for a in assignments.iter_mut() {
+            let held = self.pipelines.entry(a.pipeline_id).or_default();
+            if merged.insert(a.pipeline_id, ()).is_none() {
+                let incoming = match serde_json::from_str::<Json>(&a.offsets_json) {
+                    Ok(Json::Object(m)) => m,
+                    _ => serde_json::Map::new(),
+                };
+                if a.offsets_delta && held.generation != a.offsets_generation {
+                    // A delta against offsets this leaf does not hold (it answers a request
+                    // built before the last merge): unusable. Keep what is held, and ask for
+                    // the whole set next time.
+                    held.generation = u64::MAX;
+                    held.batch_id = 0;
+                    a.offsets_json = held.json.clone();
+                    a.offsets_delta = false;
+                    continue;
+                }
+                let changed = !a.offsets_delta || !incoming.is_empty() || held.json.is_empty();
+                if a.offsets_delta {
+                    held.offsets.extend(incoming);
+                } else {
+                    held.offsets = incoming;
+                }
+                held.generation = a.offsets_generation;
+                held.batch_id = a.offsets_batch_id;
+                if changed {
+                    held.json =
+                        common::connect::avro::canonical_json(&Json::Object(held.offsets.clone()));
+                }
+            }
+            a.offsets_json = held.json.clone();
+            a.offsets_delta = false;
+        }
+        self.pipelines.retain(|id, _| merged.contains_key(id));
+    }
+
+    /// What to tell the master this leaf holds.
+    pub fn seen(&self) -> Vec<proto::OffsetsSeen> {
+        self.pipelines
+            .iter()
+            .map(|(id, h)| proto::OffsetsSeen {
+                pipeline_id: *id,
+                generation: h.generation,
+                batch_id: h.batch_id,
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assignment(
+        json: &str,
+        delta: bool,
+        generation: u64,
+        batch_id: u64,
+    ) -> proto::TaskAssignment {
+        proto::TaskAssignment {
+            pipeline_id: 1,
+            offsets_json: json.into(),
+            offsets_delta: delta,
+            offsets_generation: generation,
+            offsets_batch_id: batch_id,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn deltas_merge_into_the_whole_set_and_a_new_generation_replaces_it() {
+        let mut cache = OffsetCache::default();
+        let mut a = vec![assignment(
+            r#"{"a":{"value":1},"b":{"value":2}}"#,
+            false,
+            0,
+            5,
+        )];
+        cache.merge(&mut a);
+        assert_eq!(a[0].offsets_json, r#"{"a":{"value":1},"b":{"value":2}}"#);
+        assert_eq!(cache.seen()[0].batch_id, 5);
+        // Only b moved: the leaf still gives its tasks both.
+        let mut a = vec![
+            assignment(r#"{"b":{"value":3}}"#, true, 0, 6),
+            assignment(r#"{"b":{"value":3}}"#, true, 0, 6),
+        ];
+        cache.merge(&mut a);
+        assert_eq!(a[1].offsets_json, r#"{"a":{"value":1},"b":{"value":3}}"#);
+        assert!(!a[1].offsets_delta);
+        // Nothing moved: the same set.
+        let mut a = vec![assignment("{}", true, 0, 6)];
+        cache.merge(&mut a);
+        assert_eq!(a[0].offsets_json, r#"{"a":{"value":1},"b":{"value":3}}"#);
+        // ALTER ... SET OFFSETS: a new generation, sent whole, replaces everything.
+        let mut a = vec![assignment(r#"{"c":{"value":0}}"#, false, 1, 6)];
+        cache.merge(&mut a);
+        assert_eq!(a[0].offsets_json, r#"{"c":{"value":0}}"#);
+        // A delta of another generation than the one held is not merged: what is held stays,
+        // and the next heartbeat asks for the whole set.
+        let mut a = vec![assignment(r#"{"d":{"value":0}}"#, true, 2, 7)];
+        cache.merge(&mut a);
+        assert_eq!(a[0].offsets_json, r#"{"c":{"value":0}}"#);
+        assert_eq!(cache.seen()[0].generation, u64::MAX);
+        // A pipeline no longer assigned is forgotten.
+        cache.merge(&mut []);
+        assert!(cache.seen().is_empty());
+    }
+}
