@@ -346,6 +346,10 @@ async fn extract(
     }))
 }
 
+/// Set in a leaf's environment (tests only) to a partition key: a batch holding a record whose
+/// key contains it fails to load, every time.
+pub const POISON_KEY: &str = "SHARDLINE_TEST_POISON_KEY";
+
 /// Set in a leaf's environment (tests only), the leaf exits right after the master committed
 /// its first batch, before making it visible.
 pub const EXIT_BEFORE_FINALIZE: &str = "SHARDLINE_TEST_EXIT_BEFORE_FINALIZE";
@@ -491,6 +495,16 @@ type LastOffsets = BTreeMap<String, (Json, bool)>;
 struct InFlight {
     handle: tokio::task::JoinHandle<Result<Outcome, RunError>>,
     last: LastOffsets,
+    /// What skipping the batch commits, should it fail for good.
+    skip: FailedBatch,
+}
+
+/// A batch that failed to load or commit: what committing its offsets without its rows takes
+/// (STOP_ON_ERROR OFF skips it so).
+struct FailedBatch {
+    commit: common::catalog::pipelines::BatchCommit,
+    table: TableRef,
+    last: LastOffsets,
 }
 
 impl Runner {
@@ -558,18 +572,28 @@ impl Runner {
                         return;
                     }
                 }
-                Err(RunError::Failed(msg)) => {
+                Err(e @ (RunError::Failed(_) | RunError::BatchFailed { .. })) => {
+                    let (msg, batch) = match e {
+                        RunError::BatchFailed { message, batch } => (message, Some(batch)),
+                        RunError::Failed(message) => (message, None),
+                        RunError::Refused(message) => (message, None),
+                    };
                     failures += 1;
-                    let max = self.current().max_retries;
-                    let fatal = failures > max;
+                    let current = self.current();
+                    let fatal = failures > current.max_retries;
                     tracing::warn!(pipeline = %a.pipeline, task = a.task_id, attempt = failures, fatal, "task failed: {msg}");
                     self.report(&msg, fatal).await;
                     let backoff = Duration::from_millis(500 * (1u64 << (failures - 1).min(5)));
                     if fatal {
                         // Reported as the batch's last failure: the master stops the pipeline
                         // (STOP_ON_ERROR ON: this task is cancelled) or counts the batch as
-                        // skipped; then the next batch starts with a budget of its own.
+                        // skipped. A skipped batch that holds records moves its offsets past
+                        // them without loading them (a failure before any record was read
+                        // skips nothing). The next batch starts with a budget of its own.
                         failures = 0;
+                        if let (Some(batch), false) = (batch, current.stop_on_error) {
+                            self.skip(*batch).await;
+                        }
                     }
                     tokio::select! {
                         _ = self.cancel.cancelled() => return,
@@ -578,6 +602,69 @@ impl Runner {
                 }
             }
         }
+    }
+
+    /// Commits a failed batch's offsets without its rows (STOP_ON_ERROR OFF, retries
+    /// exhausted), as one batch of no rows through the usual prepare, commit and finalize. If it
+    /// does not commit (refused: the task moved, or its offsets did), the next run starts from
+    /// the committed offsets as after any refusal.
+    async fn skip(&mut self, batch: FailedBatch) {
+        let a = self.current();
+        self.next_seq += 1;
+        let key = BatchKey {
+            pipeline_id: batch.commit.pipeline_id,
+            task_id: batch.commit.task_id,
+            epoch: batch.commit.epoch,
+            seq: self.next_seq,
+        };
+        let commit = common::catalog::pipelines::BatchCommit {
+            seq: key.seq,
+            rows: 0,
+            bytes: 0,
+            num_partitions: 0,
+            ..batch.commit
+        };
+        let job = BatchJob {
+            key,
+            start: Instant::now(),
+            table: batch.table,
+            load: Some(Load {
+                schema: Arc::new(avro::Schema::Null),
+                records: vec![],
+                columns_json: String::new(),
+                partitions: vec![],
+                first_partition: 0,
+            }),
+            commit,
+            pipeline: a.pipeline.clone(),
+            store: self.store.clone(),
+            client: self.client.clone(),
+            committer: self.committer.clone(),
+            metrics: self.metrics.clone(),
+            cancel: self.cancel.clone(),
+            leaf_shutdown: self.leaf_shutdown.clone(),
+        };
+        match job.run().await {
+            Ok(Outcome::Continue) => {
+                tracing::warn!(pipeline = %a.pipeline, task = a.task_id, offsets = ?batch.last, "skipped a batch that failed past its retries (STOP_ON_ERROR OFF)");
+                self.count_skipped();
+                self.committed_batches += 1;
+            }
+            Ok(Outcome::Refused(reason)) => {
+                tracing::info!(pipeline = %a.pipeline, task = a.task_id, "the skipped batch was refused ({reason})");
+            }
+            Err(_) => {
+                tracing::warn!(pipeline = %a.pipeline, task = a.task_id, "cannot commit the skipped batch yet");
+            }
+        }
+    }
+
+    fn count_skipped(&self) {
+        let label = common::metrics::label(&self.current().pipeline);
+        self.metrics.add(
+            &format!("shardline_batches_skipped_total{{pipeline=\"{label}\"}}"),
+            1.0,
+        );
     }
 
     /// Waits until the master sends this task's assignment again (a heartbeat: it carries the
@@ -598,11 +685,17 @@ impl Runner {
         committed: &mut CommittedOffsets,
         task: &mut dyn connect::SourceTask,
     ) -> Result<(), RunError> {
-        let outcome = in_flight
-            .handle
-            .await
-            .map_err(|e| RunError::Failed(format!("batch loader stopped: {e}")))?;
-        match outcome? {
+        let failed = |message: String, skip: FailedBatch| RunError::BatchFailed {
+            message,
+            batch: Box::new(skip),
+        };
+        let outcome = match in_flight.handle.await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(RunError::Failed(message))) => return Err(failed(message, in_flight.skip)),
+            Ok(Err(other)) => return Err(other),
+            Err(e) => return Err(failed(format!("batch loader stopped: {e}"), in_flight.skip)),
+        };
+        match outcome {
             Outcome::Continue => {
                 committed.offsets.extend(in_flight.last);
                 task.commit(committed);
@@ -663,9 +756,15 @@ impl Runner {
             }
             let (job, last) =
                 self.batch_job(&a, &schema, batch, &committed, &mut next_partition)?;
+            let skip = FailedBatch {
+                commit: job.commit.clone(),
+                table: job.table.clone(),
+                last: last.clone(),
+            };
             in_flight = Some(InFlight {
                 handle: tokio::spawn(job.run()),
                 last,
+                skip,
             });
         }
     }
@@ -772,6 +871,22 @@ struct Load {
 
 impl Load {
     fn rows(self) -> Result<Vec<(u32, String)>, String> {
+        if self.records.is_empty() {
+            return Ok(vec![]); // a skipped batch
+        }
+        if let Some(key) = std::env::var_os(POISON_KEY) {
+            // Fault injection for the tests: a record that cannot be loaded.
+            let key = key.to_string_lossy().into_owned();
+            if self
+                .records
+                .iter()
+                .any(|r| format!("{:?}", r.key).contains(&key))
+            {
+                return Err(format!(
+                    "a record with key '{key}' cannot be loaded ({POISON_KEY})"
+                ));
+            }
+        }
         let bytes = avro::encode_batch(&self.schema, self.records).map_err(|e| e.to_string())?;
         let decoded = avro::decode_batch(&bytes).map_err(|e| e.to_string())?;
         let (columns, compiled) = if self.columns_json.is_empty() {
@@ -799,6 +914,11 @@ impl Load {
 enum RunError {
     Refused(String),
     Failed(String),
+    /// A batch's load or commit failed (it can be skipped).
+    BatchFailed {
+        message: String,
+        batch: Box<FailedBatch>,
+    },
 }
 
 /// Extracts up to `limit` records without loading them (TEST PIPELINE): rows [topic, id, record].

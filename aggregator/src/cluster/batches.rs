@@ -206,6 +206,9 @@ pub fn assignments(
                 table_id,
                 start_at_ms: p.start_ms.unwrap_or(0),
                 offsets_delta: since.is_some(),
+                stop_on_error: p.stop_on_error.unwrap_or_else(|| {
+                    catalog.variable("pipelines_stop_on_error").as_deref() == Some("ON")
+                }),
                 offsets_generation: p.offsets_generation,
                 offsets_batch_id,
             });

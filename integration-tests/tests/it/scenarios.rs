@@ -625,3 +625,95 @@ fn heartbeats_carry_offset_changes_not_every_shard_ever_read() -> Result<()> {
     );
     Ok(())
 }
+
+/// Scenario 2, a batch that can never load: with STOP_ON_ERROR OFF, once its retries are spent
+/// the batch is skipped (its offsets move past its records, which are not loaded; its error is
+/// in PIPELINES_ERRORS) and the records after it load. Before, the task stopped for good after
+/// the last retry while the pipeline showed Running.
+#[test]
+fn a_batch_that_never_loads_is_skipped_and_the_task_goes_on() -> Result<()> {
+    let sim = Moto::sim(&[])?;
+    let rt = runtime();
+    let kinesis = sim.client();
+    let mut leaf_env = sim.leaf_env();
+    leaf_env.push(("SHARDLINE_TEST_POISON_KEY".into(), "poison".into()));
+    let (c, m) = ready_cluster(
+        ClusterSpec {
+            aggregators: 1,
+            leaves: 1,
+            leaf_env,
+            ..Default::default()
+        },
+        "skip",
+    )?;
+    rt.block_on(create_stream(&kinesis, "skip-stream", 1))?;
+    c.sql(
+        m,
+        &format!(
+            "USE skip; {}",
+            create_pipeline_sql("skip_pipeline", "skip-stream", 1)
+        ),
+    )?;
+    c.sql(
+        m,
+        "USE skip; ALTER PIPELINE skip_pipeline SET MAX_RETRIES_PER_BATCH_PARTITION 1; ALTER PIPELINE skip_pipeline SET STOP_ON_ERROR OFF",
+    )?;
+    c.sql(m, "USE skip; START PIPELINE skip_pipeline")?;
+    let records = |tag: &str| -> Vec<(String, Vec<u8>)> {
+        (0..10)
+            .map(|i| (format!("{tag}-{i}"), format!("{tag}-{i}").into_bytes()))
+            .collect()
+    };
+    let mut put = rt.block_on(put_records(&kinesis, "skip-stream", &records("before")))?;
+    all_loaded_once(&c, m, "skip", "skip_pipeline", &put)?;
+    let poison = rt.block_on(put_records(
+        &kinesis,
+        "skip-stream",
+        &[("poison".to_string(), b"never loads".to_vec())],
+    ))?;
+    let errors = |c: &Cluster| -> usize {
+        c.sql(m, "SELECT COUNT(*) FROM information_schema.PIPELINES_ERRORS WHERE PIPELINE_NAME = 'skip_pipeline'")
+            .ok()
+            .and_then(|o| o.rows[0][0].parse().ok())
+            .unwrap_or(0)
+    };
+    wait_for("the batch's failures", START, || {
+        (errors(&c) >= 2).then_some(())
+    })?;
+    put.extend(rt.block_on(put_records(&kinesis, "skip-stream", &records("after")))?);
+    // Every record but the poison one, once; the offsets past it.
+    wait_for(
+        &format!("{} rows", put.len()),
+        Duration::from_secs(60),
+        || (count(&c, m, "skip", "skip_pipeline")? >= put.len()).then_some(()),
+    )
+    .inspect_err(|_| c.failed())?;
+    let keys = c
+        .sql(m, "SELECT JSON_EXTRACT_STRING(id, 'partitionKey') FROM skip.skip_pipeline WHERE JSON_EXTRACT_STRING(id, 'partitionKey') = 'poison'")?
+        .rows;
+    assert!(
+        keys.is_empty(),
+        "the skipped record was not loaded: {keys:?}"
+    );
+    let mut all = put.clone();
+    all.extend(poison);
+    let offsets = crate::pipelines::offsets(&c, m, "skip_pipeline")?;
+    let last = all
+        .iter()
+        .map(|(_, s)| s.clone())
+        .max_by_key(|s| (s.len(), s.clone()));
+    assert_eq!(
+        offsets.values().next().cloned(),
+        last,
+        "the offset is the shard's last"
+    );
+    assert_eq!(count(&c, m, "skip", "skip_pipeline"), Some(put.len()));
+    let state = c
+        .sql(
+            m,
+            "SELECT STATE FROM information_schema.PIPELINES WHERE PIPELINE_NAME = 'skip_pipeline'",
+        )?
+        .rows;
+    assert_eq!(state, vec![vec!["Running".to_string()]]);
+    Ok(())
+}
