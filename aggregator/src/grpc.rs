@@ -76,10 +76,22 @@ impl proto::aggregator_server::Aggregator for AggregatorServiceImpl {
         &self,
         request: Request<proto::RegisterLeafRequest>,
     ) -> Result<Response<proto::RegisterLeafResponse>, Status> {
-        let address = request.into_inner().address;
+        let req = request.into_inner();
+        let address = req.address;
         crate::config::check_host_port(&address)
             .map_err(|e| Status::invalid_argument(format!("leaf address '{address}': {e}")))?;
-        let id = self.leaves.register(address).await?;
+        let holding = req.fresh.then(|| {
+            req.holding
+                .iter()
+                .map(|b| common::catalog::pipelines::BatchRef {
+                    pipeline_id: b.pipeline_id,
+                    task_id: b.task_id,
+                    epoch: b.epoch,
+                    seq: b.seq,
+                })
+                .collect()
+        });
+        let id = self.leaves.register(address, holding).await?;
         Ok(Response::new(proto::RegisterLeafResponse { leaf_id: id.0 }))
     }
 
@@ -121,6 +133,7 @@ impl proto::aggregator_server::Aggregator for AggregatorServiceImpl {
             role: st.role.to_string(),
             leader_address: self.raft.leader_address().unwrap_or_default(),
             open_connections: self.connections.load(Ordering::Relaxed) as u64,
+            unfinalized_batches: self.raft.read_catalog(|c| c.unfinalized.len() as u64),
             mysql_address: self.mysql_address.clone(),
         }))
     }

@@ -69,6 +69,7 @@ pub async fn heartbeat_loop(
     shutdown: CancellationToken,
 ) {
     let sweeping = Arc::new(AtomicBool::new(false));
+    let mut registered_once = false;
     // A heartbeat that takes longer than this is as good as lost: the master declares a leaf
     // offline after its heartbeat timeout (2 s by default), so a leaf must move on to the new
     // master well before that when the old one stops answering.
@@ -90,11 +91,20 @@ pub async fn heartbeat_loop(
         let result = match state.leaf_id() {
             None => client
                 .call(|mut c| {
-                    let address = address.clone();
-                    async move { c.register_leaf(proto::RegisterLeafRequest { address }).await }
+                    // Only before this process runs a task (a batch that prepares and commits
+                    // meanwhile would be missing from what it says it holds), and only if the
+                    // store could say what it holds.
+                    let holding = (!registered_once).then(|| held_batches(&store)).flatten();
+                    let request = proto::RegisterLeafRequest {
+                        address: address.clone(),
+                        fresh: holding.is_some(),
+                        holding: holding.unwrap_or_default(),
+                    };
+                    async move { c.register_leaf(request).await }
                 })
                 .await
                 .map(|r| {
+                    registered_once = true;
                     state.leaf_id.store(r.leaf_id, Ordering::Relaxed);
                     tracing::info!(leaf_id = r.leaf_id, master = ?client.target(), "registered with the cluster");
                     None
@@ -198,4 +208,23 @@ fn sweep_dropped_tables(store: &Store, live: proto::LiveTables, sweeping: &Arc<A
         }
         sweeping.store(false, Ordering::Release);
     });
+}
+
+/// Every batch this leaf holds: prepared, or made visible and not yet confirmed to the master
+/// (`None` if the store cannot tell).
+fn held_batches(store: &Store) -> Option<Vec<proto::ResolveBatchRequest>> {
+    let prepared = store.prepared_batches().ok()?;
+    let finalized = store.finalized_batches(usize::MAX).ok()?;
+    Some(
+        prepared
+            .into_iter()
+            .chain(finalized)
+            .map(|k| proto::ResolveBatchRequest {
+                pipeline_id: k.pipeline_id,
+                task_id: k.task_id,
+                epoch: k.epoch,
+                seq: k.seq,
+            })
+            .collect(),
+    )
 }

@@ -32,8 +32,13 @@ impl LeafMonitor {
         self.last_seen.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a leaf (by address) and returns its id. Master only.
-    pub async fn register(&self, address: String) -> Result<LeafId> {
+    /// Registers a leaf (by address) and returns its id. Master only. `holding`: from a leaf
+    /// process that just started, every batch it holds (see `Command::RegisterLeaf`).
+    pub async fn register(
+        &self,
+        address: String,
+        holding: Option<Vec<common::catalog::pipelines::BatchRef>>,
+    ) -> Result<LeafId> {
         if !self.raft.is_leader() {
             return Err(self.raft.not_leader());
         }
@@ -42,6 +47,7 @@ impl LeafMonitor {
             .propose(Command::RegisterLeaf {
                 address: address.clone(),
                 now_ms: now_ms(),
+                holding,
             })
             .await?;
         let common::catalog::Output::Leaf(id) = out else {

@@ -107,6 +107,8 @@ async fn main() -> Result<()> {
     let leaf_id = m
         .register_leaf(proto::RegisterLeafRequest {
             address: args.address.clone(),
+            fresh: true,
+            holding: vec![],
         })
         .await
         .map_err(|s| anyhow::anyhow!("register: {}", s.message()))?

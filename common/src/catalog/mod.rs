@@ -205,6 +205,11 @@ pub enum Command {
     RegisterLeaf {
         address: String,
         now_ms: u64,
+        /// From a leaf process that just started: every batch it holds. The committed batches
+        /// kept for it (`unfinalized`) that it does not hold are forgotten: nothing will ask
+        /// about them again (a leaf whose disk was wiped holds none).
+        #[serde(default)]
+        holding: Option<Vec<BatchRef>>,
     },
     SetLeafOnline {
         id: LeafId,
@@ -442,13 +447,24 @@ impl Catalog {
                     Err(Error::DatabaseNotFound { name })
                 }
             }
-            Command::RegisterLeaf { address, now_ms } => {
+            Command::RegisterLeaf {
+                address,
+                now_ms,
+                holding,
+            } => {
                 if let Some(leaf) = self.leaves.values_mut().find(|l| l.address == address) {
                     if !leaf.online {
                         leaf.online = true;
                         leaf.since_ms = now_ms;
                     }
-                    return Ok(Output::Leaf(leaf.id));
+                    let id = leaf.id;
+                    if let Some(holding) = holding {
+                        let holding: std::collections::BTreeSet<BatchRef> =
+                            holding.into_iter().collect();
+                        self.unfinalized
+                            .retain(|b, u| u.leaf != Some(id) || holding.contains(b));
+                    }
+                    return Ok(Output::Leaf(id));
                 }
                 self.next_leaf_id += 1;
                 let id = LeafId(self.next_leaf_id);
@@ -894,6 +910,7 @@ mod tests {
             c.apply(Command::RegisterLeaf {
                 address: format!("127.0.0.1:{}", 9000 + i),
                 now_ms: 1,
+                holding: None,
             })
             .unwrap();
         }
@@ -983,6 +1000,7 @@ mod tests {
             .apply(Command::RegisterLeaf {
                 address: "127.0.0.1:9001".into(),
                 now_ms: 5,
+                holding: None,
             })
             .unwrap();
         assert_eq!(again, Output::Leaf(LeafId(2)));
@@ -1137,6 +1155,20 @@ mod tests {
         .unwrap();
         assert_eq!(c.committed_batch(&first), None);
         assert_eq!(c.unfinalized.len(), 1);
+        // Its leaf registers again: a process that still holds the batch keeps it; a
+        // re-registration that says nothing keeps it; one that holds nothing (a wiped disk) does
+        // not.
+        let second = BatchRef { seq: 6, ..first };
+        let register = |holding| Command::RegisterLeaf {
+            address: "127.0.0.1:9000".into(),
+            now_ms: 9,
+            holding,
+        };
+        c.apply(register(Some(vec![second]))).unwrap();
+        c.apply(register(None)).unwrap();
+        assert_eq!(c.committed_batch(&second), Some(2));
+        c.apply(register(Some(vec![]))).unwrap();
+        assert_eq!(c.committed_batch(&second), None);
     }
 
     #[test]

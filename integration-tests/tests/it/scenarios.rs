@@ -717,3 +717,57 @@ fn a_batch_that_never_loads_is_skipped_and_the_task_goes_on() -> Result<()> {
     assert_eq!(state, vec![vec!["Running".to_string()]]);
     Ok(())
 }
+
+/// Bounds: the committed batches the catalog keeps for a leaf until it confirms them visible
+/// go when that leaf comes back without them (its disk wiped, here right after a commit it
+/// never finalized): it registers saying what it holds. Before, they stayed in the catalog (and
+/// its snapshots) for good.
+#[test]
+fn a_leaf_back_with_a_wiped_disk_leaves_no_committed_batch_behind() -> Result<()> {
+    let mut c = Cluster::start(ClusterSpec {
+        aggregators: 1,
+        ..Default::default()
+    })?;
+    let m = c.wait_for_master(START)?;
+    c.wait_for_leaves_online(m, 2, START)?;
+    c.leaves[1].kill();
+    c.leaves[1].set_env("SHARDLINE_TEST_EXIT_BEFORE_FINALIZE", Some("1"));
+    c.leaves[1].start()?;
+    c.wait_for_leaves_online(m, 2, START)?;
+    setup(&c, m, "wiped")?;
+    create_datagen(&c, m, "wiped", 100)?;
+    c.sql(m, "USE wiped; START PIPELINE gen")?;
+    wait_for(
+        "the leaf to exit after its commit",
+        Duration::from_secs(30),
+        || (!c.leaves[1].is_running()).then_some(()),
+    )?;
+    let addr = c.aggregators[m]
+        .arg("--grpc-listen")
+        .unwrap_or_default()
+        .to_string();
+    let unfinalized = || -> Option<u64> {
+        let addr = addr.clone();
+        runtime().block_on(async move {
+            let mut client =
+                proto::aggregator_client::AggregatorClient::connect(format!("http://{addr}"))
+                    .await
+                    .ok()?;
+            let status = client.status(proto::StatusRequest {}).await.ok()?;
+            Some(status.into_inner().unfinalized_batches)
+        })
+    };
+    // The other leaf's batches are confirmed within a second; the dead one's stays.
+    wait_for("only the dead leaf's committed batch kept", START, || {
+        (unfinalized()? == 1).then_some(())
+    })?;
+    std::fs::remove_dir_all(c.leaves[1].data_dir())?;
+    c.leaves[1].set_env("SHARDLINE_TEST_EXIT_BEFORE_FINALIZE", None);
+    c.leaves[1].start()?;
+    c.wait_for_leaves_online(m, 2, START)?;
+    wait_for("the catalog to forget it", START, || {
+        (unfinalized()? == 0).then_some(())
+    })
+    .inspect_err(|_| c.failed())?;
+    Ok(())
+}
