@@ -1,6 +1,7 @@
 //! The Shardline leaf.
 //!
 //! - [`config`]: `LeafConfig` (flags, env, defaults, validation);
+//! - [`batch`]: one batch's load, prepare, commit and finalize;
 //! - [`client`]: the client that finds and follows the master aggregator;
 //! - [`commits`]: the leaf's batch commits at the master, sent together;
 //! - [`finalized`]: confirmations to the master of the committed batches made visible;
@@ -10,6 +11,7 @@
 //! - [`store`]: the sled partition store with prepared and committed batches;
 //! - [`tasks`]: connector tasks and their batch loop.
 
+pub mod batch;
 pub mod client;
 pub mod commits;
 pub mod config;
