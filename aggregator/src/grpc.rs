@@ -47,6 +47,50 @@ impl AggregatorServiceImpl {
 
 #[tonic::async_trait]
 impl proto::aggregator_server::Aggregator for AggregatorServiceImpl {
+    async fn identity(
+        &self,
+        _request: Request<proto::IdentityRequest>,
+    ) -> Result<Response<proto::IdentityResponse>, Status> {
+        let cluster_id = self.raft.read_catalog(|c| c.cluster_id.clone());
+        Ok(Response::new(proto::IdentityResponse {
+            node_id: self.raft.node_id().0,
+            cluster_id: cluster_id.unwrap_or_default(),
+            started: self.raft.launched(),
+        }))
+    }
+
+    async fn join_cluster(
+        &self,
+        request: Request<proto::JoinClusterRequest>,
+    ) -> Result<Response<proto::JoinClusterResponse>, Status> {
+        let req = request.into_inner();
+        if !self.raft.launched() {
+            return Err(Status::unavailable("this aggregator is starting"));
+        }
+        let node = common::ids::NodeId(req.node_id);
+        let command = common::catalog::Command::Request {
+            id: req.request_id,
+            command: Box::new(common::catalog::Command::JoinMember { node }),
+        };
+        match self.raft.propose(command).await {
+            Ok(common::catalog::Output::Cluster(cluster_id)) => {
+                tracing::info!(%node, "an aggregator joined with a new data directory");
+                Ok(Response::new(proto::JoinClusterResponse { cluster_id }))
+            }
+            Ok(other) => Err(Status::internal(format!(
+                "unexpected join outcome {other:?}"
+            ))),
+            Err(crate::Error::Catalog(
+                e @ (common::Error::NotAMember { .. } | common::Error::ClusterNotInitialized),
+            )) => Err(Status::not_found(e.to_string())),
+            Err(e @ crate::Error::Catalog(_)) => {
+                tracing::warn!(%node, "refused an aggregator's join: {e}");
+                Err(Status::failed_precondition(e.to_string()))
+            }
+            Err(e) => Err(Status::unavailable(e.to_string())),
+        }
+    }
+
     async fn raft(
         &self,
         request: Request<proto::RaftMessage>,

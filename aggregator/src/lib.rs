@@ -6,12 +6,14 @@
 //! - [`sql`]: parsing and executing statements;
 //! - [`mysql`]: the MySQL wire protocol front door;
 //! - [`grpc`]: the gRPC service for aggregators and leaves;
+//! - [`identity`]: the node's identity in its data directory, and how a new one joins;
 //! - [`error`]: the crate's error type.
 
 pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod grpc;
+pub mod identity;
 pub mod mysql;
 pub mod raft;
 pub mod sql;
@@ -39,12 +41,7 @@ pub async fn run(
     common::datadir::prepare(&config.data_dir, config.require_volume)
         .map_err(anyhow::Error::msg)?;
     let tasks = TaskTracker::new();
-    let raft = raft::RaftHandle::start(&config, &tasks, shutdown.clone()).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot open the raft store in {}: {e}",
-            config.data_dir.display()
-        )
-    })?;
+    let (raft, launcher) = raft::RaftHandle::new(&config)?;
     let engine = Arc::new(sql::SqlEngine::new(
         raft.clone(),
         config.mysql_address(),
@@ -148,6 +145,33 @@ pub async fn run(
         shutdown.clone(),
     ));
 
+    // Everything above serves already (other nodes' identity questions among it); Raft starts
+    // once this node knows how it may take part.
+    let launched = match identity::decide(&config, &shutdown).await {
+        Ok(membership) => raft
+            .launch(launcher, membership, &config, &tasks, shutdown.clone())
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot open the raft store in {}: {e}",
+                    config.data_dir.display()
+                )
+            }),
+        Err(e) => Err(anyhow::anyhow!(
+            "aggregator {} refuses to start: {e}",
+            config.node_id
+        )),
+    };
+    if let Err(e) = launched {
+        shutdown.cancel();
+        tasks.close();
+        tasks.wait().await;
+        return Err(e);
+    }
+    tasks.spawn(keep_cluster_identity(
+        raft.clone(),
+        config.clone(),
+        shutdown.clone(),
+    ));
     tracing::info!(
         node = config.node_id,
         grpc = %config.grpc_listen,
@@ -188,6 +212,58 @@ async fn announce_mysql_address(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
+        }
+    }
+}
+
+/// Gives the cluster its identity (the first master records it, with the members it was created
+/// with) and keeps this node's copy in its data directory. A catalog of another cluster than
+/// the data directory's stops the node.
+async fn keep_cluster_identity(
+    raft: raft::RaftHandle,
+    config: AggregatorConfig,
+    shutdown: CancellationToken,
+) {
+    loop {
+        match raft.read_catalog(|c| c.cluster_id.clone()) {
+            Some(cluster_id) => {
+                if let Err(e) = identity::record_cluster_id(&config.data_dir, &cluster_id) {
+                    tracing::error!("stopping the aggregator: {e}");
+                    shutdown.cancel();
+                }
+                return;
+            }
+            None if raft.is_leader() => {
+                let members = match config.peer_map() {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::error!("cannot record the cluster's members: {e}");
+                        return;
+                    }
+                };
+                let cluster_id = format!(
+                    "{:016x}{:016x}",
+                    rand::random::<u64>(),
+                    rand::random::<u64>()
+                );
+                match raft
+                    .propose(Command::InitCluster {
+                        cluster_id,
+                        members,
+                    })
+                    .await
+                {
+                    Ok(_) => continue,
+                    Err(e) => {
+                        tracing::debug!("recording the cluster's identity failed, will retry: {e}")
+                    }
+                }
+            }
+            None => {}
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
     }
 }

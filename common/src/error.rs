@@ -63,6 +63,22 @@ pub enum Error {
     DuplicateColumn { name: String },
     #[error("Table '{database}.{name}' doesn't exist")]
     TableNotFound { database: String, name: String },
+    #[error("The cluster has no identity yet: no master has been elected since it was created")]
+    ClusterNotInitialized,
+    #[error("Aggregator {node} has joined this cluster before and its data directory is gone: a member that lost its data must not rejoin under its old id (it has forgotten its Raft vote and the writes it acknowledged). Replace it: REMOVE AGGREGATOR {node}, then ADD AGGREGATOR <new id> '<host>:<grpc port>', and start the new node with that id (docs/operations.md)")]
+    MemberAlreadyJoined { node: u64 },
+    #[error("Aggregator {node} is not a member of this cluster: add it first with ADD AGGREGATOR {node} '<host>:<grpc port>'")]
+    NotAMember { node: u64 },
+    #[error("Aggregator id {node} was removed from this cluster and can't be used again: choose a new id")]
+    MemberRemoved { node: u64 },
+    #[error("Aggregator {node} is already a member of this cluster")]
+    MemberExists { node: u64 },
+    #[error("Address {address} is already used by aggregator {node}")]
+    MemberAddressInUse { address: String, node: u64 },
+    #[error("Aggregator {node} is the master and can't remove itself: stop it first (the others elect a new master), then remove it")]
+    RemoveMaster { node: u64 },
+    #[error("Can't remove aggregator {node}: it is the last member")]
+    LastMember { node: u64 },
     #[error("Kafka Connect pipelines are disabled; enable them with SET GLOBAL experimental_features_config = \"kafka_connect_enabled=true\"")]
     FeatureDisabled,
 }

@@ -172,7 +172,13 @@ impl TaskManager {
                 });
                 continue;
             }
-            tracing::info!(pipeline = %a.pipeline, task = a.task_id, epoch = a.epoch, "starting task");
+            tracing::info!(
+                pipeline = %a.pipeline,
+                pipeline_id = a.pipeline_id,
+                task = a.task_id,
+                epoch = a.epoch,
+                "starting task"
+            );
             let (tx, rx) = watch::channel(a.clone());
             let cancel = self.shutdown.child_token();
             running.insert(

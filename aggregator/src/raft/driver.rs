@@ -4,11 +4,13 @@
 use super::storage::SledStorage;
 use super::transport::Transport;
 use crate::error::{Error, Result};
+use common::catalog::MemberChange;
 use common::catalog::{Catalog, Command, Output};
 use common::ids::NodeId;
-use raft::eraftpb::{Entry, EntryType, Message, MessageType, Snapshot};
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChange, ConfChangeType, Entry, EntryType, Message, MessageType, Snapshot};
 use raft::{RawNode, SnapshotStatus, StateRole};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -63,6 +65,8 @@ pub struct Driver {
     pub(super) storage: SledStorage,
     pub(super) transport: Transport,
     pub(super) catalog: Arc<RwLock<Catalog>>,
+    /// Every member's gRPC address, shared with the handle.
+    pub(super) peers: Arc<RwLock<BTreeMap<NodeId, String>>>,
     pub(super) status: watch::Sender<RaftStatus>,
     /// Proposals awaiting apply, by the log index they were appended at (leader only).
     pub(super) pending: HashMap<u64, (u64, Reply)>,
@@ -72,6 +76,10 @@ pub struct Driver {
     pub(super) next_read: u64,
     pub(super) applied: u64,
     pub(super) snapshot_entries: u64,
+    /// A membership change was applied: snapshot now, so that no master's log starts before
+    /// it (a joining member, which starts with an empty configuration, must learn the
+    /// membership from a snapshot, never by replaying entries from the start).
+    pub(super) snapshot_now: bool,
 }
 
 /// Proposal context: the proposing node and a per-node proposal id.
@@ -200,7 +208,17 @@ impl Driver {
         let id = self.next_proposal;
         self.next_proposal = self.next_proposal.wrapping_add(1);
         let index = self.node.raft.raft_log.last_index() + 1;
-        match self.node.propose(context(self.me, id), data) {
+        let proposed = match command.member_change() {
+            None => self.node.propose(context(self.me, id), data),
+            Some(change) => match self.conf_change(&command, change, data) {
+                Ok(cc) => self.node.propose_conf_change(context(self.me, id), cc),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+            },
+        };
+        match proposed {
             Ok(()) if self.node.raft.raft_log.last_index() == index => {
                 self.pending.insert(index, (id, reply));
             }
@@ -213,6 +231,68 @@ impl Driver {
             Err(e) => {
                 let _ = reply.send(Err(e.into()));
             }
+        }
+    }
+
+    /// The Raft configuration change for a membership command, checked first: once committed,
+    /// a configuration change takes effect whatever the catalog would say.
+    fn conf_change(
+        &self,
+        command: &Command,
+        change: MemberChange,
+        data: Vec<u8>,
+    ) -> Result<ConfChange> {
+        if change == MemberChange::Remove(self.me) {
+            return Err(common::Error::RemoveMaster { node: self.me.0 }.into());
+        }
+        self.catalog
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .check_member_change(command)?;
+        let mut cc = ConfChange::default();
+        let (kind, node) = match change {
+            MemberChange::Add(node) => (ConfChangeType::AddNode, node),
+            MemberChange::Remove(node) => (ConfChangeType::RemoveNode, node),
+        };
+        cc.set_change_type(kind);
+        cc.node_id = node.0;
+        cc.context = data.into();
+        Ok(cc)
+    }
+
+    /// Applies a committed configuration change to Raft, then to the catalog (the command it
+    /// carries), and follows it in the transport.
+    fn apply_conf_change(&mut self, entry: &Entry) -> Result<Output> {
+        let cc = ConfChange::parse_from_bytes(&entry.data)
+            .map_err(|e| Error::Corrupt(format!("undecodable configuration change: {e}")))?;
+        let conf_state = self.node.apply_conf_change(&cc)?;
+        self.storage.set_conf_state(&conf_state)?;
+        self.snapshot_now = true;
+        let command: Command = serde_json::from_slice(&cc.context)
+            .map_err(|e| Error::Corrupt(format!("configuration change context: {e}")))?;
+        tracing::info!(index = entry.index, voters = ?conf_state.voters, ?command, "membership changed");
+        let out = self
+            .catalog
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .apply(command)?;
+        Ok(out)
+    }
+
+    /// Points the shared peer list and the transport at the catalog's members, once it has them.
+    fn sync_members(&mut self) {
+        let members = self
+            .catalog
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .member_addresses();
+        if members.is_empty() {
+            return;
+        }
+        let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
+        if *peers != members {
+            *peers = members;
+            self.transport.sync(&peers);
         }
     }
 
@@ -262,6 +342,7 @@ impl Driver {
         self.transport.send(light.take_messages());
         self.apply_committed(light.take_committed_entries());
         self.node.advance_apply();
+        self.sync_members();
         self.maybe_snapshot()?;
         self.publish_status();
         Ok(())
@@ -305,9 +386,20 @@ impl Driver {
                 self.complete(entry.index, &entry.context, Err(Error::ProposalLost));
                 continue;
             }
-            if entry.get_entry_type() != EntryType::EntryNormal {
-                tracing::warn!(index = entry.index, "ignoring a membership change entry");
-                continue;
+            match entry.get_entry_type() {
+                EntryType::EntryNormal => {}
+                EntryType::EntryConfChange => {
+                    let result = self.apply_conf_change(&entry);
+                    if let Err(e) = &result {
+                        tracing::error!(index = entry.index, "membership change: {e}");
+                    }
+                    self.complete(entry.index, &entry.context, result);
+                    continue;
+                }
+                EntryType::EntryConfChangeV2 => {
+                    tracing::warn!(index = entry.index, "ignoring a joint configuration change");
+                    continue;
+                }
             }
             let result = match serde_json::from_slice::<Command>(&entry.data) {
                 Ok(command) => {
@@ -343,9 +435,10 @@ impl Driver {
 
     fn maybe_snapshot(&mut self) -> Result<()> {
         let since = self.applied.saturating_sub(self.storage.snapshot_index());
-        if since < self.snapshot_entries {
+        if since == 0 || (since < self.snapshot_entries && !self.snapshot_now) {
             return Ok(());
         }
+        self.snapshot_now = false;
         let data = {
             let catalog = self.catalog.read().unwrap_or_else(|p| p.into_inner());
             serde_json::to_vec(&*catalog)

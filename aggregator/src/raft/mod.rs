@@ -36,7 +36,9 @@ pub struct RaftHandle {
 
 struct Inner {
     me: NodeId,
-    peers: BTreeMap<NodeId, String>,
+    /// Every member's gRPC address: `--peers` until the catalog knows the members, then the
+    /// catalog's (kept current by the driver as members are added and removed).
+    peers: Arc<RwLock<BTreeMap<NodeId, String>>>,
     inputs: mpsc::Sender<Input>,
     status: watch::Receiver<RaftStatus>,
     catalog: Arc<RwLock<Catalog>>,
@@ -45,21 +47,84 @@ struct Inner {
     clients: std::sync::Mutex<HashMap<NodeId, AggregatorClient<Channel>>>,
     /// Set when the driver stopped on an error: the node must exit non-zero.
     failed: Arc<std::sync::atomic::AtomicBool>,
+    /// Set once the driver runs (this node takes part in Raft).
+    launched: std::sync::atomic::AtomicBool,
+}
+
+/// How a node takes part in Raft when it launches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Membership {
+    /// Its data directory holds its Raft state: it carries on from it.
+    Existing,
+    /// A new cluster: every member starts empty with the `--peers` voters.
+    Bootstrap,
+    /// It joins a running cluster with an empty configuration, and learns the membership from
+    /// the master's snapshot (every member snapshots right after a membership change, so a
+    /// master's log never starts before the last one).
+    Join,
+}
+
+/// What [`RaftHandle::launch`] needs: the driver's inbox, kept until the node launches.
+pub struct Launcher {
+    inputs: mpsc::Receiver<Input>,
+    status: watch::Sender<RaftStatus>,
 }
 
 impl RaftHandle {
-    /// Opens the store under `<data_dir>/raft`, restores the catalog from the latest snapshot
-    /// (committed entries after it are replayed by Raft) and starts the driver.
-    pub fn start(
-        config: &AggregatorConfig,
-        tasks: &TaskTracker,
-        shutdown: CancellationToken,
-    ) -> Result<Self> {
+    /// A handle for this node, before it takes part in Raft: messages and proposals queue (or
+    /// time out) until [`RaftHandle::launch`]. The gRPC service can answer identity questions
+    /// from other nodes meanwhile.
+    pub fn new(config: &AggregatorConfig) -> Result<(Self, Launcher)> {
         let me = NodeId(config.node_id);
         let peers = config
             .peer_map()
             .map_err(|e| Error::Storage(e.to_string()))?;
-        let voters: Vec<u64> = peers.keys().map(|id| id.0).collect();
+        let (inputs_tx, inputs_rx) = mpsc::channel(8192);
+        let initial = RaftStatus {
+            node: me,
+            leader: None,
+            term: 0,
+            role: "Follower",
+            applied: 0,
+        };
+        let (status_tx, status_rx) = watch::channel(initial);
+        let handle = Self {
+            inner: Arc::new(Inner {
+                me,
+                peers: Arc::new(RwLock::new(peers)),
+                inputs: inputs_tx,
+                status: status_rx,
+                catalog: Default::default(),
+                commit_timeout: config.commit_timeout(),
+                clients: Default::default(),
+                failed: Default::default(),
+                launched: Default::default(),
+            }),
+        };
+        let launcher = Launcher {
+            inputs: inputs_rx,
+            status: status_tx,
+        };
+        Ok((handle, launcher))
+    }
+
+    /// Opens the store under `<data_dir>/raft`, restores the catalog from the latest snapshot
+    /// (committed entries after it are replayed by Raft) and starts the driver.
+    pub fn launch(
+        &self,
+        launcher: Launcher,
+        membership: Membership,
+        config: &AggregatorConfig,
+        tasks: &TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Result<()> {
+        let me = self.inner.me;
+        let voters: Vec<u64> = match membership {
+            Membership::Join => vec![],
+            Membership::Existing | Membership::Bootstrap => {
+                self.peers().keys().map(|id| id.0).collect()
+            }
+        };
         let storage = SledStorage::open(&config.data_dir.join("raft"), &voters)?;
         let snapshot = storage.load_snapshot()?;
         let catalog: Catalog = if snapshot.data.is_empty() {
@@ -83,36 +148,43 @@ impl RaftHandle {
         raft_config.validate()?;
         let node = raft::RawNode::new(&raft_config, storage.clone(), &logger::logger())?;
 
-        let (inputs_tx, inputs_rx) = mpsc::channel(8192);
-        let transport = Transport::start(me, &peers, inputs_tx.clone(), tasks, shutdown.clone());
-        let catalog = Arc::new(RwLock::new(catalog));
-        let initial = RaftStatus {
-            node: me,
-            leader: None,
-            term: 0,
-            role: "Follower",
-            applied,
-        };
-        let (status_tx, status_rx) = watch::channel(initial);
+        let members = catalog.member_addresses();
+        if !members.is_empty() {
+            *self.inner.peers.write().unwrap_or_else(|p| p.into_inner()) = members;
+        }
+        let transport = Transport::start(
+            me,
+            &self.peers(),
+            self.inner.inputs.clone(),
+            tasks,
+            shutdown.clone(),
+        );
+        *self
+            .inner
+            .catalog
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = catalog;
+        let Launcher { inputs, status } = launcher;
+        status.send_modify(|s| s.applied = applied);
         let driver = Driver {
             me,
             node,
             storage,
             transport,
-            catalog: catalog.clone(),
-            status: status_tx,
+            catalog: self.inner.catalog.clone(),
+            peers: self.inner.peers.clone(),
+            status,
             pending: HashMap::new(),
             next_proposal: rand::random::<u64>() >> 1,
             reads: HashMap::new(),
             next_read: 0,
             applied,
             snapshot_entries: config.raft_snapshot_entries,
+            snapshot_now: false,
         };
         let tick = config.raft_tick();
-        let driver_shutdown = shutdown.clone();
-        let driver_task = tokio::spawn(driver.run(inputs_rx, tick, driver_shutdown));
-        let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let failed_flag = failed.clone();
+        let driver_task = tokio::spawn(driver.run(inputs, tick, shutdown.clone()));
+        let failed_flag = self.inner.failed.clone();
         tasks.spawn(async move {
             let outcome = match driver_task.await {
                 Ok(Ok(())) => return,
@@ -124,18 +196,18 @@ impl RaftHandle {
             failed_flag.store(true, std::sync::atomic::Ordering::SeqCst);
             shutdown.cancel();
         });
-        Ok(Self {
-            inner: Arc::new(Inner {
-                me,
-                peers,
-                inputs: inputs_tx,
-                status: status_rx,
-                catalog,
-                commit_timeout: config.commit_timeout(),
-                clients: Default::default(),
-                failed,
-            }),
-        })
+        self.inner
+            .launched
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        tracing::info!(?membership, "raft started");
+        Ok(())
+    }
+
+    /// Whether this node takes part in Raft yet.
+    pub fn launched(&self) -> bool {
+        self.inner
+            .launched
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Whether the Raft driver stopped on an error.
@@ -148,8 +220,21 @@ impl RaftHandle {
     }
 
     /// Every aggregator of the group: id -> gRPC address.
-    pub fn peers(&self) -> &BTreeMap<NodeId, String> {
-        &self.inner.peers
+    pub fn peers(&self) -> BTreeMap<NodeId, String> {
+        self.inner
+            .peers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn peer_address(&self, id: NodeId) -> Option<String> {
+        self.inner
+            .peers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned()
     }
 
     pub fn status(&self) -> RaftStatus {
@@ -166,9 +251,7 @@ impl RaftHandle {
 
     /// The leader's gRPC address, if one is known.
     pub fn leader_address(&self) -> Option<String> {
-        self.status()
-            .leader
-            .and_then(|l| self.inner.peers.get(&l).cloned())
+        self.status().leader.and_then(|l| self.peer_address(l))
     }
 
     /// The error to give a caller that needs the leader when this node is not it.
@@ -176,7 +259,7 @@ impl RaftHandle {
         match self.status().leader {
             Some(leader) => Error::NotLeader {
                 leader,
-                address: self.inner.peers.get(&leader).cloned(),
+                address: self.peer_address(leader),
             },
             None => Error::NoLeader,
         }
@@ -300,11 +383,9 @@ impl RaftHandle {
         deadline: tokio::time::Instant,
     ) -> Result<Output> {
         let addr = self
-            .inner
-            .peers
-            .get(&leader)
+            .peer_address(leader)
             .ok_or_else(|| Error::Forward(format!("unknown master {leader}")))?;
-        let mut client = self.client(leader, addr)?;
+        let mut client = self.client(leader, &addr)?;
         let bytes = serde_json::to_vec(command).map_err(|e| Error::Corrupt(e.to_string()))?;
         let call = client.propose(proto::ProposeRequest { command: bytes });
         let response = match tokio::time::timeout_at(deadline, call).await {

@@ -147,6 +147,13 @@ impl SledStorage {
         Ok(())
     }
 
+    /// Records the membership after a configuration change was applied.
+    pub fn set_conf_state(&self, cs: &ConfState) -> Result<()> {
+        self.meta.insert(CONF_STATE, encode(cs)?)?;
+        self.write().conf_state = cs.clone();
+        Ok(())
+    }
+
     pub fn set_hard_state(&self, hs: &HardState) -> Result<()> {
         self.meta.insert(HARD_STATE, encode(hs)?)?;
         self.write().hard_state = hs.clone();

@@ -20,7 +20,12 @@ const MAX_BATCH_BYTES: usize = 32 * 1024 * 1024;
 
 /// Senders to every other aggregator.
 pub struct Transport {
-    peers: HashMap<u64, mpsc::Sender<Message>>,
+    me: NodeId,
+    /// Per peer: its address and the queue of its sending task.
+    peers: HashMap<u64, (String, mpsc::Sender<Message>)>,
+    feedback: mpsc::Sender<Input>,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
 }
 
 impl Transport {
@@ -33,25 +38,42 @@ impl Transport {
         tasks: &TaskTracker,
         shutdown: CancellationToken,
     ) -> Self {
-        let mut senders = HashMap::new();
-        for (id, addr) in peers.iter().filter(|(id, _)| **id != me) {
+        let mut transport = Self {
+            me,
+            peers: HashMap::new(),
+            feedback,
+            tasks: tasks.clone(),
+            shutdown,
+        };
+        transport.sync(peers);
+        transport
+    }
+
+    /// Follows a membership change: starts senders to new members and stops those to members
+    /// that left (their task ends when its queue closes).
+    pub fn sync(&mut self, peers: &std::collections::BTreeMap<NodeId, String>) {
+        self.peers
+            .retain(|id, (addr, _)| peers.get(&NodeId(*id)) == Some(addr));
+        for (id, addr) in peers.iter().filter(|(id, _)| **id != self.me) {
+            if self.peers.contains_key(&id.0) {
+                continue;
+            }
             let (tx, rx) = mpsc::channel(QUEUE);
-            senders.insert(id.0, tx);
-            tasks.spawn(peer_loop(
+            self.peers.insert(id.0, (addr.clone(), tx));
+            self.tasks.spawn(peer_loop(
                 *id,
                 addr.clone(),
                 rx,
-                feedback.clone(),
-                shutdown.clone(),
+                self.feedback.clone(),
+                self.shutdown.clone(),
             ));
         }
-        Self { peers: senders }
     }
 
     /// Queues messages for their peers without waiting.
     pub fn send(&self, msgs: Vec<Message>) {
         for m in msgs {
-            if let Some(tx) = self.peers.get(&m.to) {
+            if let Some((_, tx)) = self.peers.get(&m.to) {
                 if tx.try_send(m).is_err() {
                     tracing::debug!("raft queue to a peer is full; dropping a message");
                 }

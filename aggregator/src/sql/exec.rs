@@ -1,11 +1,12 @@
 //! Statement execution for one MySQL session.
 
 use super::eval::{eval, EvalContext};
-use super::parse::{parse, Assignment, Scope, Stmt};
+use super::parse::{parse, AggregatorRef, Assignment, Scope, Stmt};
 use super::result::{codes, Column, ColumnKind, QueryOutput, SqlError, Value};
 use crate::cluster::{probe_aggregator, Probe};
 use crate::raft::RaftHandle;
 use common::catalog::{Command, RESERVED_DATABASES};
+use common::ids::NodeId;
 use common::variables::{self, like_match, Access};
 use sqlparser::ast::{Expr, SelectItem, SetExpr};
 use std::collections::HashMap;
@@ -181,6 +182,31 @@ impl SqlEngine {
                 Ok(QueryOutput::ok())
             }
             Stmt::SetNames | Stmt::Transaction => Ok(QueryOutput::ok()),
+            Stmt::AddAggregator { node, grpc_address } => {
+                if node == 0 {
+                    return Err(SqlError::new(
+                        codes::WRONG_ARGUMENTS,
+                        "aggregator id 0 is reserved; ids are positive integers",
+                    ));
+                }
+                crate::config::check_host_port(&grpc_address).map_err(|e| {
+                    SqlError::new(
+                        codes::WRONG_ARGUMENTS,
+                        format!("aggregator address '{grpc_address}': {e}"),
+                    )
+                })?;
+                self.propose(Command::AddMember {
+                    node: NodeId(node),
+                    grpc_address,
+                })
+                .await?;
+                Ok(QueryOutput::ok())
+            }
+            Stmt::RemoveAggregator { target } => {
+                let node = self.resolve_aggregator(&target)?;
+                self.propose(Command::RemoveMember { node }).await?;
+                Ok(QueryOutput::ok())
+            }
             Stmt::ShowDatabases { like } => {
                 let mut names: Vec<String> =
                     RESERVED_DATABASES.iter().map(|s| s.to_string()).collect();
@@ -465,12 +491,35 @@ impl SqlEngine {
         }
     }
 
+    /// The member REMOVE AGGREGATOR names: by id, or by its gRPC or MySQL address.
+    fn resolve_aggregator(&self, target: &AggregatorRef) -> Result<NodeId, SqlError> {
+        let found = self.raft.read_catalog(|c| match target {
+            AggregatorRef::Id(id) => c.members.contains_key(&NodeId(*id)).then_some(NodeId(*id)),
+            AggregatorRef::Address(addr) => c
+                .members
+                .iter()
+                .find(|(id, m)| m.grpc_address == *addr || c.aggregators.get(id) == Some(addr))
+                .map(|(id, _)| *id),
+        });
+        found.ok_or_else(|| {
+            let what = match target {
+                AggregatorRef::Id(id) => id.to_string(),
+                AggregatorRef::Address(a) => format!("'{a}'"),
+            };
+            SqlError::new(
+                codes::WRONG_ARGUMENTS,
+                format!("aggregator {what} is not a member of this cluster (SHOW AGGREGATORS lists them)"),
+            )
+        })
+    }
+
     async fn show_aggregators(&self) -> QueryOutput {
         let status = self.raft.status();
         let me = self.raft.node_id();
         let addresses = self.raft.read_catalog(|c| c.aggregators.clone());
         let mut rows = Vec::new();
-        let probes = self.raft.peers().iter().map(|(id, grpc)| {
+        let grpc_of = self.raft.peers();
+        let probes = grpc_of.iter().map(|(id, grpc)| {
             let id = *id;
             let grpc = grpc.clone();
             async move {
@@ -491,7 +540,7 @@ impl SqlEngine {
             let (host, port) = match (&probe, addresses.get(&id)) {
                 (Some(p), _) => split_host_port(&p.mysql_address),
                 (None, Some(addr)) => split_host_port(addr),
-                (None, None) => (split_host_port(&self.raft.peers()[&id]).0, Value::Null),
+                (None, None) => (split_host_port(&grpc_of[&id]).0, Value::Null),
             };
             let (state, conns, rtt) = match probe {
                 Some(p) => (

@@ -58,6 +58,15 @@ pub enum Stmt {
     ShowPartitions {
         database: Option<String>,
     },
+    /// `ADD AGGREGATOR id 'host':port`: a new Raft member, by the gRPC address it will listen at.
+    AddAggregator {
+        node: u64,
+        grpc_address: String,
+    },
+    /// `REMOVE AGGREGATOR id` or `REMOVE AGGREGATOR 'host':port` (its gRPC or MySQL address).
+    RemoveAggregator {
+        target: AggregatorRef,
+    },
     /// `REBALANCE PARTITIONS [ON db]`.
     RebalancePartitions {
         database: Option<String>,
@@ -124,6 +133,23 @@ pub enum Stmt {
         data_type: sqlparser::ast::DataType,
         computed: Option<String>,
     },
+}
+
+/// An aggregator named in REMOVE AGGREGATOR.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AggregatorRef {
+    Id(u64),
+    Address(String),
+}
+
+/// `'host':port`, `'host:port'` or `host:port` as a string.
+fn parse_host_port(p: &mut Parser) -> Result<String, ParserError> {
+    let host = p.parse_literal_string()?;
+    if p.consume_token(&Token::Colon) {
+        let port = p.parse_literal_uint()?;
+        return Ok(format!("{host}:{port}"));
+    }
+    Ok(host)
 }
 
 /// `CREATE [OR REPLACE] [INFERRED] PIPELINE ... AS LOAD DATA KAFKACONNECT ...`.
@@ -421,6 +447,21 @@ fn parse_stmt(p: &mut Parser, sql: &str) -> Parsed {
             }));
         }
         return unsupported_or_error(sql);
+    }
+    if word_is(&p.peek_token().token, "ADD") {
+        p.next_token();
+        expect(p, "AGGREGATOR")?;
+        let node = p.parse_literal_uint()?;
+        let grpc_address = parse_host_port(p)?;
+        return Ok(Ok(Stmt::AddAggregator { node, grpc_address }));
+    }
+    if eat(p, "REMOVE") {
+        expect(p, "AGGREGATOR")?;
+        let target = match p.peek_token().token {
+            Token::Number(..) => AggregatorRef::Id(p.parse_literal_uint()?),
+            _ => AggregatorRef::Address(parse_host_port(p)?),
+        };
+        return Ok(Ok(Stmt::RemoveAggregator { target }));
     }
     if eat(p, "REBALANCE") {
         expect(p, "PARTITIONS")?;

@@ -4,6 +4,7 @@
 //! It changes only by [`Catalog::apply`] of a committed [`Command`], which is deterministic:
 //! every replica applying the same log reaches the same state (times come in the command).
 
+mod members;
 pub mod pipelines;
 mod requests;
 pub mod tables;
@@ -11,13 +12,14 @@ pub mod tables;
 use crate::error::{Error, Result};
 use crate::ids::{LeafId, NodeId};
 use crate::variables;
+pub use members::{Member, MemberChange};
 use pipelines::{
     BatchCommit, BatchRef, Pipeline, PipelineChange, PipelineDef, PipelineError, PipelineState,
     Unfinalized,
 };
 pub use requests::{RequestLog, REQUESTS_TO_KEEP};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use tables::Table;
 
 /// Names that no user database may take.
@@ -96,6 +98,16 @@ pub struct Catalog {
     /// (after an answer that was lost) gets its first outcome instead of running twice.
     #[serde(default)]
     pub requests: RequestLog,
+    /// The cluster's identity, chosen by its first master ([`Command::InitCluster`]); every
+    /// aggregator keeps it in its data directory too.
+    #[serde(default)]
+    pub cluster_id: Option<String>,
+    /// The aggregators' Raft voters (mirrored from Raft's configuration changes).
+    #[serde(default)]
+    pub members: BTreeMap<NodeId, Member>,
+    /// Ids that were members and were removed: never a member again.
+    #[serde(default)]
+    pub removed_members: BTreeSet<NodeId>,
 }
 
 /// The tables that exist, as leaves need to know them to delete the rows of dropped ones.
@@ -240,6 +252,27 @@ pub enum Command {
         database: String,
         name: Option<String>,
     },
+    /// The first master records the cluster's identity and the members it was created with
+    /// (they all joined: each started with its own new data directory). Once only.
+    InitCluster {
+        cluster_id: String,
+        members: BTreeMap<NodeId, String>,
+    },
+    /// An aggregator that starts with a new data directory, under an id ADD AGGREGATOR made a
+    /// member, joins; refused if that id has joined before (its data was lost: it must be
+    /// replaced, not rejoin).
+    JoinMember {
+        node: NodeId,
+    },
+    /// `ADD AGGREGATOR`: proposed as a Raft configuration change that carries this command.
+    AddMember {
+        node: NodeId,
+        grpc_address: String,
+    },
+    /// `REMOVE AGGREGATOR`: proposed as a Raft configuration change that carries this command.
+    RemoveMember {
+        node: NodeId,
+    },
     /// A command with the proposer's request id: applied once, however often it is proposed
     /// (a proposer whose answer was lost proposes it again and gets the first outcome).
     Request {
@@ -263,6 +296,8 @@ pub enum Output {
     Epoch(u64),
     /// The id of a created pipeline.
     Pipeline(u64),
+    /// The cluster's id (a member joined).
+    Cluster(String),
 }
 
 impl Catalog {
@@ -424,10 +459,20 @@ impl Catalog {
                 leaf.since_ms = now_ms;
                 Ok(Output::Done)
             }
+            Command::InitCluster {
+                cluster_id,
+                members,
+            } => self.init_cluster(cluster_id, members),
+            Command::JoinMember { node } => self.join_member(node),
+            Command::AddMember { node, grpc_address } => self.add_member(node, grpc_address),
+            Command::RemoveMember { node } => self.remove_member(node),
             Command::SetAggregatorAddress {
                 node,
                 mysql_address,
             } => {
+                if self.removed_members.contains(&node) {
+                    return Ok(Output::Unchanged);
+                }
                 if self.aggregators.get(&node) == Some(&mysql_address) {
                     return Ok(Output::Unchanged);
                 }
@@ -639,6 +684,16 @@ impl Catalog {
                     .tasks
                     .iter()
                     .any(|t| t.task_id == task_id && t.epoch == epoch);
+                let mut error = error;
+                if !current {
+                    // An earlier run of a task that has moved since (its leaf was cut off, or
+                    // the task was rebalanced) reports late: not the pipeline's error now.
+                    error.error_type = "Warning".into();
+                    error.message = format!(
+                        "from an earlier run of task {task_id} (epoch {epoch}), which has moved since: {}",
+                        error.message
+                    );
+                }
                 p.record_error(error);
                 if !(fatal && current && p.state == PipelineState::Running) {
                     return Ok(Output::Unchanged);

@@ -340,3 +340,90 @@ fn a_request_applies_once_however_often_it_is_proposed() {
         Err(Error::DatabaseExists { .. })
     ));
 }
+
+#[test]
+fn members_join_once_and_removed_ids_never_return() {
+    let mut c = Catalog::default();
+    let join = |node| Command::JoinMember { node: NodeId(node) };
+    assert_eq!(c.apply(join(1)), Err(Error::ClusterNotInitialized));
+    let members: BTreeMap<NodeId, String> = [
+        (NodeId(1), "a:1".to_string()),
+        (NodeId(2), "b:2".to_string()),
+    ]
+    .into();
+    let init = |id: &str| Command::InitCluster {
+        cluster_id: id.into(),
+        members: members.clone(),
+    };
+    c.apply(init("c1")).unwrap();
+    // Only the first master's identity counts.
+    assert_eq!(c.apply(init("c2")), Ok(Output::Unchanged));
+    assert_eq!(c.cluster_id.as_deref(), Some("c1"));
+    // The members the cluster was created with have joined: a wiped one is refused.
+    assert_eq!(
+        c.apply(join(2)),
+        Err(Error::MemberAlreadyJoined { node: 2 })
+    );
+    assert_eq!(c.apply(join(3)), Err(Error::NotAMember { node: 3 }));
+    let add = |node, addr: &str| Command::AddMember {
+        node: NodeId(node),
+        grpc_address: addr.into(),
+    };
+    assert_eq!(
+        c.check_member_change(&add(3, "b:2")),
+        Err(Error::MemberAddressInUse {
+            address: "b:2".into(),
+            node: 2
+        })
+    );
+    assert_eq!(
+        c.check_member_change(&add(2, "c:3")),
+        Err(Error::MemberExists { node: 2 })
+    );
+    c.check_member_change(&add(3, "c:3")).unwrap();
+    c.apply(add(3, "c:3")).unwrap();
+    assert_eq!(c.apply(join(3)), Ok(Output::Cluster("c1".into())));
+    assert_eq!(
+        c.apply(join(3)),
+        Err(Error::MemberAlreadyJoined { node: 3 })
+    );
+    // A join retried under its request id gets its first outcome.
+    c.apply(add(4, "d:4")).unwrap();
+    let request = Command::Request {
+        id: 7,
+        command: Box::new(join(4)),
+    };
+    assert_eq!(c.apply(request.clone()), Ok(Output::Cluster("c1".into())));
+    assert_eq!(c.apply(request), Ok(Output::Cluster("c1".into())));
+
+    let remove = |node| Command::RemoveMember { node: NodeId(node) };
+    c.check_member_change(&remove(2)).unwrap();
+    c.apply(remove(2)).unwrap();
+    assert!(!c.members.contains_key(&NodeId(2)));
+    assert_eq!(
+        c.check_member_change(&add(2, "e:5")),
+        Err(Error::MemberRemoved { node: 2 })
+    );
+    assert_eq!(c.apply(join(2)), Err(Error::MemberRemoved { node: 2 }));
+    assert_eq!(
+        c.check_member_change(&remove(2)),
+        Err(Error::NotAMember { node: 2 })
+    );
+    for n in [1, 3] {
+        c.apply(remove(n)).unwrap();
+    }
+    assert_eq!(
+        c.check_member_change(&remove(4)),
+        Err(Error::LastMember { node: 4 })
+    );
+    // Membership commands are Raft configuration changes, also inside a request.
+    let wrapped = Command::Request {
+        id: 9,
+        command: Box::new(remove(4)),
+    };
+    assert_eq!(
+        wrapped.member_change(),
+        Some(MemberChange::Remove(NodeId(4)))
+    );
+    assert_eq!(join(4).member_change(), None);
+}

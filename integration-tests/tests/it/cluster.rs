@@ -137,7 +137,8 @@ fn full_cluster_restart_keeps_variables_and_databases() -> Result<()> {
 }
 
 #[test]
-fn a_member_behind_the_compacted_log_catches_up_by_snapshot() -> Result<()> {
+fn a_member_behind_the_compacted_log_catches_up_by_snapshot_and_a_wiped_one_is_replaced(
+) -> Result<()> {
     let spec = ClusterSpec {
         aggregator_args: vec!["--raft-snapshot-entries".into(), "5".into()],
         ..Default::default()
@@ -175,16 +176,66 @@ fn a_member_behind_the_compacted_log_catches_up_by_snapshot() -> Result<()> {
     let dbs = c.sql(lagging, "SHOW DATABASES")?.rows.concat();
     assert!(dbs.contains(&"while_down".to_string()));
 
-    // 2. Wiped: its data directory is gone.
+    // 2. Wiped: its data directory is gone. It has forgotten its vote and what it acknowledged,
+    // so it must not rejoin under its old id: it refuses to start, and says how to replace it.
     c.aggregators[lagging].kill();
     std::fs::remove_dir_all(c.aggregators[lagging].data_dir())?;
     c.sql(m, "SET GLOBAL pipelines_batch_interval = 4321")?;
     c.aggregators[lagging].start()?;
-    wait_for("the wiped member to catch up", START, || {
-        (variable(&c, lagging, "pipelines_batch_interval").ok()? == "4321").then_some(())
+    let code = c.wait_for_exit(lagging, Duration::from_secs(20))?;
+    assert_ne!(code, Some(0), "a wiped member must not start");
+    let log = c.aggregators[lagging].log_text();
+    assert!(
+        log.contains("has joined this cluster before") && log.contains("REMOVE AGGREGATOR"),
+        "the refusal should say why and what to do: {}",
+        log.lines().rev().take(5).collect::<Vec<_>>().join("\n")
+    );
+
+    // 3. Replaced through a configuration change: remove the old id, add a new node.
+    let old_id = lagging + 1;
+    c.sql(m, &format!("REMOVE AGGREGATOR {old_id}"))?;
+    let new_id = c.aggregators.len() as u64 + 1;
+    let fresh = c.add_aggregator(new_id)?;
+    let grpc = c.aggregators[fresh]
+        .arg("--grpc-listen")
+        .unwrap()
+        .to_string();
+    let (host, port) = grpc.split_once(':').unwrap();
+    c.sql(m, &format!("ADD AGGREGATOR {new_id} '{host}':{port}"))?;
+    c.aggregators[fresh].start()?;
+    wait_for("the new member to catch up", START, || {
+        (variable(&c, fresh, "pipelines_batch_interval").ok()? == "4321").then_some(())
     })?;
-    let dbs = c.sql(lagging, "SHOW DATABASES")?.rows.concat();
+    let dbs = c.sql(fresh, "SHOW DATABASES")?.rows.concat();
     assert!(dbs.contains(&"while_down".to_string()));
+    let ids: Vec<String> = c
+        .sql(m, "SHOW AGGREGATORS")?
+        .rows
+        .iter()
+        .map(|r| r[6].clone())
+        .collect();
+    assert!(
+        !ids.contains(&old_id.to_string()) && ids.contains(&new_id.to_string()) && ids.len() == 3,
+        "SHOW AGGREGATORS should list the new member instead of the old: {ids:?}"
+    );
+    // The removed id can never come back.
+    let again = c.sql(m, &format!("ADD AGGREGATOR {old_id} '127.0.0.1':1"));
+    assert!(
+        again.is_err_and(|e| e.to_string().contains("can't be used again")),
+        "a removed id must not be added again"
+    );
+    // The group has a quorum without the old member: the master can die and the new member
+    // and the remaining old one elect a new one between them.
+    c.aggregators[m].kill();
+    let m2 = c.wait_for_master(START)?;
+    assert!(m2 != m && m2 != lagging);
+    c.sql(m2, "SET GLOBAL pipelines_batch_interval = 999")?;
+    wait_for("every live member to apply a write", START, || {
+        [fresh, 3 - m - lagging]
+            .iter()
+            .all(|i| variable(&c, *i, "pipelines_batch_interval").ok().as_deref() == Some("999"))
+            .then_some(())
+    })?;
     Ok(())
 }
 

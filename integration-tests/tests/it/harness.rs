@@ -360,6 +360,88 @@ impl Cluster {
         self.keep_logs.store(true, Ordering::Relaxed);
     }
 
+    /// A new aggregator process under Raft id `node_id` (not started), with a new data
+    /// directory and ports, listing the running members and itself as its peers: the second
+    /// half of replacing a member (ADD AGGREGATOR makes it a member first). Returns its index.
+    pub fn add_aggregator(&mut self, node_id: u64) -> Result<usize> {
+        let grpc = free_port();
+        let mysql_port = free_port();
+        let mut peers: Vec<String> = self
+            .aggregators
+            .iter()
+            .map(|a| {
+                format!(
+                    "{}={}",
+                    a.arg("--node-id").unwrap_or("0"),
+                    a.arg("--grpc-listen").unwrap_or("")
+                )
+            })
+            .collect();
+        peers.push(format!("{node_id}=127.0.0.1:{grpc}"));
+        let name = format!("aggregator-{node_id}");
+        let mut args: Vec<String> = vec![
+            "--node-id".into(),
+            node_id.to_string(),
+            "--peers".into(),
+            peers.join(","),
+            "--grpc-listen".into(),
+            format!("127.0.0.1:{grpc}"),
+            "--mysql-listen".into(),
+            format!("127.0.0.1:{mysql_port}"),
+            "--data-dir".into(),
+            self.dir.path().join(&name).to_string_lossy().into(),
+            "--root-password".into(),
+            self.password.clone(),
+        ];
+        let template = &self.aggregators[0];
+        let skip = [
+            "--node-id",
+            "--peers",
+            "--grpc-listen",
+            "--mysql-listen",
+            "--data-dir",
+            "--root-password",
+        ];
+        let mut rest = template.args.iter();
+        while let Some(flag) = rest.next() {
+            let value = rest.next();
+            if !skip.contains(&flag.as_str()) && flag != "--metrics-listen" {
+                args.push(flag.clone());
+                args.extend(value.cloned());
+            }
+        }
+        self.aggregators.push(Node {
+            log: self.dir.path().join(format!("{name}.log")),
+            name,
+            args,
+            program: binary("aggregator"),
+            env: template.env.clone(),
+            child: None,
+        });
+        self.mysql_ports.push(mysql_port);
+        Ok(self.aggregators.len() - 1)
+    }
+
+    /// Waits for node `i`'s process to exit on its own; returns its exit code.
+    pub fn wait_for_exit(&mut self, i: usize, timeout: Duration) -> Result<Option<i32>> {
+        let node = &mut self.aggregators[i];
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(child) = node.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    node.child = None;
+                    return Ok(status.code());
+                }
+            } else {
+                bail!("{} is not running", node.name);
+            }
+            if Instant::now() > deadline {
+                bail!("{} still runs after {timeout:?}", node.name);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Runs SQL on aggregator `i` (0-based).
     pub fn sql(&self, i: usize, sql: &str) -> Result<Output> {
         mysql(self.mysql_ports[i], &self.password, sql)
