@@ -63,6 +63,14 @@ pub async fn run(
     );
     metrics.describe("shardline_raft_term", "Current Raft term.");
     metrics.describe(
+        "shardline_raft_snapshot_bytes",
+        "Size of the last catalog snapshot this aggregator took.",
+    );
+    metrics.describe(
+        "shardline_raft_snapshot_encode_seconds",
+        "How long encoding the last catalog snapshot took (off the Raft driver).",
+    );
+    metrics.describe(
         "shardline_raft_is_leader",
         "1 while this aggregator is the master.",
     );
@@ -82,6 +90,11 @@ pub async fn run(
                 st.leader.map_or(0.0, |l| l.0 as f64),
             );
             m.set("shardline_raft_applied_index", st.applied as f64);
+            m.set("shardline_raft_snapshot_bytes", st.snapshot_bytes as f64);
+            m.set(
+                "shardline_raft_snapshot_encode_seconds",
+                st.snapshot_encode_ms as f64 / 1000.0,
+            );
             m.set(
                 "shardline_mysql_connections",
                 c.load(std::sync::atomic::Ordering::Relaxed) as f64,

@@ -26,9 +26,20 @@ pub enum Input {
     Unreachable { to: u64 },
     /// A snapshot was (or failed to be) delivered to a peer.
     SnapshotSent { to: u64, ok: bool },
+    /// A catalog snapshot encoded off the driver ([`Driver::maybe_snapshot`]): compact the log
+    /// behind it.
+    SnapshotEncoded(Box<Encoded>),
     /// Ask the master for its commit index, confirmed by a quorum (Raft's ReadIndex): answered
     /// with that index, or never (no master, or one not yet settled in its term).
     ReadIndex { reply: oneshot::Sender<u64> },
+}
+
+/// A snapshot of the catalog as of `index`, encoded on a blocking thread.
+pub struct Encoded {
+    index: u64,
+    conf_state: raft::eraftpb::ConfState,
+    data: Result<Vec<u8>>,
+    took: Duration,
 }
 
 /// Answers a proposal: its output and the log index it was applied at.
@@ -42,6 +53,9 @@ pub struct RaftStatus {
     pub term: u64,
     pub role: &'static str,
     pub applied: u64,
+    /// The last catalog snapshot this node took: its size and how long encoding it took.
+    pub snapshot_bytes: u64,
+    pub snapshot_encode_ms: u64,
 }
 
 impl RaftStatus {
@@ -80,6 +94,13 @@ pub struct Driver {
     /// it (a joining member, which starts with an empty configuration, must learn the
     /// membership from a snapshot, never by replaying entries from the start).
     pub(super) snapshot_now: bool,
+    /// A snapshot is being encoded off the driver.
+    pub(super) snapshot_in_flight: bool,
+    /// A snapshot encoded off the driver, to compact the log behind at the next `Ready`.
+    pub(super) encoded: Option<Box<Encoded>>,
+    /// The driver's own inbox, for snapshots encoded elsewhere.
+    pub(super) feedback: mpsc::Sender<Input>,
+    pub(super) last_snapshot: (u64, u64),
 }
 
 /// Proposal context: the proposing node and a per-node proposal id.
@@ -170,6 +191,7 @@ impl Driver {
                 self.reads.insert(id, reply);
                 self.node.read_index(id.to_be_bytes().to_vec());
             }
+            Input::SnapshotEncoded(encoded) => self.encoded = Some(encoded),
             Input::Unreachable { to } => self.node.report_unreachable(to),
             Input::SnapshotSent { to, ok } => {
                 let status = if ok {
@@ -433,22 +455,80 @@ impl Driver {
         });
     }
 
+    /// Takes a snapshot every `snapshot_entries` applied entries. The driver only copies the
+    /// catalog; encoding it (the costly part: the catalog holds the batch history) happens on a
+    /// blocking thread, and the log is compacted when it comes back. Right after a membership
+    /// change the snapshot is taken here and now, so that no master's log starts before it.
     fn maybe_snapshot(&mut self) -> Result<()> {
+        if let Some(encoded) = self.encoded.take() {
+            self.snapshot_in_flight = false;
+            let Encoded {
+                index,
+                conf_state,
+                data,
+                took,
+            } = *encoded;
+            // A snapshot installed from the master meanwhile may already cover it.
+            if index > self.storage.snapshot_index() {
+                let data = data?;
+                self.last_snapshot = (data.len() as u64, took.as_millis() as u64);
+                self.storage.compact_to_snapshot(index, conf_state, data)?;
+                tracing::info!(
+                    index,
+                    bytes = self.last_snapshot.0,
+                    encode_ms = self.last_snapshot.1,
+                    "took a catalog snapshot and compacted the raft log"
+                );
+            }
+        }
         let since = self.applied.saturating_sub(self.storage.snapshot_index());
-        if since == 0 || (since < self.snapshot_entries && !self.snapshot_now) {
+        if since == 0 {
             return Ok(());
         }
-        self.snapshot_now = false;
-        let data = {
-            let catalog = self.catalog.read().unwrap_or_else(|p| p.into_inner());
-            serde_json::to_vec(&*catalog)
-                .map_err(|e| Error::Corrupt(format!("encode catalog: {e}")))?
-        };
-        self.storage.compact_to_snapshot(self.applied, data)?;
-        tracing::info!(
-            index = self.applied,
-            "took a catalog snapshot and compacted the raft log"
-        );
+        if self.snapshot_now {
+            self.snapshot_now = false;
+            let started = std::time::Instant::now();
+            let data = {
+                let catalog = self.catalog.read().unwrap_or_else(|p| p.into_inner());
+                serde_json::to_vec(&*catalog)
+                    .map_err(|e| Error::Corrupt(format!("encode catalog: {e}")))?
+            };
+            self.last_snapshot = (data.len() as u64, started.elapsed().as_millis() as u64);
+            let conf_state = self.storage.conf_state();
+            self.storage
+                .compact_to_snapshot(self.applied, conf_state, data)?;
+            tracing::info!(
+                index = self.applied,
+                bytes = self.last_snapshot.0,
+                "took a catalog snapshot after a membership change and compacted the raft log"
+            );
+            return Ok(());
+        }
+        if since < self.snapshot_entries || self.snapshot_in_flight {
+            return Ok(());
+        }
+        self.snapshot_in_flight = true;
+        let catalog = self
+            .catalog
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let index = self.applied;
+        let conf_state = self.storage.conf_state();
+        let feedback = self.feedback.clone();
+        tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            let data = serde_json::to_vec(&catalog)
+                .map_err(|e| Error::Corrupt(format!("encode catalog: {e}")));
+            let encoded = Encoded {
+                index,
+                conf_state,
+                data,
+                took: started.elapsed(),
+            };
+            // A full inbox or a stopped driver: the next snapshot is due soon anyway.
+            let _ = feedback.blocking_send(Input::SnapshotEncoded(Box::new(encoded)));
+        });
         Ok(())
     }
 
@@ -461,6 +541,8 @@ impl Driver {
             term: st.hs.term,
             role: role_name(st.ss.raft_state),
             applied: self.applied,
+            snapshot_bytes: self.last_snapshot.0,
+            snapshot_encode_ms: self.last_snapshot.1,
         };
         self.status.send_if_modified(|cur| {
             if *cur == next {

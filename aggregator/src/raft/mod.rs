@@ -86,6 +86,8 @@ impl RaftHandle {
             term: 0,
             role: "Follower",
             applied: 0,
+            snapshot_bytes: 0,
+            snapshot_encode_ms: 0,
         };
         let (status_tx, status_rx) = watch::channel(initial);
         let handle = Self {
@@ -181,6 +183,10 @@ impl RaftHandle {
             applied,
             snapshot_entries: config.raft_snapshot_entries,
             snapshot_now: false,
+            snapshot_in_flight: false,
+            encoded: None,
+            feedback: self.inner.inputs.clone(),
+            last_snapshot: (0, 0),
         };
         let tick = config.raft_tick();
         let driver_task = tokio::spawn(driver.run(inputs, tick, shutdown.clone()));

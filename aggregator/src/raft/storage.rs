@@ -194,14 +194,19 @@ impl SledStorage {
 
     /// Records a snapshot of the state machine at `index` (already applied) and deletes the
     /// log up to it.
-    pub fn compact_to_snapshot(&self, index: u64, data: Vec<u8>) -> Result<()> {
+    pub fn compact_to_snapshot(
+        &self,
+        index: u64,
+        conf_state: ConfState,
+        data: Vec<u8>,
+    ) -> Result<()> {
         let term = raft::Storage::term(self, index)?;
         let mut snapshot = Snapshot::default();
         snapshot.set_data(data.into());
         let meta = snapshot.mut_metadata();
         meta.index = index;
         meta.term = term;
-        meta.set_conf_state(self.conf_state());
+        meta.set_conf_state(conf_state);
         self.meta.insert(SNAPSHOT, encode(&snapshot)?)?;
         let first = self.read().snapshot_meta.index + 1;
         let mut batch = sled::Batch::default();
@@ -325,7 +330,8 @@ mod tests {
         let limited = s.entries(1, 4, 1, GetEntriesContext::empty(false)).unwrap();
         assert_eq!(limited.len(), 1);
 
-        s.compact_to_snapshot(2, b"state".to_vec()).unwrap();
+        s.compact_to_snapshot(2, s.conf_state(), b"state".to_vec())
+            .unwrap();
         assert_eq!(s.first_index().unwrap(), 3);
         assert_eq!(s.term(2).unwrap(), 1);
         assert!(s.term(1).is_err());
