@@ -590,7 +590,7 @@ impl Runner {
                 return Ok(());
             }
             let (job, last) =
-                self.batch_job(&a, &schema, batch, &committed, &mut next_partition)?;
+                self.batch_job(&a, &schema, batch, &committed, &*task, &mut next_partition)?;
             let skip = FailedBatch {
                 commit: job.commit.clone(),
                 table: job.table.clone(),
@@ -613,6 +613,7 @@ impl Runner {
         schema: &Arc<avro::Schema>,
         batch: Extracted,
         committed: &CommittedOffsets,
+        task: &dyn connect::SourceTask,
         next_partition: &mut usize,
     ) -> Result<(BatchJob, LastOffsets), RunError> {
         if a.partitions.is_empty() {
@@ -630,11 +631,20 @@ impl Runner {
         }
         let offsets = last
             .iter()
-            .map(|(k, (to, fin))| common::catalog::pipelines::OffsetUpdate {
-                key: k.clone(),
-                from: committed.value(k).cloned(),
-                to: to.clone(),
-                finished: *fin,
+            .map(|(k, (to, fin))| {
+                let from = committed.value(k).cloned();
+                let continues = if from.is_none() {
+                    task.continues(k)
+                } else {
+                    Vec::new()
+                };
+                common::catalog::pipelines::OffsetUpdate {
+                    key: k.clone(),
+                    from,
+                    to: to.clone(),
+                    finished: *fin,
+                    continues,
+                }
             })
             .collect();
         // The records go to the leaf's partitions in equal runs (each run stored as row

@@ -258,6 +258,7 @@ async fn main() -> Result<()> {
                             from: from.clone(),
                             to: to.clone(),
                             finished: false,
+                            continues: vec![],
                         }],
                         start_ms: now_ms(),
                         extractor_wait_ms: 0,

@@ -181,6 +181,10 @@ pub struct OffsetUpdate {
     pub from: Option<Json>,
     pub to: Json,
     pub finished: bool,
+    /// On a partition's first commit: the ended partitions it continues, whose offsets the
+    /// catalog then forgets ([`crate::connect::SourceTask::continues`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub continues: Vec<String>,
 }
 
 /// Names one batch of a pipeline: its task, the task's epoch and the leaf's sequence number.
@@ -404,6 +408,12 @@ impl Pipeline {
         let batch_id = self.next_batch_id;
         self.next_batch_id += 1;
         self.rows_loaded += b.rows;
+        let continued: Vec<String> = b
+            .offsets
+            .iter()
+            .filter(|u| u.from.is_none())
+            .flat_map(|u| u.continues.iter().cloned())
+            .collect();
         for u in b.offsets {
             self.offsets.insert(
                 u.key,
@@ -414,6 +424,20 @@ impl Pipeline {
                     finished: u.finished,
                 },
             );
+        }
+        // Ended partitions continued by one committed here (its parent ending in this batch
+        // too, possibly) are forgotten: the tasks count a partition with a committed
+        // descendant as ended.
+        let mut retired = false;
+        for ended in continued {
+            if self.offsets.get(&ended).is_some_and(|o| o.finished) {
+                self.offsets.remove(&ended);
+                retired = true;
+            }
+        }
+        if retired {
+            // Leaves replace what they hold (a delta cannot say "forget").
+            self.offsets_generation += 1;
         }
         let task = self.task_mut(b.task_id)?;
         task.committed.insert(b.epoch, (b.seq, batch_id));
@@ -555,6 +579,7 @@ mod tests {
                 from: from.map(|f| serde_json::json!({"sequenceNumber": f})),
                 to: serde_json::json!({"sequenceNumber": to}),
                 finished: false,
+                continues: vec![],
             }],
             start_ms: 0,
             extractor_wait_ms: 0,
@@ -596,6 +621,55 @@ mod tests {
             p.commit(batch(0, e2, 2, Some("20"), "30"), 10),
             Err(Error::PipelineNotRunning { .. })
         ));
+    }
+
+    #[test]
+    fn an_ended_partition_is_forgotten_once_a_partition_continuing_it_commits() {
+        let mut p = pipeline();
+        let e = p.assign(0, Some(LeafId(1))).unwrap();
+        let update =
+            |key: &str, from: Option<&str>, to: &str, finished, continues: &[&str]| OffsetUpdate {
+                key: key.into(),
+                from: from.map(|f| serde_json::json!({"sequenceNumber": f})),
+                to: serde_json::json!({"sequenceNumber": to}),
+                finished,
+                continues: continues.iter().map(|c| c.to_string()).collect(),
+            };
+        let commit = |p: &mut Pipeline, seq, offsets| {
+            let mut b = batch(0, e, seq, None, "");
+            b.offsets = offsets;
+            p.commit(b, 10).unwrap()
+        };
+        commit(&mut p, 1, vec![update("parent", None, "5", false, &[])]);
+        let generation = p.offsets_generation;
+        // A child of a parent that has not ended leaves it alone.
+        commit(
+            &mut p,
+            2,
+            vec![update("early", None, "1", false, &["parent"])],
+        );
+        assert!(p.offsets.contains_key("parent"));
+        assert_eq!(p.offsets_generation, generation);
+        // The parent ends and its child's first records commit in the same batch.
+        commit(
+            &mut p,
+            3,
+            vec![
+                update("parent", Some("5"), "9", true, &[]),
+                update("child", None, "10", false, &["parent"]),
+            ],
+        );
+        assert!(!p.offsets.contains_key("parent"));
+        assert!(p.offsets.contains_key("child"));
+        // Leaves get the whole set again (a delta cannot say "forget").
+        assert_eq!(p.offsets_generation, generation + 1);
+        // Later commits of the child name no parents.
+        commit(
+            &mut p,
+            4,
+            vec![update("child", Some("10"), "11", false, &[])],
+        );
+        assert_eq!(p.offsets_generation, generation + 1);
     }
 
     #[test]

@@ -180,6 +180,7 @@ fn commit(epoch: u64, seq: u64, from: Option<&str>, to: &str) -> Command {
             from: from.map(|f| serde_json::json!(f)),
             to: serde_json::json!(to),
             finished: false,
+            continues: vec![],
         }],
         start_ms: 0,
         extractor_wait_ms: 0,

@@ -522,6 +522,8 @@ struct KinesisTask {
     initial: Option<BTreeSet<String>>,
     readers: BTreeMap<String, ShardReader>,
     committed: CommittedOffsets,
+    /// Each listed shard's children (the shards naming it as parent or adjacent parent).
+    children: BTreeMap<String, Vec<String>>,
     listed_at: Option<Instant>,
     cursor: usize,
 }
@@ -531,19 +533,52 @@ impl KinesisTask {
         [&info.parent, &info.adjacent]
             .into_iter()
             .flatten()
-            .all(|p| {
-                !self.shards.contains_key(p)
-                    || self.committed.finished(&partition_key(p))
-                    || self.readers.get(p).is_some_and(|r| r.finished)
-            })
+            .all(|p| !self.shards.contains_key(p) || self.done(p))
+    }
+
+    /// Whether a shard has been read to its end: its committed offset says so, its reader
+    /// ended here, or a shard descended from it has a committed offset (a child is read only
+    /// once its parents ended, and the catalog forgets an ended shard's offset once a child of
+    /// it commits).
+    fn done(&self, shard: &str) -> bool {
+        if self.committed.finished(&partition_key(shard))
+            || self.readers.get(shard).is_some_and(|r| r.finished)
+        {
+            return true;
+        }
+        let mut stack = vec![shard];
+        let mut seen = BTreeSet::new();
+        while let Some(s) = stack.pop() {
+            for child in self.children.get(s).into_iter().flatten() {
+                if !seen.insert(child.as_str()) {
+                    continue;
+                }
+                if self.committed.value(&partition_key(child)).is_some() {
+                    return true;
+                }
+                stack.push(child);
+            }
+        }
+        false
+    }
+
+    fn index_children(&mut self) {
+        self.children.clear();
+        for (id, info) in &self.shards {
+            for parent in [&info.parent, &info.adjacent].into_iter().flatten() {
+                self.children
+                    .entry(parent.clone())
+                    .or_default()
+                    .push(id.clone());
+            }
+        }
     }
 
     fn owned(&self) -> Vec<String> {
         self.shards
             .iter()
             .filter(|(id, _)| task_of(id, self.task_count) == self.task_id)
-            .filter(|(id, _)| !self.committed.finished(&partition_key(id)))
-            .filter(|(id, _)| !self.readers.get(*id).is_some_and(|r| r.finished))
+            .filter(|(id, _)| !self.done(id))
             .filter(|(_, info)| self.parents_done(info))
             .map(|(id, _)| id.clone())
             .collect()
@@ -557,6 +592,7 @@ impl KinesisTask {
         };
         let (listed_at, shards) = list_shards_shared(client, s, fresh).await;
         self.shards = shards?;
+        self.index_children();
         if self.initial.is_none() {
             self.initial = Some(self.shards.keys().cloned().collect());
         }
@@ -832,6 +868,20 @@ impl SourceTask for KinesisTask {
         self.committed = offsets.clone();
     }
 
+    fn continues(&self, partition: &str) -> Vec<String> {
+        let shard = serde_json::from_str::<Json>(partition)
+            .ok()
+            .and_then(|k| k.get("shardId")?.as_str().map(String::from));
+        let Some(info) = shard.and_then(|id| self.shards.get(&id)) else {
+            return Vec::new();
+        };
+        [&info.parent, &info.adjacent]
+            .into_iter()
+            .flatten()
+            .map(|p| partition_key(p))
+            .collect()
+    }
+
     fn observe(&mut self, offsets: &CommittedOffsets) {
         // Keep our own uncommitted progress; learn other tasks' ends.
         for (k, (v, finished)) in &offsets.offsets {
@@ -935,6 +985,35 @@ mod tests {
             starting: "0".into(),
             ending: ending.map(String::from),
         }
+    }
+
+    #[test]
+    fn a_shard_whose_offset_was_forgotten_for_a_descendant_stays_ended() {
+        // 0 split into 2 and 3; 2 and 3 merged into 4; 4 committed, so the catalog forgot
+        // the offsets of 0, 2 and 3.
+        let mut t = KinesisTask {
+            task_id: 0,
+            task_count: 1,
+            ..Default::default()
+        };
+        let id = |n: u32| format!("shardId-{n:012}");
+        t.shards.insert(id(0), shard(None, None, Some("9")));
+        t.shards.insert(id(1), shard(None, None, None));
+        t.shards.insert(id(2), shard(Some(&id(0)), None, Some("5")));
+        t.shards.insert(id(3), shard(Some(&id(0)), None, Some("6")));
+        t.shards
+            .insert(id(4), shard(Some(&id(2)), Some(&id(3)), None));
+        t.index_children();
+        t.committed
+            .offsets
+            .insert(partition_key(&id(4)), (offset_value("7"), false));
+        assert_eq!(t.owned(), vec![id(1), id(4)]);
+        assert_eq!(
+            t.continues(&partition_key(&id(4))),
+            vec![partition_key(&id(2)), partition_key(&id(3))]
+        );
+        assert!(t.continues(&partition_key(&id(1))).is_empty());
+        assert!(t.continues("not a key").is_empty());
     }
 
     #[test]

@@ -125,6 +125,14 @@ pub trait SourceTask: Send {
     /// Newer committed offsets of the pipeline (other tasks' progress), e.g. for
     /// parent-before-child ordering of Kinesis shards.
     fn observe(&mut self, offsets: &CommittedOffsets);
+
+    /// The source partitions `partition` continues (a Kinesis child shard's parents), which
+    /// must have ended before it was read. Its first commit lets the catalog forget their
+    /// offsets (they stay ended for the task: a partition with a committed descendant is done),
+    /// so a stream resharded for months does not pile up ended shards.
+    fn continues(&self, _partition: &str) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// `tasks.max` from CONFIG: a positive integer (number or string), default 4.

@@ -13,8 +13,7 @@
 
 use crate::harness::{signal, wait_for, Cluster, ClusterSpec, Moto};
 use crate::pipelines::{
-    assert_exactly_once, count, create_pipeline_sql, create_stream, pipeline_cluster, put_entries,
-    runtime, START,
+    count, create_pipeline_sql, create_stream, pipeline_cluster, put_entries, runtime, START,
 };
 use anyhow::{bail, Result};
 use rand::rngs::StdRng;
@@ -335,7 +334,8 @@ fn faults_then_check(
         master_elections,
         started.elapsed().as_secs_f64()
     );
-    assert_exactly_once(c, m, DB, PIPELINE, &put)?;
+    let closed = rt.block_on(crate::pipelines::closed_shards(kinesis, STREAM))?;
+    crate::pipelines::assert_exactly_once_resharded(c, m, DB, PIPELINE, &put, &closed)?;
     let states = c.sql(
         m,
         "SELECT PIPELINE_NAME, STATE FROM information_schema.PIPELINES",

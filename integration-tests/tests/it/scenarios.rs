@@ -67,6 +67,24 @@ fn all_loaded_once(
     assert_exactly_once(c, m, db, table, put)
 }
 
+/// [`all_loaded_once`] on a resharded stream: the `closed` shards may have no offset left.
+fn all_loaded_once_resharded(
+    c: &Cluster,
+    m: usize,
+    (db, table): (&str, &str),
+    put: &[(String, String)],
+    closed: &std::collections::BTreeSet<String>,
+) -> Result<()> {
+    wait_for(
+        &format!("{} rows", put.len()),
+        Duration::from_secs(60),
+        || (count(c, m, db, table)? >= put.len()).then_some(()),
+    )
+    .inspect_err(|_| c.failed())?;
+    std::thread::sleep(Duration::from_secs(1));
+    crate::pipelines::assert_exactly_once_resharded(c, m, db, table, put, closed)
+}
+
 /// A cluster of `spec` with a master, every leaf online and `db` created (pipeline variables
 /// set), and the master's index.
 fn ready_cluster(spec: ClusterSpec, db: &str) -> Result<(Cluster, usize)> {
@@ -296,7 +314,8 @@ fn a_closed_shard_with_empty_first_pages_is_read_whole() -> Result<()> {
         ),
     )?;
     c.sql(m, "USE empty; START PIPELINE empty_pipeline")?;
-    all_loaded_once(&c, m, "empty", "empty_pipeline", &put)
+    let closed = rt.block_on(crate::pipelines::closed_shards(&kinesis, "empty-stream"))?;
+    all_loaded_once_resharded(&c, m, ("empty", "empty_pipeline"), &put, &closed)
 }
 
 /// Scenario 10: the master stops answering (frozen: its calls time out, as when it is cut off
@@ -536,12 +555,14 @@ fn an_aggregator_cut_off_from_the_master_says_so_instead_of_answering_stale() ->
     Ok(())
 }
 
-/// Bounds: a stream resharded again and again leaves its pipeline with many closed shards. The
-/// heartbeat answer carries the offsets committed since the leaf's last, so an idle leaf's
-/// heartbeat is smaller than the offsets it holds, however many shards there were. Before,
-/// every heartbeat (4 a second per leaf) carried every offset the pipeline ever committed.
+/// Bounds: a stream resharded again and again. The catalog forgets an ended shard's offset
+/// once a child of it has committed (the shard stays ended for the tasks: a shard with a
+/// committed descendant is done), so the offsets held grow with the open shards, not with every
+/// shard the stream ever had; and a heartbeat answer carries the offsets committed since the
+/// leaf's last, so an idle leaf's heartbeat is smaller than the offsets it holds. Before, every
+/// closed shard stayed in the catalog, and in every heartbeat (4 a second per leaf), for good.
 #[test]
-fn heartbeats_carry_offset_changes_not_every_shard_ever_read() -> Result<()> {
+fn a_stream_resharded_many_times_keeps_offsets_of_open_shards_only() -> Result<()> {
     let sim = Moto::sim(&["--no-limits"])?;
     let rt = runtime();
     let kinesis = sim.client();
@@ -556,7 +577,8 @@ fn heartbeats_carry_offset_changes_not_every_shard_ever_read() -> Result<()> {
         "reshards",
     )?;
     let stream = "reshards-stream";
-    rt.block_on(create_stream(&kinesis, stream, 1))?;
+    let open_at_start = 16;
+    rt.block_on(create_stream(&kinesis, stream, open_at_start))?;
     c.sql(
         m,
         &format!(
@@ -567,7 +589,7 @@ fn heartbeats_carry_offset_changes_not_every_shard_ever_read() -> Result<()> {
     c.sql(m, "USE reshards; START PIPELINE reshards_pipeline")?;
     let mut put = Vec::new();
     let batch = |round: usize, step: &str| -> Vec<(String, Vec<u8>)> {
-        (0..10)
+        (0..40)
             .map(|i| {
                 let tag = format!("{round}-{step}-{i}");
                 (tag.clone(), tag.into_bytes())
@@ -575,32 +597,47 @@ fn heartbeats_carry_offset_changes_not_every_shard_ever_read() -> Result<()> {
             .collect()
     };
     put.extend(rt.block_on(put_records(&kinesis, stream, &batch(0, "first")))?);
-    for round in 0..8 {
-        // Split the one open shard in two, then merge the two back: three shards closed.
+    let rounds = 8;
+    for round in 0..rounds {
+        // Split an open shard in two, then merge the two back: three shards closed.
         rt.block_on(async {
             let shards = crate::chaos::open_shards(&kinesis, stream).await?;
             let (id, lo, hi) = shards.first().cloned().expect("an open shard");
             kinesis
                 .split_shard()
                 .stream_name(stream)
-                .shard_to_split(id)
+                .shard_to_split(&id)
                 .new_starting_hash_key((lo + (hi - lo) / 2).to_string())
                 .send()
                 .await?;
             put.extend(put_records(&kinesis, stream, &batch(round, "split")).await?);
-            let shards = crate::chaos::open_shards(&kinesis, stream).await?;
+            let children: Vec<String> = crate::chaos::open_shards(&kinesis, stream)
+                .await?
+                .into_iter()
+                .filter(|(_, l, h)| *l >= lo && *h <= hi)
+                .map(|(id, _, _)| id)
+                .collect();
+            assert_eq!(children.len(), 2, "the split's children: {children:?}");
             kinesis
                 .merge_shards()
                 .stream_name(stream)
-                .shard_to_merge(&shards[0].0)
-                .adjacent_shard_to_merge(&shards[1].0)
+                .shard_to_merge(&children[0])
+                .adjacent_shard_to_merge(&children[1])
                 .send()
                 .await?;
             put.extend(put_records(&kinesis, stream, &batch(round, "merge")).await?);
             anyhow::Ok(())
         })?;
     }
-    all_loaded_once(&c, m, "reshards", "reshards_pipeline", &put)?;
+    // Enough records that every shard open now holds some: each merged shard commits, and
+    // the catalog can forget its parents.
+    let last: Vec<(String, Vec<u8>)> = (0..800)
+        .map(|i| (format!("last-{i}"), format!("last-{i}").into_bytes()))
+        .collect();
+    put.extend(rt.block_on(put_records(&kinesis, stream, &last))?);
+    let closed = rt.block_on(crate::pipelines::closed_shards(&kinesis, stream))?;
+    assert_eq!(closed.len(), 3 * rounds);
+    all_loaded_once_resharded(&c, m, ("reshards", "reshards_pipeline"), &put, &closed)?;
     let offsets = c
         .sql(m, "SELECT `KEY`, `VALUE` FROM information_schema.PIPELINES_SOURCE_OFFSETS WHERE PIPELINE_NAME = 'reshards_pipeline'")?
         .rows;
@@ -615,10 +652,18 @@ fn heartbeats_carry_offset_changes_not_every_shard_ever_read() -> Result<()> {
     );
     let heartbeat = crate::harness::metric_sum(&text, "shardline_heartbeat_response_bytes");
     println!(
-        "{} source partitions, their offsets {offsets_bytes} bytes; an idle heartbeat answer {heartbeat} bytes",
+        "{} shards over the stream's life, {} open; {} source partitions with an offset, {offsets_bytes} bytes; an idle heartbeat answer {heartbeat} bytes",
+        open_at_start as usize + closed.len(),
+        open_at_start,
         offsets.len()
     );
-    assert!(offsets.len() >= 25, "{} source partitions", offsets.len());
+    // The open shards, and at most the last merge's parents (kept until the merged shard
+    // commits a record of its own).
+    assert!(
+        offsets.len() <= open_at_start as usize + 2,
+        "ended shards are kept: {} offsets for {open_at_start} open shards",
+        offsets.len()
+    );
     assert!(
         (heartbeat as usize) < offsets_bytes,
         "the heartbeat carries every offset: {heartbeat} bytes >= {offsets_bytes}"
