@@ -1,8 +1,10 @@
 //! The chaos suite: a continuous ingest over several Kinesis shards (our simulator, AWS limits on)
 //! while a seeded schedule of faults runs: SIGKILL and restart of random leaves, SIGKILL of the
-//! master, a leaf frozen past the heartbeat timeout and resumed, shard splits and merges. At the
+//! master, a leaf frozen past the heartbeat timeout and resumed, shard splits and merges, a
+//! follower aggregator whose disk is wiped (refused, then replaced: REMOVE AGGREGATOR, ADD
+//! AGGREGATOR, a new node), and DROP PIPELINE + DROP TABLE + the pipeline created again. At the
 //! end every record put is in the table exactly once, the offsets are each shard's last sequence
-//! number and the pipeline is Running. Throughout, the simulator fails 3% of the reads
+//! number (ended shards may be forgotten once a child committed) and the pipeline is Running. Throughout, the simulator fails 3% of the reads
 //! (GetRecords and GetShardIterator; not ListShards, which START PIPELINE needs) with
 //! STOP_ON_ERROR OFF and one retry per batch, and answers every shard's first reads with empty
 //! pages.
@@ -35,14 +37,22 @@ enum Fault {
     FreezeLeaf,
     Split,
     Merge,
+    /// A follower's data directory is wiped: it must refuse to start under its old id, and is
+    /// replaced through the documented procedure (REMOVE AGGREGATOR, ADD AGGREGATOR, a new node).
+    ReplaceWipedAggregator,
+    /// DROP PIPELINE and DROP TABLE, then the same pipeline created again from TRIM_HORIZON:
+    /// the new table gets every record once, none of the old table's rows.
+    DropAndRecreate,
 }
 
-const ALL: [Fault; 5] = [
+const ALL: [Fault; 7] = [
     Fault::KillLeaf,
     Fault::KillMaster,
     Fault::FreezeLeaf,
     Fault::Split,
     Fault::Merge,
+    Fault::ReplaceWipedAggregator,
+    Fault::DropAndRecreate,
 ];
 
 fn env_u64(name: &str) -> Option<u64> {
@@ -175,6 +185,56 @@ fn run(total_faults: usize) -> Result<()> {
     out
 }
 
+/// Creates the pipeline (STOP_ON_ERROR OFF, one retry per batch) and starts it.
+fn create_and_start(c: &Cluster, m: usize) -> Result<()> {
+    c.sql(
+        m,
+        &format!("USE {DB}; {}", create_pipeline_sql(PIPELINE, STREAM, 4)),
+    )?;
+    c.sql(
+        m,
+        &format!("USE {DB}; ALTER PIPELINE {PIPELINE} SET STOP_ON_ERROR OFF; ALTER PIPELINE {PIPELINE} SET MAX_RETRIES_PER_BATCH_PARTITION 1"),
+    )?;
+    c.sql(m, &format!("USE {DB}; START PIPELINE {PIPELINE}"))?;
+    Ok(())
+}
+
+/// Wipes a follower aggregator's data directory and restarts it: it must refuse to start.
+/// Then replaces it: REMOVE AGGREGATOR, ADD AGGREGATOR under a new id, the new node started
+/// with a new directory, which must catch up.
+fn replace_wiped_aggregator(c: &mut Cluster, rng: &mut StdRng) -> Result<String> {
+    let m = c.wait_for_master(START)?;
+    let followers: Vec<usize> = (0..c.aggregators.len())
+        .filter(|i| *i != m && c.aggregators[*i].is_running())
+        .collect();
+    let old = followers[rng.gen_range(0..followers.len())];
+    c.aggregators[old].kill();
+    std::fs::remove_dir_all(c.aggregators[old].data_dir())?;
+    c.aggregators[old].start()?;
+    let code = c.wait_for_exit(old, Duration::from_secs(30))?;
+    if code == Some(0) || !c.aggregators[old].log_text().contains("REMOVE AGGREGATOR") {
+        bail!("the wiped aggregator-{} did not refuse to start", old + 1);
+    }
+    let t = Instant::now();
+    c.sql(m, &format!("REMOVE AGGREGATOR {}", old + 1))?;
+    let new_id = c.aggregators.len() as u64 + 1;
+    let new = c.add_aggregator(new_id)?;
+    let grpc = c.aggregators[new]
+        .arg("--grpc-listen")
+        .unwrap_or_default()
+        .to_string();
+    c.sql(m, &format!("ADD AGGREGATOR {new_id} '{grpc}'"))?;
+    c.aggregators[new].start()?;
+    wait_for("the new aggregator to answer", START, || {
+        count(c, new, DB, PIPELINE).map(|_| ())
+    })?;
+    Ok(format!(
+        "wiped aggregator-{} refused to start; replaced by aggregator-{new_id} in {:.1} s",
+        old + 1,
+        t.elapsed().as_secs_f64()
+    ))
+}
+
 /// Starts the pipeline and the producer, runs the fault schedule, then checks exactly-once.
 fn faults_then_check(
     c: &mut Cluster,
@@ -185,15 +245,7 @@ fn faults_then_check(
     total_faults: usize,
 ) -> Result<()> {
     rt.block_on(create_stream(kinesis, STREAM, 4))?;
-    c.sql(
-        m,
-        &format!("USE {DB}; {}", create_pipeline_sql(PIPELINE, STREAM, 4)),
-    )?;
-    c.sql(
-        m,
-        &format!("USE {DB}; ALTER PIPELINE {PIPELINE} SET STOP_ON_ERROR OFF; ALTER PIPELINE {PIPELINE} SET MAX_RETRIES_PER_BATCH_PARTITION 1"),
-    )?;
-    c.sql(m, &format!("USE {DB}; START PIPELINE {PIPELINE}"))?;
+    create_and_start(c, m)?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let producer = rt.spawn(produce(kinesis.clone(), stop.clone()));
@@ -267,6 +319,17 @@ fn faults_then_check(
                     t.elapsed().as_secs_f64(),
                     offline?.as_secs_f64()
                 )
+            }
+            Fault::ReplaceWipedAggregator => replace_wiped_aggregator(c, rng)?,
+            Fault::DropAndRecreate => {
+                let m = c.wait_for_master(START)?;
+                let before = count(c, m, DB, PIPELINE).unwrap_or(0);
+                c.sql(
+                    m,
+                    &format!("USE {DB}; DROP PIPELINE {PIPELINE}; DROP TABLE {PIPELINE}"),
+                )?;
+                create_and_start(c, m)?;
+                format!("DROP PIPELINE + DROP TABLE at {before} rows, created again")
             }
             Fault::Split | Fault::Merge => {
                 let shards = rt.block_on(open_shards(kinesis, STREAM))?;

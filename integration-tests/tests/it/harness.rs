@@ -369,6 +369,7 @@ impl Cluster {
         let mut peers: Vec<String> = self
             .aggregators
             .iter()
+            .filter(|a| a.child.is_some())
             .map(|a| {
                 format!(
                     "{}={}",
