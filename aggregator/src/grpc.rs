@@ -161,6 +161,7 @@ impl proto::aggregator_server::Aggregator for AggregatorServiceImpl {
             leader_node_id: self.raft.node_id().0,
             tasks,
             live_tables,
+            aggregators: self.raft.peers().into_values().collect(),
         }))
     }
 

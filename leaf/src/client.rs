@@ -6,10 +6,46 @@ use proto::aggregator_client::AggregatorClient;
 use std::time::Duration;
 use tonic::transport::Channel;
 
+/// The aggregators a leaf calls: `--aggregators` at first, then the members the master names
+/// in each heartbeat answer. Clones share one list.
+#[derive(Clone, Debug, Default)]
+pub struct AggregatorList(std::sync::Arc<std::sync::RwLock<Vec<String>>>);
+
+impl AggregatorList {
+    pub fn new(addresses: Vec<String>) -> Self {
+        Self(std::sync::Arc::new(std::sync::RwLock::new(addresses)))
+    }
+
+    pub fn get(&self) -> Vec<String> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Follows the group's membership as the master gives it (ignored when empty: a master
+    /// from before member lists, or none known).
+    pub fn replace(&self, mut addresses: Vec<String>) {
+        if addresses.is_empty() {
+            return;
+        }
+        addresses.sort();
+        addresses.dedup();
+        let mut current = self.0.write().unwrap_or_else(|p| p.into_inner());
+        if *current != addresses {
+            tracing::info!(aggregators = ?addresses, "the aggregator group changed");
+            *current = addresses;
+        }
+    }
+}
+
+impl From<Vec<String>> for AggregatorList {
+    fn from(addresses: Vec<String>) -> Self {
+        Self::new(addresses)
+    }
+}
+
 /// Clones share the connection (a tonic channel) and then follow leader hints on their own.
 #[derive(Clone)]
 pub struct MasterClient {
-    addresses: Vec<String>,
+    addresses: AggregatorList,
     next: usize,
     current: Option<(String, AggregatorClient<Channel>)>,
     /// How long one call may take before the aggregator counts as unreachable.
@@ -75,14 +111,14 @@ fn try_elsewhere(code: tonic::Code) -> bool {
 }
 
 impl MasterClient {
-    pub fn new(addresses: Vec<String>) -> Self {
+    pub fn new(addresses: impl Into<AggregatorList>) -> Self {
         Self::with_timeout(addresses, CALL_TIMEOUT)
     }
 
     /// A client whose calls give an aggregator `timeout` to answer before moving on.
-    pub fn with_timeout(addresses: Vec<String>, timeout: Duration) -> Self {
+    pub fn with_timeout(addresses: impl Into<AggregatorList>, timeout: Duration) -> Self {
         Self {
-            addresses,
+            addresses: addresses.into(),
             next: 0,
             current: None,
             timeout,
@@ -106,9 +142,10 @@ impl MasterClient {
             self.current = connect(&addr, self.timeout).map(|c| (addr, c));
         }
         if self.current.is_none() {
+            let addresses = self.addresses.get();
             let mut addr = String::new();
-            for _ in 0..self.addresses.len() {
-                addr = self.addresses[self.next % self.addresses.len()].clone();
+            for _ in 0..addresses.len() {
+                addr = addresses[self.next % addresses.len()].clone();
                 self.next += 1;
                 if !silent.contains(&addr) {
                     break;
@@ -128,7 +165,7 @@ impl MasterClient {
         let mut hint = None;
         let mut last = String::from("no attempt");
         let mut silent: Vec<String> = Vec::new();
-        for _ in 0..self.addresses.len() + 3 {
+        for _ in 0..self.addresses.get().len() + 3 {
             let Some(client) = self.client(hint.take(), &silent) else {
                 self.current = None;
                 continue;

@@ -84,9 +84,11 @@ pub async fn run(
             stop.cancelled().await
         }));
     }
+    // Every client of the master calls the group as the master last described it.
+    let aggregators = client::AggregatorList::new(config.aggregator_addresses());
     let manager = Arc::new(tasks::TaskManager::new(
         store.clone(),
-        config.aggregator_addresses(),
+        aggregators.clone(),
         config.advertise_address(),
         tasks.clone(),
         shutdown.clone(),
@@ -116,11 +118,12 @@ pub async fn run(
     });
     tasks.spawn(finalized::confirm_finalized_loop(
         store.clone(),
-        client::MasterClient::new(config.aggregator_addresses()),
+        client::MasterClient::new(aggregators.clone()),
         shutdown.clone(),
     ));
     tasks.spawn(membership::heartbeat_loop(
         config.clone(),
+        aggregators,
         state,
         manager,
         store.clone(),

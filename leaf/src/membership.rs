@@ -63,6 +63,7 @@ const HEARTBEAT_CALL_TIMEOUT: Duration = Duration::from_millis(1500);
 
 pub async fn heartbeat_loop(
     config: LeafConfig,
+    aggregators: crate::client::AggregatorList,
     state: Arc<Membership>,
     tasks: Arc<TaskManager>,
     store: Store,
@@ -73,8 +74,7 @@ pub async fn heartbeat_loop(
     // A heartbeat that takes longer than this is as good as lost: the master declares a leaf
     // offline after its heartbeat timeout (2 s by default), so a leaf must move on to the new
     // master well before that when the old one stops answering.
-    let mut client =
-        MasterClient::with_timeout(config.aggregator_addresses(), HEARTBEAT_CALL_TIMEOUT);
+    let mut client = MasterClient::with_timeout(aggregators.clone(), HEARTBEAT_CALL_TIMEOUT);
     let address = config.advertise_address();
     let interval = config.heartbeat_interval();
     let mut backoff = interval;
@@ -134,6 +134,7 @@ pub async fn heartbeat_loop(
                     if let Some(live) = r.live_tables {
                         sweep_dropped_tables(&store, live, &sweeping);
                     }
+                    aggregators.replace(r.aggregators);
                     Some(r.tasks)
                 }),
         };

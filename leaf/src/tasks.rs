@@ -69,7 +69,7 @@ struct Running {
 /// Runs the tasks assigned to this leaf.
 pub struct TaskManager {
     store: Store,
-    aggregators: Vec<String>,
+    aggregators: crate::client::AggregatorList,
     address: String,
     running: Mutex<HashMap<(u64, u32), Running>>,
     /// The committed offsets the master sent, per pipeline (heartbeats carry only changes).
@@ -85,7 +85,7 @@ impl TaskManager {
     /// Must be called within a Tokio runtime (it starts the committer).
     pub fn new(
         store: Store,
-        aggregators: Vec<String>,
+        aggregators: crate::client::AggregatorList,
         address: String,
         tasks: TaskTracker,
         shutdown: CancellationToken,

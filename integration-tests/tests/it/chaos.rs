@@ -210,6 +210,8 @@ fn replace_wiped_aggregator(c: &mut Cluster, rng: &mut StdRng) -> Result<String>
     let old = followers[rng.gen_range(0..followers.len())];
     c.aggregators[old].kill();
     std::fs::remove_dir_all(c.aggregators[old].data_dir())?;
+    // Its config lists the members of now (the ones it was started with may be gone).
+    c.refresh_peers(old);
     c.aggregators[old].start()?;
     let code = c.wait_for_exit(old, Duration::from_secs(30))?;
     if code == Some(0) || !c.aggregators[old].log_text().contains("REMOVE AGGREGATOR") {
@@ -225,9 +227,19 @@ fn replace_wiped_aggregator(c: &mut Cluster, rng: &mut StdRng) -> Result<String>
         .to_string();
     c.sql(m, &format!("ADD AGGREGATOR {new_id} '{grpc}'"))?;
     c.aggregators[new].start()?;
-    wait_for("the new aggregator to answer", START, || {
-        count(c, new, DB, PIPELINE).map(|_| ())
-    })?;
+    let mut last_error = String::new();
+    let answered = wait_for("the new aggregator to answer", START, || {
+        match c.sql(new, &format!("SELECT COUNT(*) FROM {DB}.{PIPELINE}")) {
+            Ok(_) => Some(()),
+            Err(e) => {
+                last_error = e.to_string();
+                None
+            }
+        }
+    });
+    if answered.is_err() {
+        bail!("the new aggregator-{new_id} does not answer: {last_error}");
+    }
     Ok(format!(
         "wiped aggregator-{} refused to start; replaced by aggregator-{new_id} in {:.1} s",
         old + 1,

@@ -423,6 +423,28 @@ impl Cluster {
         Ok(self.aggregators.len() - 1)
     }
 
+    /// Points aggregator `i`'s `--peers` at the aggregators running now and itself, as an
+    /// operator's config would after members were replaced (its original peers may be gone).
+    pub fn refresh_peers(&mut self, i: usize) {
+        let peers: Vec<String> = self
+            .aggregators
+            .iter()
+            .enumerate()
+            .filter(|(j, a)| *j == i || a.child.is_some())
+            .map(|(_, a)| {
+                format!(
+                    "{}={}",
+                    a.arg("--node-id").unwrap_or("0"),
+                    a.arg("--grpc-listen").unwrap_or("")
+                )
+            })
+            .collect();
+        let node = &mut self.aggregators[i];
+        if let Some(at) = node.args.iter().position(|a| a == "--peers") {
+            node.args[at + 1] = peers.join(",");
+        }
+    }
+
     /// Waits for node `i`'s process to exit on its own; returns its exit code.
     pub fn wait_for_exit(&mut self, i: usize, timeout: Duration) -> Result<Option<i32>> {
         let node = &mut self.aggregators[i];

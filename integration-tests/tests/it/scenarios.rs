@@ -988,3 +988,63 @@ fn an_error_from_a_task_that_has_moved_is_recorded_as_the_old_runs() -> Result<(
     );
     Ok(())
 }
+
+/// Scenario 8, the whole group replaced: every aggregator the leaves were started with
+/// (`--aggregators`) is removed, one by one, and new ones added. The leaves follow the group's
+/// membership from the master's heartbeat answers, so the pipeline goes on loading with none of
+/// their configured aggregators left. Before, the leaves kept calling the addresses they were
+/// started with, found no aggregator, and ingestion stopped for good (seen in the long chaos run).
+#[test]
+fn leaves_follow_the_group_when_every_aggregator_they_knew_is_replaced() -> Result<()> {
+    let sim = Moto::sim(&[])?;
+    let rt = runtime();
+    let kinesis = sim.client();
+    let (mut c, m) = pipeline_cluster(&sim, ClusterSpec::default(), "group")?;
+    rt.block_on(create_stream(&kinesis, "group-stream", 2))?;
+    c.sql(
+        m,
+        &format!(
+            "USE group; {}",
+            create_pipeline_sql("group_pipeline", "group-stream", 2)
+        ),
+    )?;
+    c.sql(m, "USE group; START PIPELINE group_pipeline")?;
+    let batch = |tag: &str| -> Vec<(String, Vec<u8>)> {
+        (0..40)
+            .map(|i| (format!("{tag}-{i}"), format!("{tag}-{i}").into_bytes()))
+            .collect()
+    };
+    let mut put = rt.block_on(put_records(&kinesis, "group-stream", &batch("start")))?;
+    for old in 0..3 {
+        // The master can't remove itself: stop it first, the others elect a new one.
+        let master = c.wait_for_master(START)?;
+        if master == old {
+            c.aggregators[old].kill();
+        }
+        let via = c.wait_for_master(START)?;
+        c.sql(via, &format!("REMOVE AGGREGATOR {}", old + 1))?;
+        c.aggregators[old].kill();
+        let new_id = c.aggregators.len() as u64 + 1;
+        let fresh = c.add_aggregator(new_id)?;
+        let grpc = c.aggregators[fresh]
+            .arg("--grpc-listen")
+            .unwrap_or_default()
+            .to_string();
+        c.sql(via, &format!("ADD AGGREGATOR {new_id} '{grpc}'"))?;
+        c.aggregators[fresh].start()?;
+        wait_for("the new member to answer", START, || {
+            count(&c, fresh, "group", "group_pipeline").map(|_| ())
+        })
+        .inspect_err(|_| c.failed())?;
+        put.extend(rt.block_on(put_records(
+            &kinesis,
+            "group-stream",
+            &batch(&format!("round-{old}")),
+        ))?);
+    }
+    let m = c.wait_for_master(START)?;
+    assert!(m >= 3, "the master is one of the new aggregators");
+    c.wait_for_leaves_online(m, 2, START)?;
+    put.extend(rt.block_on(put_records(&kinesis, "group-stream", &batch("end")))?);
+    all_loaded_once(&c, m, "group", "group_pipeline", &put)
+}
