@@ -7,17 +7,44 @@ use std::time::Duration;
 use tonic::transport::Channel;
 
 /// The aggregators a leaf calls: `--aggregators` at first, then the members the master names
-/// in each heartbeat answer. Clones share one list.
+/// in each heartbeat answer. Clones share one list. With a file, the list survives restarts: a
+/// leaf restarted after every aggregator it was started with was replaced still finds the group.
 #[derive(Clone, Debug, Default)]
-pub struct AggregatorList(std::sync::Arc<std::sync::RwLock<Vec<String>>>);
+pub struct AggregatorList {
+    addresses: std::sync::Arc<std::sync::RwLock<Vec<String>>>,
+    file: Option<std::path::PathBuf>,
+}
 
 impl AggregatorList {
     pub fn new(addresses: Vec<String>) -> Self {
-        Self(std::sync::Arc::new(std::sync::RwLock::new(addresses)))
+        Self {
+            addresses: std::sync::Arc::new(std::sync::RwLock::new(addresses)),
+            file: None,
+        }
+    }
+
+    /// The members last heard of (kept in `file`), then `configured`.
+    pub fn remembered(file: std::path::PathBuf, configured: Vec<String>) -> Self {
+        let mut addresses: Vec<String> = std::fs::read(&file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        for a in configured {
+            if !addresses.contains(&a) {
+                addresses.push(a);
+            }
+        }
+        Self {
+            addresses: std::sync::Arc::new(std::sync::RwLock::new(addresses)),
+            file: Some(file),
+        }
     }
 
     pub fn get(&self) -> Vec<String> {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.addresses
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Follows the group's membership as the master gives it (ignored when empty: a master
@@ -28,11 +55,22 @@ impl AggregatorList {
         }
         addresses.sort();
         addresses.dedup();
-        let mut current = self.0.write().unwrap_or_else(|p| p.into_inner());
-        if *current != addresses {
-            tracing::info!(aggregators = ?addresses, "the aggregator group changed");
-            *current = addresses;
+        let mut current = self.addresses.write().unwrap_or_else(|p| p.into_inner());
+        if *current == addresses {
+            return;
         }
+        tracing::info!(aggregators = ?addresses, "the aggregator group changed");
+        if let Some(file) = &self.file {
+            let tmp = file.with_extension("tmp");
+            let written = serde_json::to_vec(&addresses)
+                .map_err(std::io::Error::other)
+                .and_then(|bytes| std::fs::write(&tmp, bytes))
+                .and_then(|()| std::fs::rename(&tmp, file));
+            if let Err(e) = written {
+                tracing::warn!("cannot remember the aggregators in {}: {e}", file.display());
+            }
+        }
+        *current = addresses;
     }
 }
 
@@ -191,5 +229,28 @@ impl MasterClient {
             }
         }
         Err(CallError::Unreachable(last))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_aggregator_list_follows_the_group_and_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("aggregators.json");
+        let list = AggregatorList::remembered(file.clone(), vec!["a:1".into(), "b:2".into()]);
+        assert_eq!(list.get(), vec!["a:1", "b:2"]);
+        // An empty member list (an old master) changes nothing.
+        list.replace(vec![]);
+        assert_eq!(list.get(), vec!["a:1", "b:2"]);
+        list.replace(vec!["d:4".into(), "c:3".into()]);
+        assert_eq!(list.get(), vec!["c:3", "d:4"]);
+        let clone = list.clone();
+        assert_eq!(clone.get(), vec!["c:3", "d:4"], "clones share the list");
+        // A restarted leaf starts from the members it last heard of, then its configuration.
+        let again = AggregatorList::remembered(file, vec!["a:1".into(), "c:3".into()]);
+        assert_eq!(again.get(), vec!["c:3", "d:4", "a:1"]);
     }
 }

@@ -85,7 +85,10 @@ pub async fn run(
         }));
     }
     // Every client of the master calls the group as the master last described it.
-    let aggregators = client::AggregatorList::new(config.aggregator_addresses());
+    let aggregators = client::AggregatorList::remembered(
+        config.data_dir.join("aggregators.json"),
+        config.aggregator_addresses(),
+    );
     let manager = Arc::new(tasks::TaskManager::new(
         store.clone(),
         aggregators.clone(),

@@ -1045,6 +1045,19 @@ fn leaves_follow_the_group_when_every_aggregator_they_knew_is_replaced() -> Resu
     let m = c.wait_for_master(START)?;
     assert!(m >= 3, "the master is one of the new aggregators");
     c.wait_for_leaves_online(m, 2, START)?;
+    // A leaf restarted now finds the group too: it remembers the members it last heard of.
+    c.leaves[0].kill();
+    put.extend(rt.block_on(put_records(&kinesis, "group-stream", &batch("restart")))?);
+    c.leaves[0].start()?;
+    wait_for("the restarted leaf to register again", START, || {
+        c.leaves[0]
+            .log_text()
+            .matches("registered with the cluster")
+            .nth(1)
+            .map(|_| ())
+    })
+    .inspect_err(|_| c.failed())?;
+    c.wait_for_leaves_online(m, 2, START)?;
     put.extend(rt.block_on(put_records(&kinesis, "group-stream", &batch("end")))?);
     all_loaded_once(&c, m, "group", "group_pipeline", &put)
 }
