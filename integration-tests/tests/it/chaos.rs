@@ -421,7 +421,8 @@ fn faults_then_check(
         "no pipeline in Error"
     );
     // Per-shard lag (MillisBehindLatest) is exported by the leaves reading the shards.
-    let lag_samples: usize = c.metrics_ports[c.aggregators.len()..]
+    let lag_samples: usize = c
+        .leaf_metrics_ports()
         .iter()
         .filter_map(|p| crate::harness::scrape(*p).ok())
         .map(|t| {

@@ -465,6 +465,11 @@ impl Cluster {
         }
     }
 
+    /// The leaves' /metrics ports (aggregators added later serve no metrics).
+    pub fn leaf_metrics_ports(&self) -> &[u16] {
+        &self.metrics_ports[self.metrics_ports.len() - self.leaves.len()..]
+    }
+
     /// Runs SQL on aggregator `i` (0-based).
     pub fn sql(&self, i: usize, sql: &str) -> Result<Output> {
         mysql(self.mysql_ports[i], &self.password, sql)
