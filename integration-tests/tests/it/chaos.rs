@@ -218,15 +218,8 @@ fn replace_wiped_aggregator(c: &mut Cluster, rng: &mut StdRng) -> Result<String>
         bail!("the wiped aggregator-{} did not refuse to start", old + 1);
     }
     let t = Instant::now();
-    c.sql(m, &format!("REMOVE AGGREGATOR {}", old + 1))?;
-    let new_id = c.aggregators.len() as u64 + 1;
-    let new = c.add_aggregator(new_id)?;
-    let grpc = c.aggregators[new]
-        .arg("--grpc-listen")
-        .unwrap_or_default()
-        .to_string();
-    c.sql(m, &format!("ADD AGGREGATOR {new_id} '{grpc}'"))?;
-    c.aggregators[new].start()?;
+    let new = c.replace_aggregator(m, old)?;
+    let new_id = new + 1;
     let mut last_error = String::new();
     let answered = wait_for("the new aggregator to answer", START, || {
         match c.sql(new, &format!("SELECT COUNT(*) FROM {DB}.{PIPELINE}")) {

@@ -423,6 +423,26 @@ impl Cluster {
         Ok(self.aggregators.len() - 1)
     }
 
+    /// Replaces member `old` (an index; its process must be gone) the documented way, through
+    /// aggregator `via`: REMOVE AGGREGATOR, ADD AGGREGATOR under the next id, the new node
+    /// started with a new data directory. Returns the new node's index.
+    pub fn replace_aggregator(&mut self, via: usize, old: usize) -> Result<usize> {
+        let old_id = self.aggregators[old]
+            .arg("--node-id")
+            .unwrap_or("0")
+            .to_string();
+        self.sql(via, &format!("REMOVE AGGREGATOR {old_id}"))?;
+        let new_id = self.aggregators.len() as u64 + 1;
+        let new = self.add_aggregator(new_id)?;
+        let grpc = self.aggregators[new]
+            .arg("--grpc-listen")
+            .unwrap_or_default()
+            .to_string();
+        self.sql(via, &format!("ADD AGGREGATOR {new_id} '{grpc}'"))?;
+        self.aggregators[new].start()?;
+        Ok(new)
+    }
+
     /// Points aggregator `i`'s `--peers` at the aggregators running now and itself, as an
     /// operator's config would after members were replaced (its original peers may be gone).
     pub fn refresh_peers(&mut self, i: usize) {
