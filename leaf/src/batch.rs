@@ -21,6 +21,25 @@ pub const POISON_KEY: &str = "SHARDLINE_TEST_POISON_KEY";
 /// its first batch, before making it visible.
 pub const EXIT_BEFORE_FINALIZE: &str = "SHARDLINE_TEST_EXIT_BEFORE_FINALIZE";
 
+/// Set in a leaf's environment (tests only) to a file path: the first task of this leaf that has
+/// committed two batches forgets its own commits once, as a task restarted from offsets older
+/// than its last commit does (an old assignment after a failover), and creates the file so that
+/// it happens once per cluster. Its next batch is refused (offset conflict) and must resync.
+pub const STALE_OFFSETS_ONCE: &str = "SHARDLINE_TEST_STALE_OFFSETS_ONCE";
+
+/// Whether the [`STALE_OFFSETS_ONCE`] fault is due now (and, if so, it is used up).
+pub(crate) fn stale_offsets_due(committed_batches: u64) -> bool {
+    let Some(flag) = std::env::var_os(STALE_OFFSETS_ONCE) else {
+        return false;
+    };
+    committed_batches == 2
+        && std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(flag)
+            .is_ok()
+}
+
 /// One extracted batch on its way into the table: load, prepare, commit at the master,
 /// finalize. Runs beside the extraction of the next batch.
 pub(crate) struct BatchJob {

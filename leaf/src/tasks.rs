@@ -574,6 +574,18 @@ impl Runner {
             let extracted = extract(task.as_mut(), &a, &self.metrics, &self.cancel, loading).await;
             if let Some(f) = in_flight.take() {
                 self.settle(f, &mut committed, task.as_mut()).await?;
+                if crate::batch::stale_offsets_due(self.committed_batches) {
+                    tracing::warn!(
+                        "{} is set: forgetting this task's commits once",
+                        crate::batch::STALE_OFFSETS_ONCE
+                    );
+                    committed.offsets.clear();
+                    tokio::select! {
+                        _ = self.cancel.cancelled() => return Ok(()),
+                        r = task.start(&config, &task_config, &committed) => r.map_err(|e| RunError::Failed(e.to_string()))?,
+                    }
+                    continue;
+                }
             }
             let Some(batch) = extracted? else {
                 return Ok(()); // cancelled

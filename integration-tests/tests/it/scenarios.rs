@@ -167,6 +167,52 @@ fn a_dropped_table_or_database_never_comes_back() -> Result<()> {
     Ok(())
 }
 
+/// Scenario 3: a task whose offsets are older than its own last commit (here a fault hook makes
+/// a running task forget its commits once, as a task restarted from an old assignment after a
+/// failover does) has its next batch refused (offset conflict). The refused batch's rows go, the
+/// task resyncs from the committed offsets and carries on: every record once. Before, the
+/// refused batch parked the task for good while the pipeline showed Running.
+#[test]
+fn a_refused_batch_resyncs_from_the_committed_offsets() -> Result<()> {
+    let flags = tempfile::tempdir()?;
+    let flag = flags.path().join("stale-once");
+    let (c, m) = ready_cluster(
+        ClusterSpec {
+            aggregators: 1,
+            leaves: 1,
+            leaf_env: vec![(
+                "SHARDLINE_TEST_STALE_OFFSETS_ONCE".into(),
+                flag.to_string_lossy().into(),
+            )],
+            ..Default::default()
+        },
+        "refused",
+    )?;
+    c.sql(m, "SET GLOBAL pipelines_extractor_batch_size = 50")?;
+    create_datagen(&c, m, "refused", 400)?;
+    c.sql(m, "USE refused; START PIPELINE gen")?;
+    wait_for("every record", Duration::from_secs(60), || {
+        (count(&c, m, "refused", "gen")? >= 800).then_some(())
+    })
+    .inspect_err(|_| c.failed())?;
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(flag.exists(), "the fault fired");
+    assert!(
+        c.leaves[0]
+            .log_text()
+            .contains("resyncing from the committed offsets"),
+        "a batch was refused and the task resynced"
+    );
+    let rows = c
+        .sql(
+            m,
+            "SELECT COUNT(*), COUNT(DISTINCT record) FROM refused.gen",
+        )?
+        .rows;
+    assert_eq!(rows, vec![vec!["800".to_string(), "800".to_string()]]);
+    Ok(())
+}
+
 /// Scenario 4: a batch the master committed stays in the table when the pipeline is dropped
 /// before its leaf (dead between commit and finalize) returns. Before, the returning leaf
 /// heard "not committed" (the pipeline was gone) and deleted rows the table had counted.
