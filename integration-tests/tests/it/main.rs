@@ -6,5 +6,6 @@ mod chaos;
 mod cluster;
 mod harness;
 mod kinesis;
+mod membership;
 mod pipelines;
 mod scenarios;
