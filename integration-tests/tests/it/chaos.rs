@@ -128,23 +128,12 @@ pub(crate) async fn open_shards(
     client: &aws_sdk_kinesis::Client,
     stream: &str,
 ) -> Result<Vec<(String, u128, u128)>> {
-    let r = client.list_shards().stream_name(stream).send().await?;
-    let mut out = Vec::new();
-    for s in r.shards() {
-        let closed = s
-            .sequence_number_range()
-            .and_then(|r| r.ending_sequence_number())
-            .is_some();
-        if closed {
-            continue;
-        }
-        let range = s.hash_key_range().expect("hash key range");
-        out.push((
-            s.shard_id().to_string(),
-            range.starting_hash_key().parse()?,
-            range.ending_hash_key().parse()?,
-        ));
-    }
+    let mut out: Vec<(String, u128, u128)> = crate::pipelines::list_all_shards(client, stream)
+        .await?
+        .into_iter()
+        .filter(|(_, closed, _, _)| !closed)
+        .map(|(id, _, lo, hi)| (id, lo, hi))
+        .collect();
     out.sort_by_key(|s| s.1);
     Ok(out)
 }

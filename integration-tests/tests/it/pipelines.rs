@@ -244,12 +244,12 @@ fn assert_offsets_are_last(
     Ok(())
 }
 
-/// The shards of `stream` that are closed (split or merged away).
-pub(crate) async fn closed_shards(
+/// Every shard of `stream` (all ListShards pages): (id, whether it is closed, hash key range).
+pub(crate) async fn list_all_shards(
     client: &aws_sdk_kinesis::Client,
     stream: &str,
-) -> Result<std::collections::BTreeSet<String>> {
-    let mut out = std::collections::BTreeSet::new();
+) -> Result<Vec<(String, bool, u128, u128)>> {
+    let mut out = Vec::new();
     let mut token: Option<String> = None;
     loop {
         let req = match &token {
@@ -262,15 +262,32 @@ pub(crate) async fn closed_shards(
                 .sequence_number_range()
                 .and_then(|r| r.ending_sequence_number())
                 .is_some();
-            if closed {
-                out.insert(s.shard_id().to_string());
-            }
+            let range = s.hash_key_range().expect("hash key range");
+            out.push((
+                s.shard_id().to_string(),
+                closed,
+                range.starting_hash_key().parse()?,
+                range.ending_hash_key().parse()?,
+            ));
         }
         token = r.next_token().map(String::from);
         if token.is_none() {
             return Ok(out);
         }
     }
+}
+
+/// The shards of `stream` that are closed (split or merged away).
+pub(crate) async fn closed_shards(
+    client: &aws_sdk_kinesis::Client,
+    stream: &str,
+) -> Result<std::collections::BTreeSet<String>> {
+    Ok(list_all_shards(client, stream)
+        .await?
+        .into_iter()
+        .filter(|(_, closed, _, _)| *closed)
+        .map(|(id, ..)| id)
+        .collect())
 }
 
 /// [`assert_exactly_once`] on a stream that was resharded: the catalog forgets an ended shard's
