@@ -68,10 +68,12 @@ impl proto::leaf_server::Leaf for LeafServiceImpl {
         }))
     }
 
-    async fn scan(
+    type QueryStream = crate::query::Messages;
+
+    async fn query(
         &self,
-        request: Request<proto::ScanRequest>,
-    ) -> Result<Response<proto::ScanResponse>, Status> {
+        request: Request<proto::QueryRequest>,
+    ) -> Result<Response<Self::QueryStream>, Status> {
         if !self.membership.recovered() {
             // Rows of batches the master may have committed are still hidden: an answer now
             // could be short.
@@ -79,15 +81,8 @@ impl proto::leaf_server::Leaf for LeafServiceImpl {
                 "the leaf is restarting: it is settling the batches it had prepared",
             ));
         }
-        let req = request.into_inner();
-        let store = self.store.clone();
-        // Reading, parsing and encoding every row is CPU work of seconds on a big table: off the
-        // runtime's workers, which also carry the heartbeats (a leaf busy with a query must not
-        // look dead to the master) and the tasks' reads.
-        let arrow_ipc = tokio::task::spawn_blocking(move || scan_rows(&store, req))
-            .await
-            .map_err(|e| Status::internal(format!("scan stopped: {e}")))??;
-        Ok(Response::new(proto::ScanResponse { arrow_ipc }))
+        let messages = crate::query::run(&request.into_inner().plan, self.store.clone())?;
+        Ok(Response::new(messages))
     }
 
     async fn backfill(
@@ -156,72 +151,4 @@ impl proto::leaf_server::Leaf for LeafServiceImpl {
         .map_err(Status::failed_precondition)?;
         Ok(Response::new(proto::TestPipelineResponse { rows_json }))
     }
-}
-
-/// A scan's rows as one Arrow IPC stream (blocking: sled reads and JSON parsing).
-fn scan_rows(store: &Store, req: proto::ScanRequest) -> Result<Vec<u8>, Status> {
-    let table = TableRef::new(req.table_id, &req.database, &req.table);
-    let indexed = match &req.index_range {
-        Some(r) => {
-            let parse = |v: &Option<String>,
-                         inclusive: bool|
-             -> Result<Option<(serde_json::Value, bool)>, Status> {
-                v.as_deref()
-                    .map(|j| serde_json::from_str(j).map(|v| (v, inclusive)))
-                    .transpose()
-                    .map_err(|e| Status::invalid_argument(format!("bad index bound: {e}")))
-            };
-            let range = crate::store::Range {
-                lower: parse(&r.lower_json, r.lower_inclusive)?,
-                upper: parse(&r.upper_json, r.upper_inclusive)?,
-            };
-            store
-                .scan_index(&table, &r.index, &range)
-                .map_err(|e| Status::internal(e.to_string()))?
-        }
-        None => None,
-    };
-    let (columns, compiled) =
-        crate::tasks::table_columns(&req.columns_json).map_err(Status::invalid_argument)?;
-    let positions: Vec<usize> = if req.project {
-        req.projection.iter().map(|i| *i as usize).collect()
-    } else {
-        (0..columns.len()).collect()
-    };
-    let schema = std::sync::Arc::new(
-        common::arrow::table_schema(&columns)
-            .project(&positions)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?,
-    );
-    let internal = |e: &dyn std::fmt::Display| Status::internal(e.to_string());
-    let batch = if positions.is_empty() {
-        // No column wanted (COUNT(*)): how many rows, without reading them.
-        let n = match indexed {
-            Some(rows) => rows.len(),
-            None => store.count(&table).map_err(|e| internal(&e))?,
-        };
-        common::arrow::empty_rows(&schema, n)
-    } else {
-        let stored = match indexed {
-            Some(rows) => rows,
-            None => store.scan(&table).map_err(|e| internal(&e))?,
-        };
-        let mut rows = Vec::with_capacity(stored.len());
-        for row in &stored {
-            let mut values: Vec<serde_json::Value> = serde_json::from_str(row)
-                .map_err(|e| Status::internal(format!("bad stored row: {e}")))?;
-            if values.len() < columns.len() {
-                common::expr::complete_row(&mut values, &columns, &compiled);
-            }
-            rows.push(
-                positions
-                    .iter()
-                    .map(|i| values.get(*i).cloned().unwrap_or(serde_json::Value::Null))
-                    .collect::<Vec<_>>(),
-            );
-        }
-        common::arrow::rows_to_batch(&schema, &rows)
-    }
-    .map_err(|e| internal(&e))?;
-    common::arrow::encode_ipc(&batch).map_err(|e| internal(&e))
 }

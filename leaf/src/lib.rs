@@ -7,7 +7,8 @@
 //! - [`finalized`]: confirmations to the master of the committed batches made visible;
 //! - [`membership`]: registration and heartbeats;
 //! - [`offsets`]: the committed offsets the leaf holds, kept up to date by heartbeat deltas;
-//! - [`grpc`]: the leaf's gRPC service (status, task planning, scans, TEST PIPELINE);
+//! - [`grpc`]: the leaf's gRPC service (status, task planning, queries, TEST PIPELINE);
+//! - [`query`]: the leaf's part of queries: plan fragments run over the store, streamed back;
 //! - [`store`]: the sled partition store with prepared and committed batches;
 //! - [`tasks`]: connector tasks and their batch loop.
 
@@ -19,6 +20,7 @@ pub mod finalized;
 pub mod grpc;
 pub mod membership;
 pub mod offsets;
+pub mod query;
 pub mod store;
 pub mod tasks;
 

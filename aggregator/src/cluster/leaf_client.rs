@@ -18,15 +18,26 @@ pub fn client(address: &str, timeout: Duration) -> Result<LeafClient<Channel>, S
     with_endpoint(address, |e| e.timeout(timeout))
 }
 
-/// A client for scans: `timeout` for the whole call, and a few seconds for a leaf that stops
-/// answering ([`KEEPALIVE_TIMEOUT`]), so a query fails fast instead of hanging on it.
-pub fn scan_client(address: &str, timeout: Duration) -> Result<LeafClient<Channel>, String> {
-    with_endpoint(address, |e| {
-        e.timeout(timeout)
-            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+/// The client a query's calls to a leaf share: one HTTP/2 connection per leaf address, kept
+/// between queries (a connection per query would cost a handshake each), pinged every
+/// [`KEEPALIVE_INTERVAL`] so a query of a leaf that stops answering fails in a few seconds
+/// ([`KEEPALIVE_TIMEOUT`]) however long its scan runs where the leaf answers.
+pub fn query_client(address: &str) -> Result<LeafClient<Channel>, String> {
+    static CLIENTS: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<String, LeafClient<Channel>>>,
+    > = std::sync::OnceLock::new();
+    let clients = CLIENTS.get_or_init(Default::default);
+    let mut clients = clients.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(c) = clients.get(address) {
+        return Ok(c.clone());
+    }
+    let c = with_endpoint(address, |e| {
+        e.http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true)
-    })
+    })?;
+    clients.insert(address.to_string(), c.clone());
+    Ok(c)
 }
 
 fn with_endpoint(

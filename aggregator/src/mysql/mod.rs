@@ -48,6 +48,9 @@ pub async fn serve(
         tasks.spawn(async move {
             let guard = ConnectionGuard::new(&shim.engine);
             let (r, w) = stream.into_split();
+            // opensrv-mysql writes each packet as it goes and flushes after every command:
+            // buffered, a result set leaves in large writes instead of one per row.
+            let w = tokio::io::BufWriter::with_capacity(64 * 1024, w);
             let opts = IntermediaryOptions {
                 process_use_statement_on_query: true,
                 reject_connection_on_dbname_absence: false,
@@ -149,31 +152,56 @@ async fn write_output<W: AsyncWrite + Send + Unpin>(
                 .await
         }
         QueryOutput::Rows { columns, rows } => {
-            let cols: Vec<Column> = columns
-                .iter()
-                .map(|c| Column {
-                    table: String::new(),
-                    column: c.name.clone(),
-                    coltype: mysql_type(c.kind),
-                    colflags: ColumnFlags::empty(),
-                })
-                .collect();
+            let cols: Vec<Column> = columns.iter().map(column).collect();
             let mut w = results.start(&cols).await?;
             for row in rows {
-                for v in row {
-                    match v {
-                        Value::Null => w.write_col(None::<i64>)?,
-                        Value::Int(i) => w.write_col(i)?,
-                        Value::Double(d) => w.write_col(d)?,
-                        Value::Text(s) => w.write_col(s)?,
-                        Value::Bytes(b) => w.write_col(b)?,
-                    }
-                }
+                write_row(&mut w, row)?;
                 w.end_row().await?;
             }
             w.finish().await
         }
+        QueryOutput::Stream(mut stream) => {
+            let cols: Vec<Column> = stream.columns.iter().map(column).collect();
+            let mut w = results.start(&cols).await?;
+            while let Some(chunk) = stream.next().await {
+                let rows = match chunk {
+                    Ok(rows) => rows,
+                    // Rows have gone out: the error ends the result set.
+                    Err(e) => return w.finish_error(error_kind(&e), &e.message.as_bytes()).await,
+                };
+                for row in rows {
+                    write_row(&mut w, row)?;
+                    w.end_row().await?;
+                }
+            }
+            w.finish().await
+        }
     }
+}
+
+fn column(c: &crate::sql::Column) -> Column {
+    Column {
+        table: String::new(),
+        column: c.name.clone(),
+        coltype: mysql_type(c.kind),
+        colflags: ColumnFlags::empty(),
+    }
+}
+
+fn write_row<W: AsyncWrite + Send + Unpin>(
+    w: &mut opensrv_mysql::RowWriter<'_, W>,
+    row: Vec<Value>,
+) -> io::Result<()> {
+    for v in row {
+        match v {
+            Value::Null => w.write_col(None::<i64>)?,
+            Value::Int(i) => w.write_col(i)?,
+            Value::Double(d) => w.write_col(d)?,
+            Value::Text(s) => w.write_col(s)?,
+            Value::Bytes(b) => w.write_col(b)?,
+        }
+    }
+    Ok(())
 }
 
 fn error_kind(e: &SqlError) -> ErrorKind {

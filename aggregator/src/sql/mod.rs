@@ -8,9 +8,9 @@
 //! - `functions`: SingleStore's JSON and base64 functions;
 //! - `result`: result sets, values and MySQL errors.
 
+mod distributed;
 pub mod eval;
 pub mod exec;
-pub mod functions;
 pub mod parse;
 mod pipelines;
 pub mod query;

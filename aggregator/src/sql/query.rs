@@ -1,10 +1,9 @@
 //! SELECT on Apache DataFusion: the aggregator plans; tables are scanned on the leaves that
 //! hold their partitions; `information_schema` tables are built from the catalog.
 
+use super::distributed::{ClusterTable, PushToLeaves};
 use super::exec::{Session, SqlEngine};
-use super::functions;
-use super::result::{codes, Column, ColumnKind, QueryOutput, SqlError, Value};
-use crate::cluster::leaf_client;
+use super::result::{codes, Column, ColumnKind, QueryOutput, RowStream, SqlError, Value};
 use common::catalog::tables::Table;
 use common::catalog::Catalog;
 use datafusion::arrow::array::{
@@ -12,21 +11,18 @@ use datafusion::arrow::array::{
 };
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::catalog::{
-    CatalogProvider, MemoryCatalogProvider, MemorySchemaProvider, SchemaProvider,
-    Session as DfSession, TableProvider,
+    CatalogProvider, MemoryCatalogProvider, MemorySchemaProvider, SchemaProvider, TableProvider,
 };
-use datafusion::datasource::memory::{DataSourceExec, MemorySourceConfig};
 use datafusion::datasource::MemTable;
 use datafusion::error::DataFusionError;
-use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType};
-use datafusion::physical_plan::ExecutionPlan;
-use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
+use datafusion::execution::{SendableRecordBatchStream, SessionStateBuilder};
+use datafusion::prelude::{SQLOptions, SessionContext};
 use datafusion::scalar::ScalarValue;
 use datafusion::sql::sqlparser::ast::{Ident, Query, SelectItem, SetExpr, Statement};
 use datafusion::variable::{VarProvider, VarType};
+use futures::StreamExt;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 /// Field metadata key telling the MySQL layer a text column is JSON.
 pub use common::arrow::MYSQL_TYPE;
@@ -362,170 +358,6 @@ pub fn table_schema(t: &Table) -> SchemaRef {
     common::arrow::table_schema(&t.columns)
 }
 
-/// A table whose rows live on leaves: a scan asks every leaf holding its partitions.
-#[derive(Debug)]
-struct ClusterTable {
-    database: String,
-    table: String,
-    /// The catalog's id of the table (the leaves store its rows under it).
-    table_id: u64,
-    schema: SchemaRef,
-    /// The catalog's columns (JSON), so leaves can fill computed columns.
-    columns_json: String,
-    /// Secondary indexes: (index name, column).
-    indexes: Vec<(String, String)>,
-    /// (leaf address, online, partitions on it).
-    leaves: Vec<(String, bool, Vec<u32>)>,
-}
-
-#[async_trait::async_trait]
-impl TableProvider for ClusterTable {
-    fn schema(&self) -> SchemaRef {
-        self.schema.clone()
-    }
-
-    fn table_type(&self) -> TableType {
-        TableType::Base
-    }
-
-    fn supports_filters_pushdown(
-        &self,
-        filters: &[&Expr],
-    ) -> Result<Vec<TableProviderFilterPushDown>, DataFusionError> {
-        // Filters on indexed columns go to the leaves, which read only matching rows; the
-        // filter is still applied here (Inexact), so a leaf without the index stays correct.
-        Ok(filters
-            .iter()
-            .map(|f| {
-                if self.index_bound(f).is_some() {
-                    TableProviderFilterPushDown::Inexact
-                } else {
-                    TableProviderFilterPushDown::Unsupported
-                }
-            })
-            .collect())
-    }
-
-    async fn scan(
-        &self,
-        _state: &dyn DfSession,
-        projection: Option<&Vec<usize>>,
-        filters: &[Expr],
-        limit: Option<usize>,
-    ) -> Result<Arc<dyn ExecutionPlan>, DataFusionError> {
-        if let Some((addr, _, parts)) = self.leaves.iter().find(|(_, online, _)| !online) {
-            return Err(DataFusionError::Execution(format!(
-                "partitions {parts:?} of database '{}' are on leaf {addr}, which is offline; the result would be incomplete",
-                self.database
-            )));
-        }
-        // One index; every pushed-down bound on it narrows the range (AND of filters).
-        let bounds: Vec<proto::IndexRange> =
-            filters.iter().filter_map(|f| self.index_bound(f)).collect();
-        let index_range = bounds.first().map(|first| {
-            let mut r = first.clone();
-            for b in bounds.iter().skip(1).filter(|b| b.index == first.index) {
-                if r.lower_json.is_none() && b.lower_json.is_some() {
-                    r.lower_json = b.lower_json.clone();
-                    r.lower_inclusive = b.lower_inclusive;
-                }
-                if r.upper_json.is_none() && b.upper_json.is_some() {
-                    r.upper_json = b.upper_json.clone();
-                    r.upper_inclusive = b.upper_inclusive;
-                }
-            }
-            r
-        });
-        let calls = self.leaves.iter().map(|(addr, _, _)| {
-            let addr = addr.clone();
-            let req = proto::ScanRequest {
-                database: self.database.clone(),
-                table: self.table.clone(),
-                table_id: self.table_id,
-                columns_json: self.columns_json.clone(),
-                index_range: index_range.clone(),
-                project: projection.is_some(),
-                projection: projection
-                    .map(|p| p.iter().map(|i| *i as u32).collect())
-                    .unwrap_or_default(),
-            };
-            async move {
-                let mut c = leaf_client::scan_client(&addr, Duration::from_secs(60))
-                    .map_err(DataFusionError::Execution)?;
-                let bytes = c
-                    .scan(req)
-                    .await
-                    .map(|r| r.into_inner().arrow_ipc)
-                    .map_err(|s| {
-                        DataFusionError::Execution(match s.code() {
-                            tonic::Code::Unavailable | tonic::Code::Cancelled => format!(
-                                "scan on leaf {addr} failed: the leaf is unreachable or not answering ({})",
-                                s.message()
-                            ),
-                            _ => format!("scan on leaf {addr} failed: {}", s.message()),
-                        })
-                    })?;
-                common::arrow::decode_ipc(&bytes).map_err(|e| {
-                    DataFusionError::Execution(format!("bad batch from leaf {addr}: {e}"))
-                })
-            }
-        });
-        // Leaves already projected: their batches have just the asked-for columns.
-        let schema = match projection {
-            Some(p) => Arc::new(self.schema.project(p)?),
-            None => self.schema.clone(),
-        };
-        let mut partitions = Vec::new();
-        for result in futures::future::join_all(calls).await {
-            partitions.push(result?);
-        }
-        let src = MemorySourceConfig::try_new(&partitions, schema, None)?.with_limit(limit);
-        Ok(DataSourceExec::from_data_source(src))
-    }
-}
-
-impl ClusterTable {
-    /// An index range for `column <op> literal` (either side) on an indexed column.
-    fn index_bound(&self, f: &Expr) -> Option<proto::IndexRange> {
-        use datafusion::logical_expr::{BinaryExpr, Operator};
-        let Expr::BinaryExpr(BinaryExpr { left, op, right }) = f else {
-            return None;
-        };
-        let (col, lit, op) = match (left.as_ref(), right.as_ref()) {
-            (Expr::Column(c), Expr::Literal(v, _)) => (c, v, *op),
-            (Expr::Literal(v, _), Expr::Column(c)) => (c, v, op.swap()?),
-            _ => return None,
-        };
-        let (index, _) = self
-            .indexes
-            .iter()
-            .find(|(_, column)| column.eq_ignore_ascii_case(&col.name))?;
-        let field = self.schema.field_with_name(&col.name).ok()?;
-        let value = match (lit, field.data_type()) {
-            (ScalarValue::Int64(Some(v)), DataType::Int64) => serde_json::json!(v),
-            (ScalarValue::Int32(Some(v)), DataType::Int64) => serde_json::json!(v),
-            (ScalarValue::Utf8(Some(v)), DataType::Utf8) => serde_json::json!(v),
-            _ => return None,
-        }
-        .to_string();
-        let (lower, upper) = match op {
-            Operator::Eq => (Some((value.clone(), true)), Some((value, true))),
-            Operator::Gt => (Some((value, false)), None),
-            Operator::GtEq => (Some((value, true)), None),
-            Operator::Lt => (None, Some((value, false))),
-            Operator::LtEq => (None, Some((value, true))),
-            _ => return None,
-        };
-        Some(proto::IndexRange {
-            index: index.clone(),
-            lower_inclusive: lower.as_ref().is_some_and(|l| l.1),
-            lower_json: lower.map(|l| l.0),
-            upper_inclusive: upper.as_ref().is_some_and(|u| u.1),
-            upper_json: upper.map(|u| u.0),
-        })
-    }
-}
-
 /// `@@variables` for DataFusion, from a snapshot.
 #[derive(Debug)]
 struct Vars(HashMap<String, ScalarValue>);
@@ -560,27 +392,9 @@ fn schema_provider(
     Ok(Arc::new(s))
 }
 
-/// The runtime queries execute on. DataFusion's operators are CPU work between awaits (seconds
-/// for a JSON filter over a big table); on the node's main runtime they would hold up the Raft
-/// driver, leaf heartbeats and batch commits, and a busy master would lose its leaves or its
-/// term. On threads of their own, the OS shares the cores between the two.
-fn query_runtime() -> Result<&'static tokio::runtime::Runtime, SqlError> {
-    static RUNTIME: std::sync::OnceLock<Result<tokio::runtime::Runtime, String>> =
-        std::sync::OnceLock::new();
-    RUNTIME
-        .get_or_init(|| {
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
-                .thread_name("query")
-                .enable_all()
-                .build()
-                .map_err(|e| e.to_string())
-        })
-        .as_ref()
-        .map_err(|e| SqlError::new(codes::UNKNOWN, format!("cannot start query threads: {e}")))
-}
-
-/// Runs a SELECT on the query runtime; a dropped call (the client went away) stops it.
+/// Runs a SELECT on the query runtime and streams its rows: the result holds the first rows
+/// (so an error before any row is a plain error), the rest follow as the leaves send them. A
+/// dropped result (the client went away) stops the query.
 pub async fn run(
     engine: &SqlEngine,
     session: &Session,
@@ -592,10 +406,37 @@ pub async fn run(
         .database
         .clone()
         .unwrap_or_else(|| "information_schema".into());
-    let job = query_runtime()?.spawn(execute(catalog, default_db, query.clone(), vars));
-    tokio_util::task::AbortOnDropHandle::new(job)
+    let (columns_tx, columns_rx) = tokio::sync::oneshot::channel();
+    let (rows_tx, rows_rx) = tokio::sync::mpsc::channel(2);
+    let query = query.clone();
+    let job = query::session::runtime()
+        .map_err(|e| SqlError::new(codes::UNKNOWN, e))?
+        .spawn(async move {
+            let mut stream = match execute(catalog, default_db, query, vars).await {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = columns_tx.send(Err(e));
+                    return;
+                }
+            };
+            if columns_tx.send(Ok(columns_of(&stream.schema()))).is_err() {
+                return;
+            }
+            while let Some(batch) = stream.next().await {
+                let rows = batch.map_err(df_err).and_then(|b| rows_of(&b));
+                let failed = rows.is_err();
+                if rows_tx.send(rows).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+    let job = tokio_util::task::AbortOnDropHandle::new(job);
+    let columns = columns_rx
         .await
-        .map_err(|e| SqlError::new(codes::UNKNOWN, format!("the query stopped: {e}")))?
+        .map_err(|_| SqlError::new(codes::UNKNOWN, "the query stopped"))??;
+    let mut rows = RowStream::new(columns, rows_rx, job);
+    rows.prefetch().await?;
+    Ok(QueryOutput::Stream(rows))
 }
 
 /// Plans and executes a SELECT against a snapshot of the catalog.
@@ -604,18 +445,13 @@ async fn execute(
     default_db: String,
     query: Query,
     vars: HashMap<String, ScalarValue>,
-) -> Result<QueryOutput, SqlError> {
-    let mut cfg = SessionConfig::new()
-        .with_information_schema(false)
-        .with_create_default_catalog_and_schema(false)
-        .with_default_catalog_and_schema("def", &default_db);
-    {
-        let o = cfg.options_mut();
-        o.sql_parser.dialect = datafusion::config::Dialect::MySQL;
-        o.sql_parser.enable_ident_normalization = false;
-        o.sql_parser.map_string_types_to_utf8view = false;
-    }
-    let ctx = SessionContext::new_with_config(cfg);
+) -> Result<SendableRecordBatchStream, SqlError> {
+    let state = SessionStateBuilder::new()
+        .with_config(query::session::config(&default_db))
+        .with_default_features()
+        .with_physical_optimizer_rule(Arc::new(PushToLeaves))
+        .build();
+    let ctx = query::session::with_functions(SessionContext::new_with_state(state));
     let def = MemoryCatalogProvider::new();
     let is: Vec<(String, Arc<dyn TableProvider>)> = information_schema(&catalog)
         .map_err(df_err)?
@@ -647,7 +483,7 @@ async fn execute(
                     table: t.name.clone(),
                     table_id: t.id,
                     schema: table_schema(t),
-                    columns_json: serde_json::to_string(&t.columns).unwrap_or_default(),
+                    columns: query::columns::to_proto(&t.columns),
                     indexes: t
                         .indexes
                         .iter()
@@ -662,9 +498,6 @@ async fn execute(
             .map_err(df_err)?;
     }
     ctx.register_catalog("def", Arc::new(def));
-    for f in functions::udfs() {
-        ctx.register_udf(f);
-    }
     ctx.register_variable(VarType::System, Arc::new(Vars(vars)));
 
     // MySQL names an unaliased expression column by its text.
@@ -700,13 +533,12 @@ async fn execute(
         .verify_plan(&plan)
         .map_err(df_err)?;
     let df = ctx.execute_logical_plan(plan).await.map_err(df_err)?;
-    let schema = df.schema().inner().clone();
-    let batches = df.collect().await.map_err(df_err)?;
-    to_output(&schema, &batches)
+    df.execute_stream().await.map_err(df_err)
 }
 
-fn to_output(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<QueryOutput, SqlError> {
-    let columns: Vec<Column> = schema
+/// The result columns of a schema, typed as MySQL clients see them.
+fn columns_of(schema: &SchemaRef) -> Vec<Column> {
+    schema
         .fields()
         .iter()
         .map(|f| Column {
@@ -731,46 +563,48 @@ fn to_output(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<QueryOutput,
                 _ => ColumnKind::Text,
             },
         })
-        .collect();
-    let mut rows = Vec::new();
-    for b in batches {
-        let formatters: Vec<_> = b
-            .columns()
-            .iter()
-            .map(|c| {
-                datafusion::arrow::util::display::ArrayFormatter::try_new(
-                    c.as_ref(),
-                    &Default::default(),
-                )
-            })
-            .collect::<Result<_, _>>()
-            .map_err(|e| SqlError::new(codes::UNKNOWN, e.to_string()))?;
-        for i in 0..b.num_rows() {
-            let mut row = Vec::with_capacity(columns.len());
-            for (j, col) in b.columns().iter().enumerate() {
-                if col.is_null(i) {
-                    row.push(Value::Null);
-                    continue;
-                }
-                row.push(match col.data_type() {
-                    DataType::Int64 => Value::Int(
-                        col.as_primitive::<datafusion::arrow::datatypes::Int64Type>()
-                            .value(i),
-                    ),
-                    DataType::Float64 => Value::Double(
-                        col.as_primitive::<datafusion::arrow::datatypes::Float64Type>()
-                            .value(i),
-                    ),
-                    DataType::Boolean => Value::Int(i64::from(col.as_boolean().value(i))),
-                    DataType::Binary => Value::Bytes(col.as_binary::<i32>().value(i).to_vec()),
-                    DataType::Utf8 => Value::Text(col.as_string::<i32>().value(i).to_string()),
-                    _ => Value::Text(formatters[j].value(i).to_string()),
-                });
+        .collect()
+}
+
+/// One record batch as result rows.
+fn rows_of(b: &RecordBatch) -> Result<Vec<Vec<Value>>, SqlError> {
+    let mut rows = Vec::with_capacity(b.num_rows());
+    let formatters: Vec<_> = b
+        .columns()
+        .iter()
+        .map(|c| {
+            datafusion::arrow::util::display::ArrayFormatter::try_new(
+                c.as_ref(),
+                &Default::default(),
+            )
+        })
+        .collect::<Result<_, _>>()
+        .map_err(|e| SqlError::new(codes::UNKNOWN, e.to_string()))?;
+    for i in 0..b.num_rows() {
+        let mut row = Vec::with_capacity(b.num_columns());
+        for (j, col) in b.columns().iter().enumerate() {
+            if col.is_null(i) {
+                row.push(Value::Null);
+                continue;
             }
-            rows.push(row);
+            row.push(match col.data_type() {
+                DataType::Int64 => Value::Int(
+                    col.as_primitive::<datafusion::arrow::datatypes::Int64Type>()
+                        .value(i),
+                ),
+                DataType::Float64 => Value::Double(
+                    col.as_primitive::<datafusion::arrow::datatypes::Float64Type>()
+                        .value(i),
+                ),
+                DataType::Boolean => Value::Int(i64::from(col.as_boolean().value(i))),
+                DataType::Binary => Value::Bytes(col.as_binary::<i32>().value(i).to_vec()),
+                DataType::Utf8 => Value::Text(col.as_string::<i32>().value(i).to_string()),
+                _ => Value::Text(formatters[j].value(i).to_string()),
+            });
         }
+        rows.push(row);
     }
-    Ok(QueryOutput::Rows { columns, rows })
+    Ok(rows)
 }
 
 #[cfg(test)]

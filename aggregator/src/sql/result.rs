@@ -148,15 +148,78 @@ impl Column {
 }
 
 /// The outcome of a statement.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub enum QueryOutput {
     /// A result set.
     Rows {
         columns: Vec<Column>,
         rows: Vec<Vec<Value>>,
     },
+    /// A result set whose rows arrive as the query produces them.
+    Stream(RowStream),
     /// An OK packet.
     Ok { affected_rows: u64 },
+}
+
+/// The rows of a running query, a chunk (one record batch) at a time; dropping it stops the
+/// query.
+pub struct RowStream {
+    pub columns: Vec<Column>,
+    first: Option<Result<Vec<Vec<Value>>, SqlError>>,
+    rows: tokio::sync::mpsc::Receiver<Result<Vec<Vec<Value>>, SqlError>>,
+    _job: tokio_util::task::AbortOnDropHandle<()>,
+}
+
+impl fmt::Debug for RowStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RowStream")
+            .field("columns", &self.columns)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RowStream {
+    pub fn new(
+        columns: Vec<Column>,
+        rows: tokio::sync::mpsc::Receiver<Result<Vec<Vec<Value>>, SqlError>>,
+        job: tokio_util::task::AbortOnDropHandle<()>,
+    ) -> Self {
+        Self {
+            columns,
+            first: None,
+            rows,
+            _job: job,
+        }
+    }
+
+    /// Waits for the first chunk: an error the query meets before any row fails the
+    /// statement itself.
+    pub async fn prefetch(&mut self) -> Result<(), SqlError> {
+        match self.rows.recv().await {
+            Some(Err(e)) => Err(e),
+            first => {
+                self.first = first;
+                Ok(())
+            }
+        }
+    }
+
+    /// The next chunk of rows; `None` at the end.
+    pub async fn next(&mut self) -> Option<Result<Vec<Vec<Value>>, SqlError>> {
+        match self.first.take() {
+            Some(first) => Some(first),
+            None => self.rows.recv().await,
+        }
+    }
+
+    /// Every remaining row (tests and small internal results).
+    pub async fn collect(mut self) -> Result<Vec<Vec<Value>>, SqlError> {
+        let mut all = Vec::new();
+        while let Some(chunk) = self.next().await {
+            all.extend(chunk?);
+        }
+        Ok(all)
+    }
 }
 
 impl QueryOutput {

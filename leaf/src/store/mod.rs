@@ -163,6 +163,12 @@ pub struct Store {
     swept: Arc<std::sync::atomic::AtomicU64>,
 }
 
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
 fn corrupt(e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(e.to_string())
 }
@@ -456,14 +462,37 @@ impl Store {
             .collect()
     }
 
+    /// Calls `each` with every committed row of a table (a JSON array) that a reader starting
+    /// now sees, in storage order, until it returns `false`.
+    pub fn for_each_row(
+        &self,
+        table: &TableRef,
+        mut each: impl FnMut(&[u8]) -> Result<bool>,
+    ) -> Result<()> {
+        let visibility = self.visibility(table);
+        let Some(tree) = self.table(table)? else {
+            return Ok(());
+        };
+        for item in tree.iter() {
+            let (k, v) = item?;
+            if !visibility.visible(&k) {
+                continue;
+            }
+            for row in Stored::parse(&k, &v)?.rows() {
+                if !each(row?.1)? {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Committed rows of a table (JSON arrays).
     pub fn scan(&self, table: &TableRef) -> Result<Vec<String>> {
         let mut out = Vec::new();
-        self.each_visible(table, |stored| {
-            for row in stored.rows() {
-                out.push(String::from_utf8(row?.1.to_vec()).map_err(corrupt)?);
-            }
-            Ok(())
+        self.for_each_row(table, |row| {
+            out.push(String::from_utf8(row.to_vec()).map_err(corrupt)?);
+            Ok(true)
         })?;
         Ok(out)
     }

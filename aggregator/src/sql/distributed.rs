@@ -1,0 +1,405 @@
+//! Tables whose rows live on the leaves, and the part of a query that runs there.
+//!
+//! [`ClusterTable`] is the table DataFusion plans against; its scan is a [`ClusterScanExec`]:
+//! one output partition per leaf holding the table's partitions, each a stream of record
+//! batches from that leaf. [`PushToLeaves`] then moves the operators that work partition by
+//! partition (filters, projections, partial aggregates, per-partition sorts and limits) from
+//! above the scan into the plan fragment the leaves run, so rows are filtered, cut down and
+//! aggregated where they are stored and only what the query needs crosses the network.
+
+use crate::cluster::leaf_client;
+use datafusion::arrow::array::{RecordBatch, RecordBatchOptions};
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::catalog::{Session as DfSession, TableProvider};
+use datafusion::common::tree_node::{Transformed, TransformedResult, TreeNode, TreeNodeRecursion};
+use datafusion::config::ConfigOptions;
+use datafusion::error::{DataFusionError, Result};
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType};
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion::physical_optimizer::PhysicalOptimizerRule;
+use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
+use datafusion::physical_plan::empty::EmptyExec;
+use datafusion::physical_plan::execution_plan::{ChildrenPropertiesMode, ReplaceChildrenOptions};
+use datafusion::physical_plan::filter::FilterExec;
+use datafusion::physical_plan::limit::{GlobalLimitExec, LocalLimitExec};
+use datafusion::physical_plan::projection::ProjectionExec;
+use datafusion::physical_plan::sorts::sort::SortExec;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, Partitioning,
+    PlanProperties,
+};
+use datafusion::scalar::ScalarValue;
+use futures::{StreamExt, TryStreamExt};
+use query::scan::LeafScanExec;
+use std::fmt;
+use std::sync::{Arc, OnceLock};
+
+/// A table whose rows live on leaves: a scan asks every leaf holding its partitions.
+#[derive(Debug)]
+pub struct ClusterTable {
+    pub database: String,
+    pub table: String,
+    /// The catalog's id of the table (the leaves store its rows under it).
+    pub table_id: u64,
+    pub schema: SchemaRef,
+    /// The catalog's columns, so leaves can fill computed columns.
+    pub columns: Vec<proto::Column>,
+    /// Secondary indexes: (index name, column).
+    pub indexes: Vec<(String, String)>,
+    /// (leaf address, online, partitions on it).
+    pub leaves: Vec<(String, bool, Vec<u32>)>,
+}
+
+#[async_trait::async_trait]
+impl TableProvider for ClusterTable {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> Result<Vec<TableProviderFilterPushDown>> {
+        // Filters on indexed columns tell the leaves which rows to read; every filter is still
+        // applied above the scan (Inexact), and that filter runs on the leaves too
+        // ([`PushToLeaves`]), so a leaf without the index stays correct.
+        Ok(filters
+            .iter()
+            .map(|f| {
+                if self.index_bound(f).is_some() {
+                    TableProviderFilterPushDown::Inexact
+                } else {
+                    TableProviderFilterPushDown::Unsupported
+                }
+            })
+            .collect())
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn DfSession,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        if let Some((addr, _, parts)) = self.leaves.iter().find(|(_, online, _)| !online) {
+            return Err(DataFusionError::Execution(format!(
+                "partitions {parts:?} of database '{}' are on leaf {addr}, which is offline; the result would be incomplete",
+                self.database
+            )));
+        }
+        // One index; every pushed-down bound on it narrows the range (AND of filters).
+        let bounds: Vec<proto::IndexRange> =
+            filters.iter().filter_map(|f| self.index_bound(f)).collect();
+        let index_range = bounds.first().map(|first| {
+            let mut r = first.clone();
+            for b in bounds.iter().skip(1).filter(|b| b.index == first.index) {
+                if r.lower_json.is_none() && b.lower_json.is_some() {
+                    r.lower_json = b.lower_json.clone();
+                    r.lower_inclusive = b.lower_inclusive;
+                }
+                if r.upper_json.is_none() && b.upper_json.is_some() {
+                    r.upper_json = b.upper_json.clone();
+                    r.upper_inclusive = b.upper_inclusive;
+                }
+            }
+            r
+        });
+        let scan = proto::TableScan {
+            database: self.database.clone(),
+            table: self.table.clone(),
+            table_id: self.table_id,
+            columns: self.columns.clone(),
+            index_range,
+            projection: projection.map(|p| proto::Projection {
+                columns: p.iter().map(|i| *i as u32).collect(),
+            }),
+            limit: limit.map(|l| l as u64),
+        };
+        let fragment: Arc<dyn ExecutionPlan> = Arc::new(LeafScanExec::new(scan)?);
+        let leaves: Vec<String> = self.leaves.iter().map(|(a, _, _)| a.clone()).collect();
+        if leaves.is_empty() {
+            return Ok(Arc::new(EmptyExec::new(fragment.schema())));
+        }
+        Ok(Arc::new(ClusterScanExec::new(fragment, leaves)))
+    }
+}
+
+impl ClusterTable {
+    /// An index range for `column <op> literal` (either side) on an indexed column.
+    fn index_bound(&self, f: &Expr) -> Option<proto::IndexRange> {
+        use datafusion::logical_expr::{BinaryExpr, Operator};
+        let Expr::BinaryExpr(BinaryExpr { left, op, right }) = f else {
+            return None;
+        };
+        let (col, lit, op) = match (left.as_ref(), right.as_ref()) {
+            (Expr::Column(c), Expr::Literal(v, _)) => (c, v, *op),
+            (Expr::Literal(v, _), Expr::Column(c)) => (c, v, op.swap()?),
+            _ => return None,
+        };
+        let (index, _) = self
+            .indexes
+            .iter()
+            .find(|(_, column)| column.eq_ignore_ascii_case(&col.name))?;
+        let field = self.schema.field_with_name(&col.name).ok()?;
+        let value = match (lit, field.data_type()) {
+            (ScalarValue::Int64(Some(v)), DataType::Int64) => serde_json::json!(v),
+            (ScalarValue::Int32(Some(v)), DataType::Int64) => serde_json::json!(v),
+            (ScalarValue::Utf8(Some(v)), DataType::Utf8) => serde_json::json!(v),
+            _ => return None,
+        }
+        .to_string();
+        let (lower, upper) = match op {
+            Operator::Eq => (Some((value.clone(), true)), Some((value, true))),
+            Operator::Gt => (Some((value, false)), None),
+            Operator::GtEq => (Some((value, true)), None),
+            Operator::Lt => (None, Some((value, false))),
+            Operator::LtEq => (None, Some((value, true))),
+            _ => return None,
+        };
+        Some(proto::IndexRange {
+            index: index.clone(),
+            lower_inclusive: lower.as_ref().is_some_and(|l| l.1),
+            lower_json: lower.map(|l| l.0),
+            upper_inclusive: upper.as_ref().is_some_and(|u| u.1),
+            upper_json: upper.map(|u| u.0),
+        })
+    }
+}
+
+/// Runs `fragment` on each leaf; output partition `i` is what leaf `i` streams back.
+#[derive(Debug)]
+pub struct ClusterScanExec {
+    fragment: Arc<dyn ExecutionPlan>,
+    leaves: Vec<String>,
+    properties: Arc<PlanProperties>,
+    encoded: OnceLock<Result<Arc<Vec<u8>>, String>>,
+}
+
+impl ClusterScanExec {
+    fn new(fragment: Arc<dyn ExecutionPlan>, leaves: Vec<String>) -> Self {
+        // Each leaf's stream has the fragment's properties (a sorted fragment gives sorted
+        // streams), one partition per leaf.
+        let properties = Arc::new(
+            fragment
+                .properties()
+                .as_ref()
+                .clone()
+                .with_partitioning(Partitioning::UnknownPartitioning(leaves.len())),
+        );
+        Self {
+            fragment,
+            leaves,
+            properties,
+            encoded: OnceLock::new(),
+        }
+    }
+
+    /// The plan bytes every leaf gets.
+    fn encoded(&self) -> Result<Arc<Vec<u8>>> {
+        self.encoded
+            .get_or_init(|| {
+                query::fragment::encode(self.fragment.clone())
+                    .map(Arc::new)
+                    .map_err(|e| e.to_string())
+            })
+            .clone()
+            .map_err(DataFusionError::Internal)
+    }
+}
+
+impl DisplayAs for ClusterScanExec {
+    fn fmt_as(&self, t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(
+            f,
+            "ClusterScanExec: {} leaves, on each: ",
+            self.leaves.len()
+        )?;
+        let mut node = self.fragment.clone();
+        loop {
+            node.fmt_as(t, f)?;
+            let Some(child) = node.children().first().map(|c| Arc::clone(c)) else {
+                return Ok(());
+            };
+            write!(f, " <- ")?;
+            node = child;
+        }
+    }
+}
+
+impl ExecutionPlan for ClusterScanExec {
+    fn name(&self) -> &str {
+        "ClusterScanExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn schema(&self) -> SchemaRef {
+        self.fragment.schema()
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        // The fragment runs elsewhere: no optimizer on this side may rewrite it.
+        vec![]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        _children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        Ok(self)
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        _context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
+        let addr = self.leaves.get(partition).cloned().ok_or_else(|| {
+            DataFusionError::Internal(format!("no leaf for partition {partition}"))
+        })?;
+        let plan = self.encoded()?;
+        let schema = self.schema();
+        let batches = {
+            let schema = schema.clone();
+            async move {
+                let mut client =
+                    leaf_client::query_client(&addr).map_err(DataFusionError::Execution)?;
+                let stream = client
+                    .query(proto::QueryRequest {
+                        plan: plan.as_ref().clone(),
+                    })
+                    .await
+                    .map_err(|s| leaf_error(&addr, &s))?
+                    .into_inner();
+                Ok::<_, DataFusionError>(
+                    stream
+                        .map(move |message| {
+                            let message = message.map_err(|s| leaf_error(&addr, &s))?;
+                            let batches =
+                                common::arrow::decode_ipc(&message.arrow_ipc).map_err(|e| {
+                                    DataFusionError::Execution(format!(
+                                        "bad batch from leaf {addr}: {e}"
+                                    ))
+                                })?;
+                            let schema = schema.clone();
+                            Ok::<_, DataFusionError>(futures::stream::iter(
+                                batches.into_iter().map(move |b| conform(&schema, b)),
+                            ))
+                        })
+                        .try_flatten(),
+                )
+            }
+        };
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            schema,
+            futures::stream::once(batches).try_flatten(),
+        )))
+    }
+}
+
+/// A leaf's batch under the plan's own schema (the same columns; field metadata and names as
+/// the aggregator planned them).
+fn conform(schema: &SchemaRef, b: RecordBatch) -> Result<RecordBatch> {
+    let options = RecordBatchOptions::new().with_row_count(Some(b.num_rows()));
+    RecordBatch::try_new_with_options(schema.clone(), b.columns().to_vec(), &options)
+        .map_err(|e| DataFusionError::Execution(format!("a leaf sent rows of another shape: {e}")))
+}
+
+fn leaf_error(addr: &str, s: &tonic::Status) -> DataFusionError {
+    DataFusionError::Execution(match s.code() {
+        tonic::Code::Unavailable | tonic::Code::Cancelled => format!(
+            "scan on leaf {addr} failed: the leaf is unreachable or not answering ({})",
+            s.message()
+        ),
+        _ => format!("scan on leaf {addr} failed: {}", s.message()),
+    })
+}
+
+/// Moves the operators that work within one partition from above a [`ClusterScanExec`] into
+/// the fragment its leaves run. An operator moves only if its result, computed on each leaf's
+/// rows alone, is what the operators above expect from that partition; one that cannot be
+/// encoded for the leaves stays here.
+#[derive(Debug, Default)]
+pub struct PushToLeaves;
+
+impl PushToLeaves {
+    fn pushable(node: &Arc<dyn ExecutionPlan>, leaves: usize) -> bool {
+        let single = leaves == 1;
+        if node.downcast_ref::<FilterExec>().is_some()
+            || node.downcast_ref::<ProjectionExec>().is_some()
+            || node.downcast_ref::<LocalLimitExec>().is_some()
+        {
+            return true;
+        }
+        if let Some(a) = node.downcast_ref::<AggregateExec>() {
+            return match a.mode() {
+                AggregateMode::Partial => true,
+                AggregateMode::Single | AggregateMode::SinglePartitioned => single,
+                _ => false,
+            };
+        }
+        if let Some(s) = node.downcast_ref::<SortExec>() {
+            return s.preserve_partitioning() || single;
+        }
+        node.downcast_ref::<GlobalLimitExec>().is_some() && single
+    }
+}
+
+impl PhysicalOptimizerRule for PushToLeaves {
+    fn optimize(
+        &self,
+        plan: Arc<dyn ExecutionPlan>,
+        _config: &ConfigOptions,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        plan.transform_up(|node| {
+            let children = node.children();
+            let [child] = children.as_slice() else {
+                return Ok(Transformed::no(node));
+            };
+            let Some(scan) = child.downcast_ref::<ClusterScanExec>() else {
+                return Ok(Transformed::no(node));
+            };
+            if !Self::pushable(&node, scan.leaves.len()) {
+                return Ok(Transformed::no(node));
+            }
+            let fragment = Arc::clone(&node).replace_children(
+                vec![scan.fragment.clone()],
+                ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute),
+            )?;
+            if fragment.output_partitioning().partition_count() != 1
+                || query::fragment::encode(fragment.clone()).is_err()
+            {
+                return Ok(Transformed::no(node));
+            }
+            let leaves = scan.leaves.clone();
+            Ok(Transformed::yes(
+                Arc::new(ClusterScanExec::new(fragment, leaves)) as Arc<dyn ExecutionPlan>,
+            ))
+        })
+        .data()
+    }
+
+    fn name(&self) -> &str {
+        "push_to_leaves"
+    }
+
+    fn schema_check(&self) -> bool {
+        true
+    }
+}

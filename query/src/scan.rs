@@ -1,0 +1,138 @@
+//! The leaf end of a query plan: one table's committed rows on the leaf that runs the plan.
+//!
+//! The aggregator builds plans whose bottom node is a [`LeafScanExec`] and ships them to the
+//! leaves ([`crate::fragment`]); a leaf decodes them with its store bound in as the
+//! [`ScanSource`], and only there does the node run.
+
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::error::{DataFusionError, Result};
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
+use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
+};
+use std::fmt;
+use std::sync::Arc;
+
+/// Where a leaf's rows come from: its store.
+pub trait ScanSource: fmt::Debug + Send + Sync {
+    /// The committed rows of `scan` (projected, at most `scan.limit`), as record batches of
+    /// `schema`, read as the consumer pulls them.
+    fn scan(&self, scan: &proto::TableScan, schema: SchemaRef)
+        -> Result<SendableRecordBatchStream>;
+}
+
+/// Reads one table's committed rows on a leaf.
+#[derive(Debug)]
+pub struct LeafScanExec {
+    scan: proto::TableScan,
+    schema: SchemaRef,
+    source: Option<Arc<dyn ScanSource>>,
+    properties: Arc<PlanProperties>,
+}
+
+impl LeafScanExec {
+    /// The node for `scan`; its schema is the table's columns, projected.
+    pub fn new(scan: proto::TableScan) -> Result<Self> {
+        let columns = crate::columns::from_proto(&scan.columns).map_err(DataFusionError::Plan)?;
+        let full = common::arrow::table_schema(&columns);
+        let schema = match &scan.projection {
+            Some(p) => {
+                let positions: Vec<usize> = p.columns.iter().map(|i| *i as usize).collect();
+                Arc::new(full.project(&positions)?)
+            }
+            None => full,
+        };
+        let properties = Arc::new(PlanProperties::new(
+            EquivalenceProperties::new(schema.clone()),
+            Partitioning::UnknownPartitioning(1),
+            EmissionType::Incremental,
+            Boundedness::Bounded,
+        ));
+        Ok(Self {
+            scan,
+            schema,
+            source: None,
+            properties,
+        })
+    }
+
+    /// The same node reading from `source` (a leaf's store).
+    pub fn bound(mut self, source: Arc<dyn ScanSource>) -> Self {
+        self.source = Some(source);
+        self
+    }
+
+    pub fn table_scan(&self) -> &proto::TableScan {
+        &self.scan
+    }
+}
+
+impl DisplayAs for LeafScanExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        let s = &self.scan;
+        write!(f, "LeafScanExec: {}.{}", s.database, s.table)?;
+        if let Some(p) = &s.projection {
+            write!(f, ", projection={:?}", p.columns)?;
+        }
+        if let Some(r) = &s.index_range {
+            write!(f, ", index={}", r.index)?;
+        }
+        if let Some(l) = s.limit {
+            write!(f, ", limit={l}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ExecutionPlan for LeafScanExec {
+    fn name(&self) -> &str {
+        "LeafScanExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        _children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        Ok(self)
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        _context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
+        if partition != 0 {
+            return Err(DataFusionError::Internal(format!(
+                "LeafScanExec has one partition, not {partition}"
+            )));
+        }
+        match &self.source {
+            Some(source) => source.scan(&self.scan, self.schema.clone()),
+            None => Err(DataFusionError::Internal(
+                "a leaf scan runs on a leaf, inside the plan the aggregator sent it".into(),
+            )),
+        }
+    }
+}
