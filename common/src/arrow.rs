@@ -114,6 +114,37 @@ pub fn decode_ipc(bytes: &[u8]) -> Result<Vec<RecordBatch>, ArrowError> {
     arrow_ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)?.collect()
 }
 
+/// The rows of a record batch as JSON cells, the inverse of [`rows_to_batch`]: numbers for
+/// integer and double columns, base64 text for binary ones, text otherwise.
+pub fn batch_to_rows(batch: &RecordBatch) -> Vec<Vec<Json>> {
+    use arrow_array::{cast::AsArray, types::Float64Type, types::Int64Type, Array};
+    let mut rows: Vec<Vec<Json>> = (0..batch.num_rows())
+        .map(|_| Vec::with_capacity(batch.num_columns()))
+        .collect();
+    for col in batch.columns() {
+        for (i, row) in rows.iter_mut().enumerate() {
+            if col.is_null(i) {
+                row.push(Json::Null);
+                continue;
+            }
+            row.push(match col.data_type() {
+                DataType::Int64 => Json::from(col.as_primitive::<Int64Type>().value(i)),
+                DataType::Float64 => {
+                    serde_json::Number::from_f64(col.as_primitive::<Float64Type>().value(i))
+                        .map_or(Json::Null, Json::Number)
+                }
+                DataType::Binary => Json::String(
+                    base64::engine::general_purpose::STANDARD
+                        .encode(col.as_binary::<i32>().value(i)),
+                ),
+                DataType::Utf8 => Json::String(col.as_string::<i32>().value(i).to_string()),
+                _ => Json::Null,
+            });
+        }
+    }
+    rows
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,9 +11,19 @@ const LOCK_WAIT: Duration = Duration::from_secs(5);
 /// is dropped (a reopen in the same process, or a restart while the old process still exits).
 /// Held longer, the lock is someone else's and the error says so.
 pub fn open_sled(dir: &Path) -> sled::Result<sled::Db> {
+    open_sled_with_cache(dir, None)
+}
+
+/// [`open_sled`] with sled's page cache bounded to `cache_bytes` (sled's default, 1 GiB, when
+/// `None`): the memory a node spends keeping pages it read or wrote.
+pub fn open_sled_with_cache(dir: &Path, cache_bytes: Option<u64>) -> sled::Result<sled::Db> {
     let deadline = Instant::now() + LOCK_WAIT;
     loop {
-        match sled::Config::new().path(dir).open() {
+        let mut config = sled::Config::new().path(dir);
+        if let Some(bytes) = cache_bytes {
+            config = config.cache_capacity(bytes);
+        }
+        match config.open() {
             // sled 0.34 reports a held lock only as an `Other` I/O error with this text.
             Err(sled::Error::Io(e))
                 if e.to_string().contains("could not acquire lock")

@@ -80,11 +80,15 @@ impl BatchJob {
             .load
             .take()
             .ok_or_else(|| RunError::Failed("a batch loaded twice".into()))?;
+        let columns_json = load.columns_json.clone();
         // CPU work (Avro, JSON, expressions): off the runtime's workers, which poll the sources.
         let rows = tokio::task::spawn_blocking(move || load.rows())
             .await
             .map_err(|e| RunError::Failed(format!("batch loader stopped: {e}")))?
             .map_err(RunError::Failed)?;
+        self.store
+            .note_columns(&self.table, &columns_json)
+            .map_err(|e| RunError::Failed(e.to_string()))?;
         self.store
             .prepare(self.key, &self.table, &rows)
             .await

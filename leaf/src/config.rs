@@ -34,6 +34,20 @@ pub struct LeafConfig {
     #[arg(long, env = "SHARDLINE_REQUIRE_VOLUME")]
     pub require_volume: bool,
 
+    /// Memory for the partition store's page cache (sled), in MiB: pages recently read or
+    /// written stay there; scans of larger tables stream through it.
+    #[arg(long, env = "SHARDLINE_STORE_CACHE_MB", default_value_t = 256)]
+    pub store_cache_mb: u64,
+
+    /// A partition's committed rows move from the row segment into a column segment once it
+    /// holds this many.
+    #[arg(long, env = "SHARDLINE_SEGMENT_ROWS", default_value_t = 65_536)]
+    pub segment_rows: usize,
+
+    /// How often the leaf checks whether partitions are due for a flush into a column segment.
+    #[arg(long, env = "SHARDLINE_FLUSH_INTERVAL_MS", default_value_t = 1000)]
+    pub flush_interval_ms: u64,
+
     /// How often the leaf reports to the master aggregator.
     #[arg(long, env = "SHARDLINE_HEARTBEAT_INTERVAL_MS", default_value_t = 250)]
     pub heartbeat_interval_ms: u64,

@@ -9,6 +9,7 @@ use tonic::{Request, Response, Status};
 pub struct LeafServiceImpl {
     pub membership: Arc<Membership>,
     pub store: Store,
+    pub metrics: Arc<common::metrics::Metrics>,
 }
 
 fn connect_status(e: ConnectError) -> Status {
@@ -81,7 +82,11 @@ impl proto::leaf_server::Leaf for LeafServiceImpl {
                 "the leaf is restarting: it is settling the batches it had prepared",
             ));
         }
-        let messages = crate::query::run(&request.into_inner().plan, self.store.clone())?;
+        let messages = crate::query::run(
+            &request.into_inner().plan,
+            self.store.clone(),
+            self.metrics.clone(),
+        )?;
         Ok(Response::new(messages))
     }
 
@@ -93,6 +98,10 @@ impl proto::leaf_server::Leaf for LeafServiceImpl {
         let (columns, compiled) =
             crate::tasks::table_columns(&req.columns_json).map_err(Status::invalid_argument)?;
         let store = self.store.clone();
+        let table = TableRef::new(req.table_id, &req.database, &req.table);
+        store
+            .note_columns(&table, &req.columns_json)
+            .map_err(|e| Status::internal(e.to_string()))?;
         let rows_updated = tokio::task::spawn_blocking(move || {
             store.backfill(
                 &TableRef::new(req.table_id, &req.database, &req.table),

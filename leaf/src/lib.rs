@@ -41,7 +41,11 @@ pub async fn run(
     config.validate()?;
     common::datadir::prepare(&config.data_dir, config.require_volume)
         .map_err(anyhow::Error::msg)?;
-    let store = store::Store::open(&config.data_dir.join("store")).map_err(|e| {
+    let store = store::Store::open_with_cache(
+        &config.data_dir.join("store"),
+        Some(config.store_cache_mb.max(1) * 1024 * 1024),
+    )
+    .map_err(|e| {
         anyhow::anyhow!(
             "cannot open the partition store in {}: {e}",
             config.data_dir.display()
@@ -78,6 +82,8 @@ pub async fn run(
         "shardline_source_lag_millis",
         "How far behind the newest record of the source each read partition is (Kinesis MillisBehindLatest per shard).",
     );
+    query::describe_metrics(&metrics);
+    store.set_metrics(metrics.clone());
     if let Some(listener) = metrics_listener {
         let m = metrics.clone();
         let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || m.render());
@@ -102,6 +108,7 @@ pub async fn run(
     let service = grpc::LeafServiceImpl {
         membership: state.clone(),
         store: store.clone(),
+        metrics: metrics.clone(),
     };
     let grpc_shutdown = shutdown.clone();
     let ready_state = state.clone();
@@ -121,6 +128,12 @@ pub async fn run(
             grpc_shutdown.cancel();
         }
     });
+    tasks.spawn(flush_loop(
+        store.clone(),
+        config.segment_rows,
+        std::time::Duration::from_millis(config.flush_interval_ms.max(10)),
+        shutdown.clone(),
+    ));
     tasks.spawn(finalized::confirm_finalized_loop(
         store.clone(),
         client::MasterClient::new(aggregators.clone()),
@@ -141,4 +154,27 @@ pub async fn run(
     store.flush().await?;
     tracing::info!("leaf stopped");
     Ok(())
+}
+
+/// Moves committed rows into column segments as partitions fill up (blocking work, off the
+/// runtime's workers); a failed flush is logged and tried again (the rows stay where they
+/// are, readable).
+async fn flush_loop(
+    store: store::Store,
+    min_rows: usize,
+    every: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let s = store.clone();
+        match tokio::task::spawn_blocking(move || s.flush_segments(min_rows)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!("flushing column segments failed (will retry): {e}"),
+            Err(e) => tracing::warn!("flushing column segments stopped: {e}"),
+        }
+    }
 }

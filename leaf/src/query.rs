@@ -3,10 +3,14 @@
 //! record batch per message, while the aggregator reads (a bounded channel: a slow reader
 //! slows the scan, a gone one stops it).
 
+use crate::store::segments::file::{segment_groups, Segment};
 use crate::store::{Range, Store, TableRef};
+use datafusion::arrow::array::{RecordBatch, RecordBatchOptions};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::SendableRecordBatchStream;
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion::physical_optimizer::pruning::{PruningPredicate, PruningPredicateBuilder};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::prelude::SessionContext;
 use futures::StreamExt;
@@ -20,8 +24,9 @@ use tonic::Status;
 /// Most rows in one record batch a scan produces.
 pub const BATCH_ROWS: usize = 8192;
 /// A scan's record batch ends once its rows' stored JSON reaches this many bytes, so a batch
-/// of 1 MiB records stays a few MiB (one gRPC message) rather than gigabytes.
-pub const BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// of 1 MiB records stays one record (one gRPC message) rather than gigabytes, and the
+/// batches in flight between a leaf and the client stay a few MiB.
+pub const BATCH_BYTES: usize = 1024 * 1024;
 
 /// Batches produced ahead of the reader, per scan and per result stream.
 const AHEAD: usize = 2;
@@ -34,14 +39,53 @@ fn context() -> &'static SessionContext {
     CONTEXT.get_or_init(|| query::session::context(query::session::config("information_schema")))
 }
 
+type Metrics = Arc<common::metrics::Metrics>;
+
+/// What the leaf's query counters mean: together they show how much of a query's work stayed
+/// on the leaf (rows read against rows sent).
+pub fn describe_metrics(m: &common::metrics::Metrics) {
+    m.describe(
+        "shardline_leaf_queries_total",
+        "Plan fragments this leaf ran for the aggregators.",
+    );
+    m.describe(
+        "shardline_leaf_scan_rows_total",
+        "Committed rows the leaf's scans read from storage.",
+    );
+    m.describe(
+        "shardline_leaf_query_rows_sent_total",
+        "Rows the leaf sent back as fragment results (after its filters and aggregates).",
+    );
+    m.describe(
+        "shardline_leaf_segments_skipped_total",
+        "Column segments a scan skipped whole by their min/max.",
+    );
+    m.describe(
+        "shardline_leaf_row_groups_skipped_total",
+        "Row groups of column segments scans skipped by their min/max.",
+    );
+    m.describe(
+        "shardline_leaf_segments_flushed_total",
+        "Column segments written from the row segment.",
+    );
+    m.describe(
+        "shardline_leaf_query_bytes_sent_total",
+        "Arrow IPC bytes the leaf sent back as fragment results.",
+    );
+}
+
 /// Starts running a fragment over `store`; its result batches arrive on the returned stream.
-pub fn run(plan: &[u8], store: Store) -> Result<Messages, Status> {
+pub fn run(plan: &[u8], store: Store, metrics: Metrics) -> Result<Messages, Status> {
     let task = context().task_ctx();
-    let source: Arc<dyn ScanSource> = Arc::new(StoreSource { store });
+    let source: Arc<dyn ScanSource> = Arc::new(StoreSource {
+        store,
+        metrics: metrics.clone(),
+    });
     let plan = query::fragment::decode(plan, &task, source)
         .map_err(|e| Status::invalid_argument(format!("cannot read the query plan: {e}")))?;
     let runtime = query::session::runtime().map_err(Status::internal)?;
     let (tx, rx) = mpsc::channel(AHEAD);
+    metrics.add("shardline_leaf_queries_total", 1.0);
     runtime.spawn(async move {
         let mut stream = match datafusion::physical_plan::execute_stream(plan, task) {
             Ok(s) => s,
@@ -53,7 +97,14 @@ pub fn run(plan: &[u8], store: Store) -> Result<Messages, Status> {
         while let Some(batch) = stream.next().await {
             let message = batch.map_err(query_status).and_then(|b| {
                 common::arrow::encode_ipc(&b)
-                    .map(|arrow_ipc| proto::QueryResponse { arrow_ipc })
+                    .map(|arrow_ipc| {
+                        metrics.add("shardline_leaf_query_rows_sent_total", b.num_rows() as f64);
+                        metrics.add(
+                            "shardline_leaf_query_bytes_sent_total",
+                            arrow_ipc.len() as f64,
+                        );
+                        proto::QueryResponse { arrow_ipc }
+                    })
                     .map_err(|e| Status::internal(format!("encoding a result batch: {e}")))
             });
             let failed = message.is_err();
@@ -73,6 +124,7 @@ fn query_status(e: DataFusionError) -> Status {
 #[derive(Debug)]
 struct StoreSource {
     store: Store,
+    metrics: Metrics,
 }
 
 impl ScanSource for StoreSource {
@@ -80,15 +132,20 @@ impl ScanSource for StoreSource {
         &self,
         scan: &proto::TableScan,
         schema: SchemaRef,
+        predicate: Option<Arc<dyn PhysicalExpr>>,
     ) -> Result<SendableRecordBatchStream> {
-        let reader = Reader::new(scan, schema.clone())?;
+        let reader = Reader::new(scan, schema.clone(), predicate, self.metrics.clone())?;
         let store = self.store.clone();
+        let metrics = self.metrics.clone();
         let (tx, rx) = mpsc::channel(AHEAD);
         // sled reads and JSON parsing: blocking work, off the runtime's workers.
         tokio::task::spawn_blocking(move || {
-            if let Err(e) = reader.read(&store, &tx) {
+            let mut read = 0;
+            if let Err(e) = reader.read(&store, &tx, &mut read) {
                 let _ = tx.blocking_send(Err(e));
             }
+            metrics.add("shardline_leaf_scan_rows_total", read as f64);
+            drop(reader);
         });
         Ok(Box::pin(RecordBatchStreamAdapter::new(
             schema,
@@ -97,7 +154,7 @@ impl ScanSource for StoreSource {
     }
 }
 
-type Sender = mpsc::Sender<Result<datafusion::arrow::array::RecordBatch>>;
+type Sender = mpsc::Sender<Result<RecordBatch>>;
 
 /// One scan of a table's committed rows into record batches.
 struct Reader {
@@ -108,6 +165,9 @@ struct Reader {
     schema: SchemaRef,
     limit: usize,
     index: Option<(String, Range)>,
+    /// Skips segments' row groups by their min/max (the filter above the scan).
+    pruning: Option<Arc<PruningPredicate>>,
+    metrics: Metrics,
 }
 
 fn plan_error(e: impl std::fmt::Display) -> DataFusionError {
@@ -119,7 +179,12 @@ fn store_error(e: impl std::fmt::Display) -> DataFusionError {
 }
 
 impl Reader {
-    fn new(scan: &proto::TableScan, schema: SchemaRef) -> Result<Self> {
+    fn new(
+        scan: &proto::TableScan,
+        schema: SchemaRef,
+        predicate: Option<Arc<dyn PhysicalExpr>>,
+        metrics: Metrics,
+    ) -> Result<Self> {
         let columns = query::columns::from_proto(&scan.columns).map_err(plan_error)?;
         let compiled = common::expr::compile_table(&columns).map_err(plan_error)?;
         let positions = match &scan.projection {
@@ -150,27 +215,40 @@ impl Reader {
             columns,
             compiled,
             positions,
-            schema,
             limit: scan.limit.map_or(usize::MAX, |l| l as usize),
             index,
+            pruning: predicate.and_then(|p| {
+                PruningPredicateBuilder::new()
+                    .with_file_schema(schema.clone())
+                    .build(p)
+            }),
+            schema,
+            metrics,
         })
     }
 
-    /// Sends the table's rows to `tx` in batches until the end, the limit, or a gone reader.
-    fn read(&self, store: &Store, tx: &Sender) -> Result<()> {
+    /// Sends the table's rows to `tx` in batches until the end, the limit, or a gone reader:
+    /// its column segments, then the row segment above them.
+    fn read(&self, store: &Store, tx: &Sender, read: &mut usize) -> Result<()> {
+        let snapshot = store.table_snapshot(&self.table);
+        let segments = Store::snapshot_segments(&snapshot);
         let indexed = match &self.index {
             Some((index, range)) => store
-                .scan_index(&self.table, index, range)
+                .scan_index(&self.table, index, range, &snapshot)
                 .map_err(store_error)?,
             None => None,
         };
         if self.positions.is_empty() {
             // No column wanted (COUNT(*)): how many rows, without reading them.
-            let n = match &indexed {
+            let tail = match &indexed {
                 Some(rows) => rows.len(),
-                None => store.count(&self.table).map_err(store_error)?,
+                None => store
+                    .count_tail(&self.table, &snapshot)
+                    .map_err(store_error)?,
             };
-            let mut left = n.min(self.limit);
+            let in_segments: u64 = segments.iter().map(|(_, s)| s.rows).sum();
+            let mut left = (tail + in_segments as usize).min(self.limit);
+            *read = left;
             while left > 0 {
                 let k = left.min(BATCH_ROWS);
                 let batch = common::arrow::empty_rows(&self.schema, k)?;
@@ -181,15 +259,19 @@ impl Reader {
             }
             return Ok(());
         }
+        for (path, _) in &segments {
+            if !self.read_segment(path, tx, read)? {
+                return Ok(());
+            }
+        }
         let mut batch = Batch::default();
-        let mut taken = 0usize;
         let mut each = |row: &[u8]| -> Result<bool> {
             batch.push(self.row(row)?, row.len());
-            taken += 1;
+            *read += 1;
             if batch.full() && !self.send(&mut batch, tx)? {
                 return Ok(false);
             }
-            Ok(taken < self.limit)
+            Ok(*read < self.limit)
         };
         match &indexed {
             Some(rows) => {
@@ -202,7 +284,7 @@ impl Reader {
             None => {
                 let mut failed = None;
                 store
-                    .for_each_row(&self.table, |row| {
+                    .for_each_tail_row(&self.table, &snapshot, |row| {
                         each(row).or_else(|e| {
                             failed = Some(e);
                             Ok(false)
@@ -218,6 +300,81 @@ impl Reader {
             self.send(&mut batch, tx)?;
         }
         Ok(())
+    }
+
+    /// Sends the rows of one segment the filter may keep; `false` once the reader is gone or
+    /// the limit is reached.
+    fn read_segment(&self, path: &std::path::Path, tx: &Sender, read: &mut usize) -> Result<bool> {
+        let segment = Segment::open(path).map_err(store_error)?;
+        let groups = segment.row_groups(self.pruning.as_deref());
+        let skipped = segment_groups(&segment) - groups.len();
+        if skipped > 0 {
+            self.metrics
+                .add("shardline_leaf_row_groups_skipped_total", skipped as f64);
+        }
+        if groups.is_empty() {
+            self.metrics
+                .add("shardline_leaf_segments_skipped_total", 1.0);
+            return Ok(true);
+        }
+        let file_schema = segment.schema().clone();
+        let wanted: Vec<&str> = self
+            .schema
+            .fields()
+            .iter()
+            .map(|f| f.name().as_str())
+            .collect();
+        let complete = wanted
+            .iter()
+            .all(|n| file_schema.column_with_name(n).is_some());
+        // A segment written before a computed column was added: read the columns it has and
+        // compute the rest, as for such rows in the row segment.
+        let columns: Vec<&str> = if complete {
+            wanted.clone()
+        } else {
+            self.columns.iter().map(|c| c.name.as_str()).collect()
+        };
+        let reader = segment
+            .read(&columns, groups, BATCH_BYTES, BATCH_ROWS)
+            .map_err(store_error)?;
+        for b in reader {
+            let b = b.map_err(|e| store_error(format!("reading {}: {e}", path.display())))?;
+            let b = if complete {
+                let cols = wanted
+                    .iter()
+                    .map(|n| {
+                        b.column_by_name(n)
+                            .cloned()
+                            .ok_or_else(|| store_error(format!("segment lacks column {n}")))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let options = RecordBatchOptions::new().with_row_count(Some(b.num_rows()));
+                RecordBatch::try_new_with_options(self.schema.clone(), cols, &options)?
+            } else {
+                let rows: Vec<Vec<Json>> = common::arrow::batch_to_rows(&b)
+                    .into_iter()
+                    .map(|mut r| {
+                        common::expr::complete_row(&mut r, &self.columns, &self.compiled);
+                        self.positions
+                            .iter()
+                            .map(|i| r.get_mut(*i).map(Json::take).unwrap_or(Json::Null))
+                            .collect()
+                    })
+                    .collect();
+                common::arrow::rows_to_batch(&self.schema, &rows)?
+            };
+            let left = self.limit - *read;
+            let b = if b.num_rows() > left {
+                b.slice(0, left)
+            } else {
+                b
+            };
+            *read += b.num_rows();
+            if tx.blocking_send(Ok(b)).is_err() || *read >= self.limit {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// One stored row, its computed columns filled in, projected.

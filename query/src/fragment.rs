@@ -76,9 +76,10 @@ pub fn decode(
     ctx: &TaskContext,
     source: Arc<dyn ScanSource>,
 ) -> Result<Arc<dyn ExecutionPlan>> {
-    datafusion_proto::bytes::physical_plan_from_bytes_with_extension_codec(
+    let plan = datafusion_proto::bytes::physical_plan_from_bytes_with_extension_codec(
         bytes,
         ctx,
         &Codec::for_leaf(source),
-    )
+    )?;
+    crate::scan::attach_filters(plan)
 }

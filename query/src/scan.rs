@@ -19,9 +19,15 @@ use std::sync::Arc;
 /// Where a leaf's rows come from: its store.
 pub trait ScanSource: fmt::Debug + Send + Sync {
     /// The committed rows of `scan` (projected, at most `scan.limit`), as record batches of
-    /// `schema`, read as the consumer pulls them.
-    fn scan(&self, scan: &proto::TableScan, schema: SchemaRef)
-        -> Result<SendableRecordBatchStream>;
+    /// `schema`, read as the consumer pulls them. `predicate` (over `schema`) is the filter the
+    /// plan applies right above the scan: rows it rejects may be left out (a source may skip
+    /// storage by it), rows it keeps may not.
+    fn scan(
+        &self,
+        scan: &proto::TableScan,
+        schema: SchemaRef,
+        predicate: Option<Arc<dyn PhysicalExpr>>,
+    ) -> Result<SendableRecordBatchStream>;
 }
 
 /// Reads one table's committed rows on a leaf.
@@ -30,6 +36,7 @@ pub struct LeafScanExec {
     scan: proto::TableScan,
     schema: SchemaRef,
     source: Option<Arc<dyn ScanSource>>,
+    predicate: Option<Arc<dyn PhysicalExpr>>,
     properties: Arc<PlanProperties>,
 }
 
@@ -55,6 +62,7 @@ impl LeafScanExec {
             scan,
             schema,
             source: None,
+            predicate: None,
             properties,
         })
     }
@@ -68,6 +76,35 @@ impl LeafScanExec {
     pub fn table_scan(&self) -> &proto::TableScan {
         &self.scan
     }
+}
+
+/// Hands each scan the predicate of the filter right above it ([`ScanSource::scan`]).
+pub fn attach_filters(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
+    use datafusion::common::tree_node::{Transformed, TransformedResult, TreeNode};
+    use datafusion::physical_plan::filter::FilterExec;
+    plan.transform_up(|node| {
+        let Some(filter) = node.downcast_ref::<FilterExec>() else {
+            return Ok(Transformed::no(node));
+        };
+        let Some(scan) = filter.input().downcast_ref::<LeafScanExec>() else {
+            return Ok(Transformed::no(node));
+        };
+        let scan = Arc::new(LeafScanExec {
+            scan: scan.scan.clone(),
+            schema: scan.schema.clone(),
+            source: scan.source.clone(),
+            predicate: Some(filter.predicate().clone()),
+            properties: scan.properties.clone(),
+        });
+        let node = node.replace_children(
+            vec![scan],
+            datafusion::physical_plan::execution_plan::ReplaceChildrenOptions::new(
+                datafusion::physical_plan::execution_plan::ChildrenPropertiesMode::Keep,
+            ),
+        )?;
+        Ok(Transformed::yes(node))
+    })
+    .data()
 }
 
 impl DisplayAs for LeafScanExec {
@@ -129,7 +166,7 @@ impl ExecutionPlan for LeafScanExec {
             )));
         }
         match &self.source {
-            Some(source) => source.scan(&self.scan, self.schema.clone()),
+            Some(source) => source.scan(&self.scan, self.schema.clone(), self.predicate.clone()),
             None => Err(DataFusionError::Internal(
                 "a leaf scan runs on a leaf, inside the plan the aggregator sent it".into(),
             )),

@@ -403,3 +403,81 @@ impl PhysicalOptimizerRule for PushToLeaves {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::catalog::tables::{ColumnType, TableColumn};
+    use datafusion::execution::SessionStateBuilder;
+    use datafusion::physical_plan::displayable;
+    use datafusion::prelude::SessionContext;
+
+    /// The physical plan of `sql` over a two-leaf table `t (topic, id, record JSON)`.
+    async fn plan(sql: &str) -> String {
+        let columns: Vec<TableColumn> = [
+            ("topic", ColumnType::Text),
+            ("id", ColumnType::Text),
+            ("record", ColumnType::Json),
+        ]
+        .into_iter()
+        .map(|(name, ty)| TableColumn {
+            name: name.into(),
+            ty,
+            nullable: true,
+            computed: None,
+        })
+        .collect();
+        let table = ClusterTable {
+            database: "d".into(),
+            table: "t".into(),
+            table_id: 1,
+            schema: common::arrow::table_schema(&columns),
+            columns: query::columns::to_proto(&columns),
+            indexes: vec![],
+            leaves: vec![
+                ("127.0.0.1:1".into(), true, vec![0]),
+                ("127.0.0.1:2".into(), true, vec![1]),
+            ],
+        };
+        let state = SessionStateBuilder::new()
+            .with_config(query::session::config("d"))
+            .with_default_features()
+            .with_physical_optimizer_rule(Arc::new(PushToLeaves))
+            .build();
+        let ctx = query::session::with_functions(SessionContext::new_with_state(state));
+        let schema = datafusion::catalog::MemorySchemaProvider::new();
+        datafusion::catalog::SchemaProvider::register_table(&schema, "t".into(), Arc::new(table))
+            .unwrap();
+        let catalog = datafusion::catalog::MemoryCatalogProvider::new();
+        datafusion::catalog::CatalogProvider::register_schema(&catalog, "d", Arc::new(schema))
+            .unwrap();
+        ctx.register_catalog("def", Arc::new(catalog));
+        let df = ctx.sql(sql).await.unwrap();
+        let plan = df.create_physical_plan().await.unwrap();
+        let text = displayable(plan.as_ref()).indent(false).to_string();
+        text
+    }
+
+    #[tokio::test]
+    async fn filters_aggregates_and_limits_go_to_the_leaves() {
+        let p = plan("SELECT COUNT(*) FROM t WHERE json_extract_bigint(record, 'seq') = 7").await;
+        println!("{p}");
+        assert!(p.contains("on each: AggregateExec: mode=Partial"), "{p}");
+        assert!(p.contains("FilterExec"), "{p}");
+        let p = plan("SELECT record FROM t WHERE json_extract_bigint(record, 'task') = 0 LIMIT 5")
+            .await;
+        println!("{p}");
+        let leaf = p.lines().find(|l| l.contains("ClusterScanExec")).unwrap();
+        assert!(
+            leaf.contains("FilterExec") && leaf.contains("fetch=5"),
+            "{p}"
+        );
+        let p = plan("SELECT json_extract_bigint(record, 'seq') s FROM t ORDER BY s DESC LIMIT 3")
+            .await;
+        println!("{p}");
+        assert!(p.contains("on each: SortExec: TopK(fetch=3)"), "{p}");
+        let p = plan("SELECT * FROM t LIMIT 10").await;
+        println!("{p}");
+        assert!(p.contains("limit=10"), "{p}");
+    }
+}

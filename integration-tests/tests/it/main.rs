@@ -8,4 +8,5 @@ mod harness;
 mod kinesis;
 mod membership;
 mod pipelines;
+mod queries;
 mod scenarios;

@@ -154,6 +154,7 @@ impl Store {
         table: &TableRef,
         index: &str,
         range: &Range,
+        snapshot: &super::TableSnapshot,
     ) -> Result<Option<Vec<String>>> {
         if self
             .indexes
@@ -162,7 +163,6 @@ impl Store {
         {
             return Ok(None);
         }
-        let visibility = self.visibility(table);
         let Some(tree) = self.table(table)? else {
             return Ok(Some(vec![]));
         };
@@ -189,7 +189,9 @@ impl Store {
         for item in idx.range(lo..hi) {
             let (k, _) = item?;
             let row_key = &k[k.len().saturating_sub(12)..];
-            if !visibility.visible(row_key) {
+            // Rows in column segments are read from there (the filter above keeps the
+            // matching ones); the index serves the row segment.
+            if !snapshot.tail_row(row_key) {
                 continue;
             }
             if let Some(v) = get_row(&tree, row_key)? {

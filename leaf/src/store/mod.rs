@@ -19,9 +19,13 @@
 //! Markers written by earlier versions (rows in a `staging` tree, copied at finalize) are
 //! still finalized and aborted that way.
 
+mod flush;
 mod index;
 mod rows;
+pub mod segments;
 mod tables;
+
+pub use flush::{TableSnapshot, CRASH_IN_FLUSH};
 
 pub use rows::{encode_group, GROUP_ROWS};
 pub use tables::{LiveView, TableRef};
@@ -161,6 +165,22 @@ pub struct Store {
     live: Arc<std::sync::RwLock<Option<LiveView>>>,
     /// [`Store::tables_generation`].
     swept: Arc<std::sync::atomic::AtomicU64>,
+    /// Column segments: committed rows flushed out of the row segment.
+    segments: Arc<segments::Segments>,
+    /// The columns of each table the leaf loads into (tree name -> columns JSON), what flushes
+    /// write.
+    columns: sled::Tree,
+    columns_cache: Arc<Mutex<HashMap<String, String>>>,
+    /// Held by a flush, and by whatever rewrites row-segment rows (backfill).
+    flush_lock: Arc<Mutex<()>>,
+    metrics: Arc<Mutex<Option<Arc<common::metrics::Metrics>>>>,
+}
+
+impl Store {
+    /// Where the store counts its flushes.
+    pub fn set_metrics(&self, metrics: Arc<common::metrics::Metrics>) {
+        *self.metrics.lock().unwrap_or_else(|e| e.into_inner()) = Some(metrics);
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -175,7 +195,13 @@ fn corrupt(e: impl std::fmt::Display) -> StoreError {
 
 impl Store {
     pub fn open(dir: &Path) -> Result<Self> {
-        let db = common::datadir::open_sled(dir)?;
+        Self::open_with_cache(dir, None)
+    }
+
+    /// [`Store::open`] with the page cache bounded to `cache_bytes` (sled's default when
+    /// `None`).
+    pub fn open_with_cache(dir: &Path, cache_bytes: Option<u64>) -> Result<Self> {
+        let db = common::datadir::open_sled_with_cache(dir, cache_bytes)?;
         let prepared = db.open_tree("prepared")?;
         // Every id handed out before this run is below this one.
         let mut pending = Pending {
@@ -194,16 +220,27 @@ impl Store {
                     .push((key, first, last));
             }
         }
-        Ok(Self {
+        let (segments, stale) = segments::Segments::open(dir.join("segments"))?;
+        let store = Self {
             staging: db.open_tree("staging")?,
             finalized: db.open_tree("finalized")?,
             indexes: db.open_tree("indexes")?,
+            columns: db.open_tree("columns")?,
             prepared,
             db,
             pending: Arc::new(Mutex::new(pending)),
             live: Default::default(),
             swept: Default::default(),
-        })
+            segments: Arc::new(segments),
+            columns_cache: Default::default(),
+            flush_lock: Default::default(),
+            metrics: Default::default(),
+        };
+        // A crash after a flush's manifest, before its rows left the row segment.
+        for (tree, partition, through) in stale {
+            store.delete_tail_rows(&tree, partition, through)?;
+        }
+        Ok(store)
     }
 
     fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
@@ -535,6 +572,8 @@ impl Store {
         complete: impl Fn(&mut Vec<serde_json::Value>),
         width: usize,
     ) -> Result<u64> {
+        // Not beside a flush: the rows it rewrites may be on their way into a segment.
+        let _flushing = self.flush_lock.lock().unwrap_or_else(|e| e.into_inner());
         let Some(tree) = self.table(table)? else {
             return Ok(0);
         };
@@ -632,6 +671,86 @@ mod tests {
         s.prepare(key(seq), &t(), &rows).await.unwrap();
     }
 
+    /// The rows of d.t a reader sees now: in segments, and in the row segment above them.
+    fn visible_rows(s: &Store) -> (Vec<i64>, Vec<String>) {
+        let snap = s.table_snapshot(&t());
+        let mut in_segments = Vec::new();
+        for (path, _) in Store::snapshot_segments(&snap) {
+            let seg = segments::file::Segment::open(&path).unwrap();
+            let groups = seg.row_groups(None);
+            for b in seg.read(&["n"], groups, 1 << 20, 8192).unwrap() {
+                let b = b.unwrap();
+                let col = b
+                    .column(0)
+                    .as_any()
+                    .downcast_ref::<datafusion::arrow::array::Int64Array>()
+                    .unwrap();
+                in_segments.extend(col.iter().flatten());
+            }
+        }
+        let mut tail = Vec::new();
+        s.for_each_tail_row(&t(), &snap, |r| {
+            tail.push(String::from_utf8(r.to_vec()).unwrap());
+            Ok(true)
+        })
+        .unwrap();
+        in_segments.sort_unstable();
+        tail.sort();
+        (in_segments, tail)
+    }
+
+    #[tokio::test]
+    async fn a_flush_moves_committed_rows_into_a_segment_and_leaves_prepared_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.note_columns(
+            &t(),
+            r#"[{"name":"n","ty":"BigInt","nullable":true,"computed":null}]"#,
+        )
+        .unwrap();
+        prepare(&s, 1, &[(0, "[1]"), (0, "[2]"), (1, "[3]")]).await;
+        s.finalize(key(1)).unwrap();
+        prepare(&s, 2, &[(0, "[4]")]).await; // still prepared: stays in the row segment
+        prepare(&s, 3, &[(0, "[5]")]).await;
+        s.finalize(key(3)).unwrap(); // committed, but above a prepared batch
+        assert_eq!(s.flush_segments(1).unwrap(), 2, "partitions 0 and 1");
+        assert_eq!(visible_rows(&s), (vec![1, 2, 3], vec!["[5]".to_string()]));
+        s.finalize(key(2)).unwrap();
+        assert_eq!(
+            visible_rows(&s).1,
+            vec!["[4]".to_string(), "[5]".to_string()]
+        );
+        assert_eq!(s.flush_segments(2).unwrap(), 1);
+        assert_eq!(visible_rows(&s), (vec![1, 2, 3, 4, 5], vec![]));
+        assert_eq!(s.flush_segments(1).unwrap(), 0, "nothing left to flush");
+        // A reader that started before a flush keeps reading the rows where it found them.
+        prepare(&s, 4, &[(1, "[6]")]).await;
+        s.finalize(key(4)).unwrap();
+        let before = s.table_snapshot(&t());
+        assert_eq!(s.flush_segments(1).unwrap(), 1);
+        let mut tail = Vec::new();
+        s.for_each_tail_row(&t(), &before, |r| {
+            tail.push(r.to_vec());
+            Ok(true)
+        })
+        .unwrap();
+        assert_eq!(
+            tail,
+            vec![b"[6]".to_vec()],
+            "still in the row segment for the old reader"
+        );
+        drop(before);
+        s.clean_up().unwrap();
+        drop(s);
+        let s = reopen(dir.path());
+        assert_eq!(visible_rows(&s), (vec![1, 2, 3, 4, 5, 6], vec![]));
+        assert_eq!(
+            s.scan(&t()).unwrap(),
+            Vec::<String>::new(),
+            "the row segment is empty"
+        );
+    }
+
     #[tokio::test]
     async fn prepared_rows_are_invisible_until_finalized_and_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
@@ -718,9 +837,17 @@ mod tests {
             lower: None,
             upper: None,
         };
-        assert_eq!(s.scan_index(&t(), "i", &all).unwrap().unwrap(), vec!["[7]"]);
+        assert_eq!(
+            s.scan_index(&t(), "i", &all, &s.table_snapshot(&t()))
+                .unwrap()
+                .unwrap(),
+            vec!["[7]"]
+        );
         s.finalize(key(1)).unwrap();
-        let mut rows = s.scan_index(&t(), "i", &all).unwrap().unwrap();
+        let mut rows = s
+            .scan_index(&t(), "i", &all, &s.table_snapshot(&t()))
+            .unwrap()
+            .unwrap();
         rows.sort();
         assert_eq!(rows, vec!["[5]", "[6]", "[7]"]);
     }
@@ -776,7 +903,13 @@ mod tests {
             lower: Some((serde_json::json!(lo), true)),
             upper: Some((serde_json::json!(hi), true)),
         };
-        let found = |lo, hi| numbers(s.scan_index(&t(), "i", &range(lo, hi)).unwrap().unwrap());
+        let found = |lo, hi| {
+            numbers(
+                s.scan_index(&t(), "i", &range(lo, hi), &s.table_snapshot(&t()))
+                    .unwrap()
+                    .unwrap(),
+            )
+        };
         assert_eq!(found(255, 257), vec![255, 256, 257]);
         assert_eq!(found(299, 300), vec![299, 300]);
         assert_eq!(found(599, 700), vec![599]);

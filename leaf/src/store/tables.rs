@@ -171,11 +171,23 @@ impl Store {
             *live = Some(view.clone());
         }
         let mut dropped = Vec::new();
+        let _flushing = self.flush_lock.lock().unwrap_or_else(|e| e.into_inner());
         for name in self.db.tree_names() {
             let name = String::from_utf8_lossy(&name).into_owned();
             if LiveView::owner(&name).is_some_and(|t| view.dropped(&t)) {
                 self.db.drop_tree(&name)?;
+                self.columns.remove(name.as_bytes())?;
                 dropped.push(name);
+            }
+        }
+        // Column segments, also of tables whose row segment went before.
+        for part in self.segments.all() {
+            let tree = &part.manifest.tree;
+            if LiveView::owner(tree).is_some_and(|t| view.dropped(&t)) {
+                self.segments.drop_table(tree)?;
+                if !dropped.contains(tree) {
+                    dropped.push(tree.clone());
+                }
             }
         }
         if !dropped.is_empty() {
