@@ -38,6 +38,42 @@ impl proto::leaf_server::Leaf for LeafServiceImpl {
         }))
     }
 
+    async fn segments(
+        &self,
+        _request: Request<proto::SegmentsRequest>,
+    ) -> Result<Response<proto::SegmentsResponse>, Status> {
+        let mut segments = Vec::new();
+        for part in self.store.manifests() {
+            let m = &part.manifest;
+            let table_id = m
+                .tree
+                .strip_prefix("table/")
+                .and_then(|id| id.parse().ok())
+                .unwrap_or(0);
+            for s in &m.segments {
+                segments.push(proto::SegmentInfo {
+                    table_id,
+                    tree: m.tree.clone(),
+                    partition: m.partition,
+                    segment_id: s.id,
+                    rows: s.rows,
+                    bytes: s.bytes,
+                    columns: s
+                        .columns
+                        .iter()
+                        .map(|c| proto::SegmentColumn {
+                            name: c.name.clone(),
+                            min_json: c.min.as_ref().map(ToString::to_string),
+                            max_json: c.max.as_ref().map(ToString::to_string),
+                            nulls: c.nulls,
+                        })
+                        .collect(),
+                });
+            }
+        }
+        Ok(Response::new(proto::SegmentsResponse { segments }))
+    }
+
     async fn wake(
         &self,
         _request: Request<proto::WakeRequest>,

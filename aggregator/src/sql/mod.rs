@@ -8,6 +8,7 @@
 //! - `functions`: SingleStore's JSON and base64 functions;
 //! - `result`: result sets, values and MySQL errors.
 
+mod columnar;
 mod distributed;
 pub mod eval;
 pub mod exec;

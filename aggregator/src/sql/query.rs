@@ -252,7 +252,25 @@ fn information_schema(c: &Catalog) -> Result<Vec<NamedTable>, DataFusionError> {
             }
         }
     }
+    let segments = super::columnar::ColumnarSegments {
+        leaves: c
+            .leaves
+            .values()
+            .filter(|l| l.online)
+            .map(|l| l.address.clone())
+            .collect(),
+        tables: c
+            .databases
+            .values()
+            .flat_map(|db| {
+                db.tables
+                    .values()
+                    .map(|t| (t.id, (db.name.clone(), t.name.clone())))
+            })
+            .collect(),
+    };
     Ok(vec![
+        ("COLUMNAR_SEGMENTS", Arc::new(segments)),
         (
             "PIPELINES",
             mem_table(

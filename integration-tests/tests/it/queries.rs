@@ -313,3 +313,207 @@ fn select_star_streams_a_table_larger_than_any_node_holds() -> Result<()> {
     );
     Ok(())
 }
+
+/// Rows of `db.gen` that are the same datagen record (task, seq) loaded more than once, and
+/// how many distinct records there are.
+fn duplicates_and_distinct(c: &Cluster, m: usize, db: &str) -> Result<(usize, usize)> {
+    let rows = c
+        .sql(
+            m,
+            &format!(
+                "SELECT COUNT(*), COUNT(DISTINCT JSON_EXTRACT_BIGINT(record, 'task') * 1000000000 + JSON_EXTRACT_BIGINT(record, 'seq')) FROM {db}.gen"
+            ),
+        )?
+        .rows;
+    let all: usize = rows[0][0].parse()?;
+    let distinct: usize = rows[0][1].parse()?;
+    Ok((all - distinct, distinct))
+}
+
+/// The leaf's fault hook: it aborts in its next flush at the given point.
+const CRASH_IN_FLUSH: &str = "SHARDLINE_TEST_CRASH_IN_FLUSH";
+
+#[test]
+fn a_leaf_killed_mid_flush_loses_no_row_and_shows_none_twice() -> Result<()> {
+    let flushing = vec![
+        ("SHARDLINE_SEGMENT_ROWS".to_string(), "100".to_string()),
+        ("SHARDLINE_FLUSH_INTERVAL_MS".to_string(), "100".to_string()),
+    ];
+    let (mut c, m) = cluster(flushing)?;
+    setup(&c, m, "crash")?;
+    c.sql(m, "SET GLOBAL pipelines_extractor_batch_size = 500")?;
+    let per_task = 20_000usize;
+    let config = format!(
+        "{{\"connector.class\":\"io.shardline.connect.datagen.DatagenSourceConnector\",\"datagen.rate\":4000,\"datagen.records\":{per_task},\"tasks.max\":2}}"
+    );
+    c.sql(
+        m,
+        &format!(
+            "USE crash; CREATE INFERRED PIPELINE gen AS LOAD DATA KAFKACONNECT 'datagen' CONFIG '{config}' FORMAT AVRO"
+        ),
+    )?;
+    // Each leaf in turn dies in its next flush: one after writing the segment file but before
+    // its manifest, one after the manifest but before the rows leave the row segment.
+    for (leaf, at) in [(0, "before-manifest"), (1, "after-manifest")] {
+        let node = &mut c.leaves[leaf];
+        node.stop()?;
+        node.set_env(CRASH_IN_FLUSH, Some(at));
+        node.start()?;
+        if leaf == 0 {
+            c.wait_for_leaves_online(m, 2, START)?;
+            c.sql(m, "USE crash; START PIPELINE gen")?;
+        }
+        wait_for(&format!("leaf-{} to die {at}", leaf + 1), START, || {
+            (!c.leaves[leaf].is_running()).then_some(())
+        })?;
+        assert!(
+            c.leaves[leaf]
+                .log_text()
+                .contains("aborting the leaf mid-flush"),
+            "leaf-{} died of something else",
+            leaf + 1
+        );
+        let node = &mut c.leaves[leaf];
+        node.set_env(CRASH_IN_FLUSH, None);
+        node.start()?;
+        c.wait_for_leaves_online(m, 2, START)?;
+        // Queried while the other leaf loads and this one recovers: never a row twice.
+        let (dups, _) = wait_for("the restarted leaf to answer", START, || {
+            duplicates_and_distinct(&c, m, "crash").ok()
+        })?;
+        assert_eq!(dups, 0, "rows shown twice after the crash {at}");
+    }
+    let total = 2 * per_task;
+    wait_for("every record", Duration::from_secs(120), || {
+        (count(&c, m, "crash", "gen") == Some(total)).then_some(())
+    })?;
+    assert_eq!(duplicates_and_distinct(&c, m, "crash")?, (0, total));
+    // The rows live in column segments now, and the table lists them.
+    wait_for("the rows to reach column segments", START, || {
+        let in_segments: usize = c
+            .sql(
+                m,
+                "SELECT SUM(ROWS_COUNT) FROM information_schema.COLUMNAR_SEGMENTS WHERE DATABASE_NAME = 'crash' AND TABLE_NAME = 'gen' AND COLUMN_NAME = 'record'",
+            )
+            .ok()?
+            .rows
+            .first()?
+            .first()?
+            .parse()
+            .ok()?;
+        (in_segments + 16 * 100 >= total).then_some(())
+    })?;
+    assert_eq!(duplicates_and_distinct(&c, m, "crash")?, (0, total));
+    // DROP TABLE takes the segments with it.
+    c.sql(m, "USE crash; STOP PIPELINE gen")?;
+    c.sql(m, "USE crash; DROP PIPELINE gen")?;
+    c.sql(m, "USE crash; DROP TABLE gen")?;
+    wait_for(
+        "the segment files of the dropped table to go",
+        START,
+        || {
+            c.leaves
+                .iter()
+                .all(|l| {
+                    let dir = l.data_dir().join("store").join("segments");
+                    std::fs::read_dir(&dir).map_or(true, |mut d| d.next().is_none())
+                })
+                .then_some(())
+        },
+    )?;
+    Ok(())
+}
+
+#[test]
+fn records_of_a_mebibyte_go_through_the_spec_queries() -> Result<()> {
+    use crate::harness::Moto;
+    use crate::pipelines::{create_pipeline_sql, create_stream, put_records, runtime};
+    // One leaf holds them all: more than one message could carry (256 MiB).
+    let sim = Moto::sim(&["--no-limits"])?;
+    let mut env = sim.leaf_env();
+    env.push(("SHARDLINE_SEGMENT_ROWS".into(), "16".into()));
+    env.push(("SHARDLINE_FLUSH_INTERVAL_MS".into(), "200".into()));
+    let mut c = Cluster::start(ClusterSpec {
+        aggregators: 1,
+        leaves: 1,
+        leaf_env: env,
+        ..Default::default()
+    })?;
+    let m = c.wait_for_master(START)?;
+    c.wait_for_leaves_online(m, 1, START)?;
+    setup(&c, m, "mib")?;
+    c.sql(m, "SET GLOBAL pipelines_extractor_batch_size = 8")?;
+    let rt = runtime();
+    let kinesis = sim.client();
+    rt.block_on(create_stream(&kinesis, "big-records", 1))?;
+    let n = 200usize;
+    let key = |seq: usize| if seq % 100 == 4 { "user-c" } else { "user-b" };
+    // Kinesis's largest record: data plus partition key of 1 MiB.
+    let payloads: Vec<(String, Vec<u8>)> = (0..n)
+        .map(|seq| {
+            let head = format!(r#"{{"seq":{seq},"msg":""#);
+            let pad = 1024 * 1024 - key(seq).len() - head.len() - 2;
+            let data = format!("{head}{}\"}}", "m".repeat(pad));
+            assert_eq!(data.len() + key(seq).len(), 1024 * 1024);
+            (key(seq).to_string(), data.into_bytes())
+        })
+        .collect();
+    for chunk in payloads.chunks(4) {
+        rt.block_on(put_records(&kinesis, "big-records", chunk))?;
+    }
+    c.sql(
+        m,
+        &format!(
+            "USE mib; {}",
+            create_pipeline_sql("kinesis_pipeline", "big-records", 1)
+        ),
+    )?;
+    c.sql(m, "USE mib; START PIPELINE kinesis_pipeline")?;
+    wait_for("every record", Duration::from_secs(180), || {
+        (count(&c, m, "mib", "kinesis_pipeline") == Some(n)).then_some(())
+    })?;
+    let port = c.mysql_ports[m];
+    // The spec's queries, as written.
+    let (rows, _) = stream_query(
+        port,
+        "SELECT topic, JSON_EXTRACT_STRING(record, 'partitionKey') AS partition_key, JSON_EXTRACT_STRING(record, 'sequenceNumber') AS seq_no, JSON_EXTRACT_STRING(record, 'shardId') AS shard_id FROM mib.kinesis_pipeline",
+    )?;
+    assert_eq!(rows, n);
+    let (rows, bytes) = stream_query(
+        port,
+        "SELECT * FROM mib.kinesis_pipeline WHERE JSON_EXTRACT_STRING(record, 'partitionKey') = 'user-c'",
+    )?;
+    assert_eq!(rows, 2, "two records have key user-c");
+    assert!(bytes > 2 * 1024 * 1024, "whole records: {bytes} bytes");
+    let (rows, bytes) = stream_query(
+        port,
+        "SELECT topic, JSON_EXTRACT_STRING(id, 'partitionKey') AS id_partition_key, \
+         JSON_EXTRACT_STRING(record, 'partitionKey') AS partition_key, \
+         JSON_EXTRACT_STRING(record, 'sequenceNumber') AS sequence_number, \
+         JSON_EXTRACT_STRING(record, 'shardId') AS shard_id, \
+         JSON_EXTRACT_STRING(record, 'streamName') AS stream_name, \
+         JSON_EXTRACT_BIGINT(record, 'approximateArrivalTimestamp') AS arrival_ts_ms, \
+         JSON_EXTRACT_BIGINT(FROM_BASE64(JSON_EXTRACT_STRING(record, 'data')), 'seq') AS seq, \
+         JSON_EXTRACT_STRING(FROM_BASE64(JSON_EXTRACT_STRING(record, 'data')), 'msg') AS msg \
+         FROM mib.kinesis_pipeline",
+    )?;
+    assert_eq!(rows, n);
+    assert!(bytes > n * 1_000_000, "every msg whole: {bytes} bytes");
+    c.sql(m, "USE mib; ALTER TABLE kinesis_pipeline ADD COLUMN partition_key AS JSON_EXTRACT_STRING(record, 'partitionKey') PERSISTED VARCHAR(128)")?;
+    c.sql(m, "USE mib; ALTER TABLE kinesis_pipeline ADD COLUMN seq AS JSON_EXTRACT_BIGINT(FROM_BASE64(JSON_EXTRACT_STRING(record, 'data')), 'seq') PERSISTED BIGINT")?;
+    c.sql(m, "USE mib; ALTER TABLE kinesis_pipeline ADD COLUMN msg AS JSON_EXTRACT_STRING(FROM_BASE64(JSON_EXTRACT_STRING(record, 'data')), 'msg') PERSISTED VARCHAR(512)")?;
+    let got = c
+        .sql(
+            m,
+            "SELECT topic, partition_key, seq, LENGTH(msg), LENGTH(record) > 1000000 FROM mib.kinesis_pipeline WHERE seq > 197 ORDER BY seq",
+        )?
+        .rows;
+    assert_eq!(
+        got,
+        vec![
+            vec!["kinesis-topic", "user-b", "198", "512", "1"],
+            vec!["kinesis-topic", "user-b", "199", "512", "1"],
+        ]
+    );
+    Ok(())
+}

@@ -289,14 +289,16 @@ impl Segments {
         Ok(())
     }
 
-    /// The cleanups no reader holds up any more (taken out of the list).
+    /// The cleanups no reader holds up any more (taken out of the list). A cleanup waits for
+    /// every reader that started before its install, and those hold older epochs too: the
+    /// free ones are the oldest, up to the first epoch still held.
     pub fn collect(&self) -> Vec<Cleanup> {
         let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
-        let (free, held): (Vec<_>, Vec<_>) = std::mem::take(&mut *retired)
-            .into_iter()
-            .partition(|(epoch, _)| Arc::strong_count(epoch) == 1);
-        *retired = held;
-        free.into_iter().map(|(_, c)| c).collect()
+        let free = retired
+            .iter()
+            .take_while(|(epoch, _)| Arc::strong_count(epoch) == 1)
+            .count();
+        retired.drain(..free).map(|(_, c)| c).collect()
     }
 
     /// Forgets and deletes every segment of a dropped table.
@@ -381,7 +383,14 @@ mod tests {
         let reader = s.snapshot("table/1");
         s.install(manifest("table/1", 9, &[1]), none()).unwrap();
         assert!(s.collect().is_empty(), "a reader holds the old manifest");
+        // Another partition's install: its cleanup also waits for the reader, which started
+        // before it (and read that partition's rows where they were then).
+        s.install(manifest("table/2", 4, &[0]), none()).unwrap();
+        assert!(
+            s.collect().is_empty(),
+            "the reader started before both installs"
+        );
         drop(reader);
-        assert_eq!(s.collect().len(), 1);
+        assert_eq!(s.collect().len(), 2);
     }
 }
