@@ -68,6 +68,16 @@ impl proto::leaf_server::Leaf for LeafServiceImpl {
                             nulls: c.nulls,
                         })
                         .collect(),
+                    json: s
+                        .json
+                        .iter()
+                        .map(|j| proto::SegmentJsonPath {
+                            column: j.source.clone(),
+                            path: j.path.clone(),
+                            r#type: j.ty.sql().to_string(),
+                            present: j.present,
+                        })
+                        .collect(),
                 });
             }
         }

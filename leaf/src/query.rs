@@ -6,6 +6,7 @@
 use crate::store::segments::file::{segment_groups, Segment};
 use crate::store::{Range, Store, TableRef};
 use datafusion::arrow::array::{RecordBatch, RecordBatchOptions};
+use datafusion::arrow::datatypes::DataType;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::SendableRecordBatchStream;
@@ -16,6 +17,7 @@ use datafusion::prelude::SessionContext;
 use futures::StreamExt;
 use query::scan::ScanSource;
 use serde_json::Value as Json;
+use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -87,33 +89,70 @@ pub fn run(plan: &[u8], store: Store, metrics: Metrics) -> Result<Messages, Stat
     let (tx, rx) = mpsc::channel(AHEAD);
     metrics.add("shardline_leaf_queries_total", 1.0);
     runtime.spawn(async move {
-        let mut stream = match datafusion::physical_plan::execute_stream(plan, task) {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = tx.send(Err(query_status(e))).await;
-                return;
-            }
-        };
-        while let Some(batch) = stream.next().await {
-            let message = batch.map_err(query_status).and_then(|b| {
-                common::arrow::encode_ipc(&b)
-                    .map(|arrow_ipc| {
-                        metrics.add("shardline_leaf_query_rows_sent_total", b.num_rows() as f64);
-                        metrics.add(
-                            "shardline_leaf_query_bytes_sent_total",
-                            arrow_ipc.len() as f64,
-                        );
-                        proto::QueryResponse { arrow_ipc }
-                    })
-                    .map_err(|e| Status::internal(format!("encoding a result batch: {e}")))
-            });
-            let failed = message.is_err();
-            if tx.send(message).await.is_err() || failed {
-                return;
-            }
+        let failed = tx.clone();
+        let run = std::panic::AssertUnwindSafe(send_results(plan, task, tx, metrics));
+        if let Err(panic) = futures::FutureExt::catch_unwind(run).await {
+            let _ = failed
+                .send(Err(Status::internal(format!(
+                    "the query failed on the leaf: {}",
+                    panic_message(&panic)
+                ))))
+                .await;
         }
     });
     Ok(ReceiverStream::new(rx))
+}
+
+/// Runs the fragment and sends its batches, then the end marker.
+async fn send_results(
+    plan: Arc<dyn datafusion::physical_plan::ExecutionPlan>,
+    task: Arc<datafusion::execution::TaskContext>,
+    tx: mpsc::Sender<Result<proto::QueryResponse, Status>>,
+    metrics: Metrics,
+) {
+    let mut stream = match datafusion::physical_plan::execute_stream(plan, task) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = tx.send(Err(query_status(e))).await;
+            return;
+        }
+    };
+    while let Some(batch) = stream.next().await {
+        let message = batch.map_err(query_status).and_then(|b| {
+            common::arrow::encode_ipc(&b)
+                .map(|arrow_ipc| {
+                    metrics.add("shardline_leaf_query_rows_sent_total", b.num_rows() as f64);
+                    metrics.add(
+                        "shardline_leaf_query_bytes_sent_total",
+                        arrow_ipc.len() as f64,
+                    );
+                    proto::QueryResponse {
+                        arrow_ipc,
+                        end: false,
+                    }
+                })
+                .map_err(|e| Status::internal(format!("encoding a result batch: {e}")))
+        });
+        let failed = message.is_err();
+        if tx.send(message).await.is_err() || failed {
+            return;
+        }
+    }
+    let _ = tx
+        .send(Ok(proto::QueryResponse {
+            arrow_ipc: vec![],
+            end: true,
+        }))
+        .await;
+}
+
+/// What a caught panic says.
+pub fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into())
 }
 
 fn query_status(e: DataFusionError) -> Status {
@@ -141,11 +180,22 @@ impl ScanSource for StoreSource {
         // sled reads and JSON parsing: blocking work, off the runtime's workers.
         tokio::task::spawn_blocking(move || {
             let mut read = 0;
-            if let Err(e) = reader.read(&store, &tx, &mut read) {
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                reader.read(&store, &tx, &mut read)
+            }));
+            let failed = match result {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e),
+                // Never a short answer: the scan's stream ends with the error.
+                Err(panic) => Some(DataFusionError::Execution(format!(
+                    "the scan failed: {}",
+                    panic_message(&panic)
+                ))),
+            };
+            if let Some(e) = failed {
                 let _ = tx.blocking_send(Err(e));
             }
             metrics.add("shardline_leaf_scan_rows_total", read as f64);
-            drop(reader);
         });
         Ok(Box::pin(RecordBatchStreamAdapter::new(
             schema,
@@ -167,6 +217,8 @@ struct Reader {
     index: Option<(String, Range)>,
     /// Skips segments' row groups by their min/max (the filter above the scan).
     pruning: Option<Arc<PruningPredicate>>,
+    /// The filter above the scan, for what segments' JSON sub-columns answer of it.
+    predicate: Option<Arc<dyn PhysicalExpr>>,
     metrics: Metrics,
 }
 
@@ -217,6 +269,7 @@ impl Reader {
             positions,
             limit: scan.limit.map_or(usize::MAX, |l| l as usize),
             index,
+            predicate: predicate.clone(),
             pruning: predicate.and_then(|p| {
                 PruningPredicateBuilder::new()
                     .with_file_schema(schema.clone())
@@ -306,7 +359,17 @@ impl Reader {
     /// the limit is reached.
     fn read_segment(&self, path: &std::path::Path, tx: &Sender, read: &mut usize) -> Result<bool> {
         let segment = Segment::open(path).map_err(store_error)?;
-        let groups = segment.row_groups(self.pruning.as_deref());
+        let sub_filter = self.sub_column_filter(segment.schema());
+        let mut groups = segment.row_groups(self.pruning.as_deref());
+        if let Some(f) = &sub_filter {
+            let by_subs = PruningPredicateBuilder::new()
+                .with_file_schema(segment.schema().clone())
+                .build(f.clone());
+            if let Some(p) = by_subs {
+                let keep = segment.row_groups(Some(&p));
+                groups.retain(|g| keep.contains(g));
+            }
+        }
         let skipped = segment_groups(&segment) - groups.len();
         if skipped > 0 {
             self.metrics
@@ -335,7 +398,7 @@ impl Reader {
             self.columns.iter().map(|c| c.name.as_str()).collect()
         };
         let reader = segment
-            .read(&columns, groups, BATCH_BYTES, BATCH_ROWS)
+            .read(&columns, groups, BATCH_BYTES, BATCH_ROWS, sub_filter)
             .map_err(store_error)?;
         for b in reader {
             let b = b.map_err(|e| store_error(format!("reading {}: {e}", path.display())))?;
@@ -375,6 +438,44 @@ impl Reader {
             }
         }
         Ok(true)
+    }
+
+    /// The part of the filter above the scan that this segment's JSON sub-columns answer
+    /// alone (over the segment's columns): `JSON_EXTRACT_<type>(col, 'key') <op> ...`
+    /// conjuncts whose paths it keeps with that type.
+    fn sub_column_filter(&self, file: &SchemaRef) -> Option<Arc<dyn PhysicalExpr>> {
+        use crate::store::segments::json::{self, SubColumn, SubType};
+        use datafusion::physical_expr::expressions::Column;
+        let predicate = self.predicate.as_ref()?;
+        let subs: HashMap<(String, Vec<String>), (String, usize, SubType)> = file
+            .fields()
+            .iter()
+            .enumerate()
+            .filter_map(|(i, f)| {
+                let (source, path) = SubColumn::of_field(f)?;
+                let ty = match f.data_type() {
+                    DataType::Int64 => SubType::BigInt,
+                    DataType::Float64 => SubType::Double,
+                    DataType::Utf8 => SubType::String,
+                    _ => return None,
+                };
+                Some(((source, path), (f.name().clone(), i, ty)))
+            })
+            .collect();
+        if subs.is_empty() {
+            return None;
+        }
+        let lookup = |source: &str, path: &[String], ty: SubType| {
+            subs.get(&(source.to_string(), path.to_vec()))
+                .filter(|(_, _, t)| *t == ty)
+                .map(|(name, i, _)| Column::new(name, *i))
+        };
+        let parts: Vec<Arc<dyn PhysicalExpr>> =
+            datafusion::physical_expr::split_conjunction(predicate)
+                .into_iter()
+                .filter_map(|c| json::rewrite(c, &lookup))
+                .collect();
+        datafusion::physical_expr::conjunction_opt(parts)
     }
 
     /// One stored row, its computed columns filled in, projected.

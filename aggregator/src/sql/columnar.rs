@@ -1,5 +1,6 @@
-//! `information_schema.COLUMNAR_SEGMENTS`: the column segments on the leaves, asked for when a
-//! query reads the table (not with every query, as the catalog's tables are).
+//! `information_schema.COLUMNAR_SEGMENTS` and `JSON_COLUMN_SCHEMA`: the column segments on the
+//! leaves and the JSON key paths each keeps as sub-columns, asked for when a query reads the
+//! table (not with every query, as the catalog's tables are).
 
 use super::query::batch;
 use super::result::Value;
@@ -17,9 +18,19 @@ use std::time::Duration;
 /// How long one leaf may take to list its segments.
 const LIST_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// One row per column of each segment on each online leaf.
+/// Which of the two tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SegmentView {
+    /// One row per column of each segment.
+    Columns,
+    /// One row per JSON key path each segment keeps as a sub-column.
+    JsonPaths,
+}
+
+/// The segments on each online leaf.
 #[derive(Debug)]
 pub struct ColumnarSegments {
+    pub view: SegmentView,
     /// Online leaves' addresses.
     pub leaves: Vec<String>,
     /// Table id -> (database, table).
@@ -27,9 +38,23 @@ pub struct ColumnarSegments {
 }
 
 impl ColumnarSegments {
-    fn schema() -> SchemaRef {
+    fn schema(&self) -> SchemaRef {
         let text = |n: &str| Field::new(n, DataType::Utf8, true);
         let int = |n: &str| Field::new(n, DataType::Int64, true);
+        if self.view == SegmentView::JsonPaths {
+            return Arc::new(Schema::new(vec![
+                text("DATABASE_NAME"),
+                text("TABLE_NAME"),
+                int("ORDINAL"),
+                int("SEGMENT_ID"),
+                text("COLUMN_NAME"),
+                text("KEY_PATH"),
+                text("TYPE"),
+                int("ROWS_COUNT"),
+                int("PRESENT_COUNT"),
+                text("NODE"),
+            ]));
+        }
         Arc::new(Schema::new(vec![
             text("DATABASE_NAME"),
             text("TABLE_NAME"),
@@ -49,7 +74,7 @@ impl ColumnarSegments {
 #[async_trait::async_trait]
 impl TableProvider for ColumnarSegments {
     fn schema(&self) -> SchemaRef {
-        Self::schema()
+        ColumnarSegments::schema(self)
     }
 
     fn table_type(&self) -> TableType {
@@ -87,6 +112,23 @@ impl TableProvider for ColumnarSegments {
                     .get(&s.table_id)
                     .cloned()
                     .unwrap_or_else(|| (String::new(), s.tree.clone()));
+                if self.view == SegmentView::JsonPaths {
+                    for j in &s.json {
+                        rows.push(vec![
+                            Value::Text(db.clone()),
+                            Value::Text(table.clone()),
+                            Value::Int(i64::from(s.partition)),
+                            Value::Int(s.segment_id as i64),
+                            Value::Text(j.column.clone()),
+                            Value::Text(j.path.join(".")),
+                            Value::Text(j.r#type.clone()),
+                            Value::Int(s.rows as i64),
+                            Value::Int(j.present as i64),
+                            Value::Text(addr.clone()),
+                        ]);
+                    }
+                    continue;
+                }
                 for c in s.columns.iter().filter(|c| !c.name.starts_with('_')) {
                     let json = |v: &Option<String>| {
                         v.as_deref().map_or(Value::Null, |j| {
@@ -112,7 +154,7 @@ impl TableProvider for ColumnarSegments {
                 }
             }
         }
-        let schema = Self::schema();
+        let schema = ColumnarSegments::schema(self);
         let b = batch(&schema, &rows)?;
         let src = MemorySourceConfig::try_new(&[vec![b]], schema, projection.cloned())?;
         Ok(DataSourceExec::from_data_source(src))

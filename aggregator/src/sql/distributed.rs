@@ -31,7 +31,7 @@ use datafusion::physical_plan::{
     PlanProperties,
 };
 use datafusion::scalar::ScalarValue;
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 use query::scan::LeafScanExec;
 use std::fmt;
 use std::sync::{Arc, OnceLock};
@@ -287,23 +287,7 @@ impl ExecutionPlan for ClusterScanExec {
                     .await
                     .map_err(|s| leaf_error(&addr, &s))?
                     .into_inner();
-                Ok::<_, DataFusionError>(
-                    stream
-                        .map(move |message| {
-                            let message = message.map_err(|s| leaf_error(&addr, &s))?;
-                            let batches =
-                                common::arrow::decode_ipc(&message.arrow_ipc).map_err(|e| {
-                                    DataFusionError::Execution(format!(
-                                        "bad batch from leaf {addr}: {e}"
-                                    ))
-                                })?;
-                            let schema = schema.clone();
-                            Ok::<_, DataFusionError>(futures::stream::iter(
-                                batches.into_iter().map(move |b| conform(&schema, b)),
-                            ))
-                        })
-                        .try_flatten(),
-                )
+                Ok::<_, DataFusionError>(leaf_batches(addr, schema, stream))
             }
         };
         Ok(Box::pin(RecordBatchStreamAdapter::new(
@@ -311,6 +295,47 @@ impl ExecutionPlan for ClusterScanExec {
             futures::stream::once(batches).try_flatten(),
         )))
     }
+}
+
+/// The record batches of a leaf's result stream, under `schema`; a stream that ends without
+/// the leaf's end marker is an error (a short answer never passes for a whole one).
+fn leaf_batches(
+    addr: String,
+    schema: SchemaRef,
+    stream: tonic::Streaming<proto::QueryResponse>,
+) -> impl futures::Stream<Item = Result<RecordBatch>> {
+    futures::stream::unfold(
+        (stream, addr, schema, false),
+        |(mut stream, addr, schema, ended)| async move {
+            if ended {
+                return None;
+            }
+            let item = match stream.message().await {
+                Ok(Some(m)) if m.end => return None,
+                Ok(Some(m)) => common::arrow::decode_ipc(&m.arrow_ipc)
+                    .map_err(|e| {
+                        DataFusionError::Execution(format!("bad batch from leaf {addr}: {e}"))
+                    })
+                    .and_then(|batches| {
+                        let mut parts = batches
+                            .into_iter()
+                            .map(|b| conform(&schema, b))
+                            .collect::<Result<Vec<_>>>()?;
+                        match parts.len() {
+                            1 => Ok(parts.remove(0)),
+                            _ => datafusion::arrow::compute::concat_batches(&schema, &parts)
+                                .map_err(|e| DataFusionError::ArrowError(Box::new(e), None)),
+                        }
+                    }),
+                Ok(None) => Err(DataFusionError::Execution(format!(
+                    "scan on leaf {addr} failed: its answer ended early"
+                ))),
+                Err(s) => Err(leaf_error(&addr, &s)),
+            };
+            let failed = item.is_err();
+            Some((item, (stream, addr, schema, failed)))
+        },
+    )
 }
 
 /// A leaf's batch under the plan's own schema (the same columns; field metadata and names as

@@ -252,7 +252,8 @@ fn information_schema(c: &Catalog) -> Result<Vec<NamedTable>, DataFusionError> {
             }
         }
     }
-    let segments = super::columnar::ColumnarSegments {
+    let segments = |view| super::columnar::ColumnarSegments {
+        view,
         leaves: c
             .leaves
             .values()
@@ -269,8 +270,16 @@ fn information_schema(c: &Catalog) -> Result<Vec<NamedTable>, DataFusionError> {
             })
             .collect(),
     };
+    use super::columnar::SegmentView;
     Ok(vec![
-        ("COLUMNAR_SEGMENTS", Arc::new(segments)),
+        (
+            "COLUMNAR_SEGMENTS",
+            Arc::new(segments(SegmentView::Columns)),
+        ),
+        (
+            "JSON_COLUMN_SCHEMA",
+            Arc::new(segments(SegmentView::JsonPaths)),
+        ),
         (
             "PIPELINES",
             mem_table(

@@ -517,3 +517,115 @@ fn records_of_a_mebibyte_go_through_the_spec_queries() -> Result<()> {
     );
     Ok(())
 }
+
+/// Counters of the leaves' segment skipping, summed.
+fn skipped(c: &Cluster) -> Result<(f64, f64)> {
+    let mut out = (0.0, 0.0);
+    for port in c.leaf_metrics_ports() {
+        let text = scrape(*port)?;
+        out.0 += metric_sum(&text, "shardline_leaf_segments_skipped_total");
+        out.1 += metric_sum(&text, "shardline_leaf_row_groups_skipped_total");
+    }
+    Ok(out)
+}
+
+#[test]
+fn json_filters_read_sub_columns_and_skip_segments() -> Result<()> {
+    let (c, m) = cluster(vec![
+        ("SHARDLINE_SEGMENT_ROWS".into(), "500".into()),
+        ("SHARDLINE_FLUSH_INTERVAL_MS".into(), "100".into()),
+    ])?;
+    setup(&c, m, "sub")?;
+    c.sql(m, "SET GLOBAL pipelines_extractor_batch_size = 1000")?;
+    let per_task = 20_000usize;
+    c.sql(
+        m,
+        &format!(
+            "USE sub; CREATE INFERRED PIPELINE gen AS LOAD DATA KAFKACONNECT 'datagen' CONFIG '{}' FORMAT AVRO",
+            datagen_config(per_task)
+        ),
+    )?;
+    c.sql(m, "USE sub; START PIPELINE gen FOREGROUND")?;
+    let total = 2 * per_task;
+    wait_for("the rows to reach column segments", START, || {
+        let n: usize = c
+            .sql(
+                m,
+                "SELECT SUM(ROWS_COUNT) FROM information_schema.COLUMNAR_SEGMENTS WHERE DATABASE_NAME = 'sub' AND COLUMN_NAME = 'record'",
+            )
+            .ok()?
+            .rows
+            .first()?
+            .first()?
+            .parse()
+            .ok()?;
+        (n + 16 * 500 >= total).then_some(())
+    })?;
+    // Every segment keeps the record's keys as typed sub-columns, without an ALTER.
+    let paths = c
+        .sql(
+            m,
+            "SELECT KEY_PATH, TYPE, MIN(PRESENT_COUNT = ROWS_COUNT) FROM information_schema.JSON_COLUMN_SCHEMA WHERE DATABASE_NAME = 'sub' AND COLUMN_NAME = 'record' GROUP BY KEY_PATH, TYPE ORDER BY KEY_PATH",
+        )?
+        .rows;
+    assert_eq!(
+        paths,
+        vec![
+            vec!["msg", "STRING", "1"],
+            vec!["seq", "BIGINT", "1"],
+            vec!["task", "BIGINT", "1"],
+        ]
+    );
+    // A point filter reads the sub-column, skips the row groups whose seq range misses, and
+    // decodes the JSON text of the matching rows only. Its answer is the JSON text's.
+    let before = skipped(&c)?;
+    let (rows, w) = measured(
+        &c,
+        m,
+        "SELECT COUNT(*), MIN(JSON_EXTRACT_STRING(record, 'msg')) FROM sub.gen WHERE JSON_EXTRACT_BIGINT(record, 'seq') = 12345",
+    )?;
+    let after = skipped(&c)?;
+    let by_text = c
+        .sql(
+            m,
+            "SELECT COUNT(*), MIN(JSON_EXTRACT_STRING(record, 'msg')) FROM sub.gen WHERE JSON_EXTRACT_JSON(record, 'seq') = '12345'",
+        )?
+        .rows;
+    assert_eq!(rows, by_text);
+    assert_eq!(rows[0][0], "2");
+    assert!(
+        after.0 + after.1 > before.0 + before.1,
+        "no segment or row group was skipped: {before:?} -> {after:?}"
+    );
+    assert!(
+        w.scanned < (total / 4) as f64,
+        "the point filter decoded {w:?} of {total} rows"
+    );
+    // Ranges, strings and ANDs of them alike.
+    let count = |w: &str| -> Result<String> {
+        Ok(
+            c.sql(m, &format!("SELECT COUNT(*) FROM sub.gen WHERE {w}"))?
+                .rows[0][0]
+                .clone(),
+        )
+    };
+    assert_eq!(
+        count("JSON_EXTRACT_BIGINT(record, 'seq') BETWEEN 100 AND 199")?,
+        "200"
+    );
+    assert_eq!(
+        count("JSON_EXTRACT_BIGINT(record, 'seq') >= 19990 AND JSON_EXTRACT_BIGINT(record, 'task') = 1")?,
+        "10"
+    );
+    let msg = &c
+        .sql(
+            m,
+            "SELECT JSON_EXTRACT_STRING(record, 'msg') FROM sub.gen WHERE JSON_EXTRACT_BIGINT(record, 'seq') = 7 AND JSON_EXTRACT_BIGINT(record, 'task') = 0",
+        )?
+        .rows[0][0];
+    assert_eq!(
+        count(&format!("JSON_EXTRACT_STRING(record, 'msg') = '{msg}'"))?,
+        count(&format!("JSON_EXTRACT_JSON(record, 'msg') = '\"{msg}\"'"))?
+    );
+    Ok(())
+}

@@ -8,7 +8,7 @@
 //! can still want them there.
 
 use super::rows::{row_key, Stored};
-use super::segments::{self, file, Cleanup, ReadSnapshot, SegmentMeta};
+use super::segments::{self, file, json, Cleanup, ReadSnapshot, SegmentMeta};
 use super::{corrupt, Result, Store, StoreError, TableRef, Visibility};
 use common::catalog::tables::TableColumn;
 use datafusion::arrow::array::{Int64Array, RecordBatch};
@@ -218,15 +218,25 @@ impl Store {
         let mut manifest = self.segments.manifest(name, partition);
         let from = manifest.flushed_through + 1;
         let compiled = common::expr::compile_table(columns).map_err(StoreError::Corrupt)?;
+        let range = || tree.range(row_key(partition, from)..=row_key(partition, through));
+        let subs = infer_sub_columns(range(), columns)?;
         let schema = file::segment_schema(&common::arrow::table_schema(columns));
+        let schema = {
+            let mut fields: Vec<_> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+            fields.extend(
+                subs.iter()
+                    .flat_map(|(_, s)| s.iter().map(json::SubColumn::field)),
+            );
+            Arc::new(datafusion::arrow::datatypes::Schema::new(fields))
+        };
         let dir = self.segments.partition_dir(name, partition);
         std::fs::create_dir_all(&dir).map_err(|e| corrupt(format!("segment directory: {e}")))?;
         let meta_id = manifest.next_id;
         let path = dir.join(format!("seg-{meta_id}.parquet"));
         let (mut first_id, mut last_id) = (u64::MAX, 0u64);
-        let entries = tree.range(row_key(partition, from)..=row_key(partition, through));
         let batches = RowBatches {
-            entries,
+            entries: range(),
+            subs: &subs,
             schema: schema.clone(),
             columns,
             compiled: &compiled,
@@ -246,6 +256,7 @@ impl Store {
             first_row_id: first_id.min(last_id),
             last_row_id: last_id,
             columns: stats,
+            json: subs.into_iter().flat_map(|(_, s)| s).collect(),
         });
         manifest.flushed_through = through;
         manifest.next_id = meta_id + 1;
@@ -326,6 +337,42 @@ impl Store {
     }
 }
 
+/// The sub-columns of each JSON column over a range of the row segment (a pass of its own: a
+/// segment's schema is fixed before its first row is written).
+fn infer_sub_columns(
+    entries: sled::Iter,
+    columns: &[TableColumn],
+) -> Result<Vec<(usize, Vec<json::SubColumn>)>> {
+    let json_columns: Vec<usize> = columns
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.ty == common::catalog::tables::ColumnType::Json && c.computed.is_none())
+        .map(|(i, _)| i)
+        .collect();
+    if json_columns.is_empty() {
+        return Ok(vec![]);
+    }
+    let mut inference: Vec<json::Inference> = json_columns
+        .iter()
+        .map(|_| json::Inference::default())
+        .collect();
+    for item in entries {
+        let (k, v) = item?;
+        for row in Stored::parse(&k, &v)?.rows() {
+            let values: Vec<Json> = serde_json::from_slice(row?.1).map_err(corrupt)?;
+            for (at, inf) in json_columns.iter().zip(inference.iter_mut()) {
+                inf.add(values.get(*at).and_then(Json::as_str));
+            }
+        }
+    }
+    Ok(json_columns
+        .iter()
+        .zip(inference)
+        .map(|(at, inf)| (*at, inf.sub_columns(&columns[*at].name)))
+        .filter(|(_, subs)| !subs.is_empty())
+        .collect())
+}
+
 fn crash_point(at: &str) {
     if std::env::var(CRASH_IN_FLUSH).is_ok_and(|v| v == at) {
         tracing::warn!("{CRASH_IN_FLUSH}={at}: aborting the leaf mid-flush");
@@ -336,6 +383,8 @@ fn crash_point(at: &str) {
 /// The committed rows of a range of the row segment as record batches of a segment's schema.
 struct RowBatches<'a> {
     entries: sled::Iter,
+    /// Per JSON column (its position): the sub-columns to fill.
+    subs: &'a [(usize, Vec<json::SubColumn>)],
     schema: SchemaRef,
     columns: &'a [TableColumn],
     compiled: &'a [Option<common::expr::Expr>],
@@ -386,6 +435,13 @@ impl RowBatches<'_> {
         let b = common::arrow::rows_to_batch(&table, &rows).map_err(corrupt)?;
         let mut cols = b.columns().to_vec();
         cols.push(Arc::new(Int64Array::from(ids)));
+        for (at, subs) in self.subs {
+            let texts: Vec<Option<&str>> = rows
+                .iter()
+                .map(|r| r.get(*at).and_then(Json::as_str))
+                .collect();
+            cols.extend(json::extract(subs, &texts));
+        }
         RecordBatch::try_new(self.schema.clone(), cols).map_err(corrupt)
     }
 }

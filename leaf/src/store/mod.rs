@@ -678,7 +678,7 @@ mod tests {
         for (path, _) in Store::snapshot_segments(&snap) {
             let seg = segments::file::Segment::open(&path).unwrap();
             let groups = seg.row_groups(None);
-            for b in seg.read(&["n"], groups, 1 << 20, 8192).unwrap() {
+            for b in seg.read(&["n"], groups, 1 << 20, 8192, None).unwrap() {
                 let b = b.unwrap();
                 let col = b
                     .column(0)

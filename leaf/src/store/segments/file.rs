@@ -5,11 +5,16 @@ use super::{ColumnStats, Result};
 use crate::store::StoreError;
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use datafusion::arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Schema, SchemaRef};
+use datafusion::arrow::error::ArrowError;
 use datafusion::common::pruning::PruningStatistics;
 use datafusion::common::{Column, ScalarValue};
+use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_optimizer::pruning::PruningPredicate;
 use parquet::arrow::arrow_reader::statistics::StatisticsConverter;
-use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+use parquet::arrow::arrow_reader::{
+    ArrowPredicate, ArrowPredicateFn, ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder,
+    RowFilter,
+};
 use parquet::arrow::{ArrowWriter, ProjectionMask};
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::ParquetMetaData;
@@ -185,13 +190,15 @@ impl Segment {
     }
 
     /// Reads `columns` (names present in the file) of `row_groups`, in batches of about
-    /// `batch_bytes`.
+    /// `batch_bytes`; with `filter` (over this file's columns, by index), the other columns
+    /// are decoded only for the rows it keeps.
     pub fn read(
         self,
         columns: &[&str],
         row_groups: Vec<usize>,
         batch_bytes: usize,
         max_rows: usize,
+        filter: Option<Arc<dyn PhysicalExpr>>,
     ) -> Result<ParquetRecordBatchReader> {
         let schema = self.builder.schema().clone();
         let wanted: HashSet<&str> = columns.iter().copied().collect();
@@ -218,13 +225,61 @@ impl Segment {
         };
         let batch_rows = (batch_bytes / per_row).clamp(1, max_rows);
         let mask = ProjectionMask::roots(self.builder.parquet_schema(), indices);
-        self.builder
+        let mut builder = self.builder;
+        if let Some(filter) = filter {
+            let predicate = row_predicate(filter, builder.parquet_schema());
+            builder = builder.with_row_filter(RowFilter::new(vec![Box::new(predicate)]));
+        }
+        builder
             .with_projection(mask)
             .with_row_groups(row_groups)
             .with_batch_size(batch_rows)
             .build()
             .map_err(parquet_error)
     }
+}
+
+/// `filter` (over a file's columns) as a parquet row predicate: it reads just the columns the
+/// filter does; rows it leaves NULL are dropped like rows it rejects.
+fn row_predicate(
+    filter: Arc<dyn PhysicalExpr>,
+    parquet_schema: &parquet::schema::types::SchemaDescriptor,
+) -> impl ArrowPredicate {
+    use datafusion::common::tree_node::{Transformed, TransformedResult, TreeNode};
+    use datafusion::physical_expr::expressions::Column as ColumnExpr;
+    let mut read: Vec<usize> = datafusion::physical_expr::utils::collect_columns(&filter)
+        .iter()
+        .map(ColumnExpr::index)
+        .collect();
+    read.sort_unstable();
+    read.dedup();
+    // The predicate sees just the columns it reads, in file order.
+    let at = read.clone();
+    let filter = filter
+        .transform(|e| {
+            let Some(c) = e.downcast_ref::<ColumnExpr>() else {
+                return Ok(Transformed::no(e));
+            };
+            let i = at.iter().position(|i| *i == c.index()).unwrap_or(0);
+            Ok(Transformed::yes(Arc::new(ColumnExpr::new(c.name(), i)) as _))
+        })
+        .data()
+        .unwrap_or_else(|_| datafusion::physical_expr::expressions::lit(true));
+    let mask = ProjectionMask::roots(parquet_schema, read);
+    ArrowPredicateFn::new(mask, move |batch| {
+        let n = batch.num_rows();
+        let kept = filter
+            .evaluate(&batch)
+            .and_then(|v| v.into_array(n))
+            .map_err(|e| ArrowError::ComputeError(e.to_string()))?;
+        let kept = kept
+            .as_boolean_opt()
+            .ok_or_else(|| ArrowError::ComputeError("the filter is not boolean".into()))?;
+        Ok(match kept.nulls() {
+            Some(_) => datafusion::arrow::compute::prep_null_mask_filter(kept),
+            None => kept.clone(),
+        })
+    })
 }
 
 /// How many row groups a segment has.

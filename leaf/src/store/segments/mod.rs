@@ -19,6 +19,7 @@
 //! Layout: `<store>/segments/<table>/p<partition>/MANIFEST` and `seg-<n>.parquet`.
 
 pub mod file;
+pub mod json;
 
 use super::{corrupt, Result, StoreError};
 use serde::{Deserialize, Serialize};
@@ -51,6 +52,9 @@ pub struct SegmentMeta {
     pub first_row_id: u64,
     pub last_row_id: u64,
     pub columns: Vec<ColumnStats>,
+    /// The JSON sub-columns the segment keeps.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub json: Vec<json::SubColumn>,
 }
 
 impl SegmentMeta {
@@ -334,6 +338,7 @@ mod tests {
                     first_row_id: 1,
                     last_row_id: through,
                     columns: vec![],
+                    json: vec![],
                 })
                 .collect(),
             next_id: ids.iter().max().map_or(0, |m| m + 1),
