@@ -8,11 +8,10 @@
 //! can still want them there.
 
 use super::rows::{row_key, Stored};
-use super::segments::{self, file, json, Cleanup, ReadSnapshot, SegmentMeta};
+use super::segments::{self, build, file, Cleanup, ReadSnapshot, SegmentMeta};
 use super::{corrupt, Result, Store, StoreError, TableRef, Visibility};
 use common::catalog::tables::TableColumn;
-use datafusion::arrow::array::{Int64Array, RecordBatch};
-use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::array::Int64Array;
 use serde_json::Value as Json;
 use std::sync::Arc;
 
@@ -20,9 +19,12 @@ use std::sync::Arc;
 /// point of its next flush, as a crash would.
 pub const CRASH_IN_FLUSH: &str = "SHARDLINE_TEST_CRASH_IN_FLUSH";
 
-/// Rows per record batch a flush writes.
-const FLUSH_BATCH_ROWS: usize = 8192;
-const FLUSH_BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// A partition's small segments merge once it has this many...
+const MERGE_AT: usize = 8;
+/// ... up to this many at a time ...
+const MERGE_MOST: usize = 16;
+/// ... where small is fewer rows than this.
+const MERGED_ROWS: u64 = 1 << 20;
 
 /// What one reader sees of a table: segments, and the row segment's visible rows above them.
 pub struct TableSnapshot {
@@ -176,6 +178,11 @@ impl Store {
                     written += 1;
                 }
             }
+            for part in self.segments.all() {
+                if part.manifest.tree == tree_name {
+                    self.merge_partition(&tree_name, part.manifest.partition, &columns)?;
+                }
+            }
             drop(live);
         }
         self.clean_up()?;
@@ -218,48 +225,23 @@ impl Store {
         let mut manifest = self.segments.manifest(name, partition);
         let from = manifest.flushed_through + 1;
         let compiled = common::expr::compile_table(columns).map_err(StoreError::Corrupt)?;
-        let range = || tree.range(row_key(partition, from)..=row_key(partition, through));
-        let subs = infer_sub_columns(range(), columns)?;
-        let schema = file::segment_schema(&common::arrow::table_schema(columns));
-        let schema = {
-            let mut fields: Vec<_> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
-            fields.extend(
-                subs.iter()
-                    .flat_map(|(_, s)| s.iter().map(json::SubColumn::field)),
-            );
-            Arc::new(datafusion::arrow::datatypes::Schema::new(fields))
-        };
         let dir = self.segments.partition_dir(name, partition);
         std::fs::create_dir_all(&dir).map_err(|e| corrupt(format!("segment directory: {e}")))?;
-        let meta_id = manifest.next_id;
-        let path = dir.join(format!("seg-{meta_id}.parquet"));
-        let (mut first_id, mut last_id) = (u64::MAX, 0u64);
-        let batches = RowBatches {
-            entries: range(),
-            subs: &subs,
-            schema: schema.clone(),
-            columns,
-            compiled: &compiled,
-            pending: Vec::new(),
-            ids: Vec::new(),
-            bytes: 0,
-            done: false,
-            first_id: &mut first_id,
-            last_id: &mut last_id,
+        let id = manifest.next_id;
+        let path = dir.join(format!("seg-{id}.parquet"));
+        let source = || -> Result<_> {
+            Ok(tail_rows(
+                tree.range(row_key(partition, from)..=row_key(partition, through)),
+                columns,
+                &compiled,
+            ))
         };
-        let (rows, bytes, stats) = file::write(&path, &schema, batches)?;
+        let segment = build::write_segment(&path, id, columns, source)?;
         crash_point("before-manifest");
-        manifest.segments.push(SegmentMeta {
-            id: meta_id,
-            rows,
-            bytes,
-            first_row_id: first_id.min(last_id),
-            last_row_id: last_id,
-            columns: stats,
-            json: subs.into_iter().flat_map(|(_, s)| s).collect(),
-        });
+        let (rows, bytes) = (segment.rows, segment.bytes);
+        manifest.segments.push(segment);
         manifest.flushed_through = through;
-        manifest.next_id = meta_id + 1;
+        manifest.next_id = id + 1;
         self.segments.install(
             manifest,
             Cleanup {
@@ -277,6 +259,62 @@ impl Store {
         );
         self.metrics_flushed(rows, bytes);
         Ok(())
+    }
+
+    /// Merges a partition's small segments into one once it has [`MERGE_AT`] of them (up to
+    /// [`MERGE_MOST`] at a time, oldest first); segments written before a column was added
+    /// get it on the way. Returns whether it merged.
+    fn merge_partition(&self, name: &str, partition: u32, columns: &[TableColumn]) -> Result<bool> {
+        let mut manifest = self.segments.manifest(name, partition);
+        let small: Vec<SegmentMeta> = manifest
+            .segments
+            .iter()
+            .filter(|s| s.rows < MERGED_ROWS)
+            .take(MERGE_MOST)
+            .cloned()
+            .collect();
+        if small.len() < MERGE_AT {
+            return Ok(false);
+        }
+        let compiled = common::expr::compile_table(columns).map_err(StoreError::Corrupt)?;
+        let dir = self.segments.partition_dir(name, partition);
+        let id = manifest.next_id;
+        let path = dir.join(format!("seg-{id}.parquet"));
+        let inputs: Vec<std::path::PathBuf> =
+            small.iter().map(|s| dir.join(s.file_name())).collect();
+        let source = || -> Result<_> { Ok(segment_rows(&inputs, columns, &compiled)) };
+        let merged = build::write_segment(&path, id, columns, source)?;
+        let expected: u64 = small.iter().map(|s| s.rows).sum();
+        if merged.rows != expected {
+            let _ = std::fs::remove_file(&path);
+            return Err(corrupt(format!(
+                "merging {} segments of {name} partition {partition} gave {} rows, not {expected}",
+                small.len(),
+                merged.rows
+            )));
+        }
+        let gone: std::collections::HashSet<u64> = small.iter().map(|s| s.id).collect();
+        manifest.segments.retain(|s| !gone.contains(&s.id));
+        manifest.segments.push(merged);
+        manifest.segments.sort_by_key(|s| s.first_row_id);
+        manifest.next_id = id + 1;
+        self.segments.install(
+            manifest,
+            Cleanup {
+                files: inputs,
+                rows: None,
+            },
+        )?;
+        if let Some(m) = &*self.metrics.lock().unwrap_or_else(|e| e.into_inner()) {
+            m.add("shardline_leaf_segments_merged_total", small.len() as f64);
+        }
+        tracing::debug!(
+            tree = name,
+            partition,
+            segments = small.len(),
+            "merged column segments"
+        );
+        Ok(true)
     }
 
     fn metrics_flushed(&self, rows: u64, bytes: u64) {
@@ -337,42 +375,6 @@ impl Store {
     }
 }
 
-/// The sub-columns of each JSON column over a range of the row segment (a pass of its own: a
-/// segment's schema is fixed before its first row is written).
-fn infer_sub_columns(
-    entries: sled::Iter,
-    columns: &[TableColumn],
-) -> Result<Vec<(usize, Vec<json::SubColumn>)>> {
-    let json_columns: Vec<usize> = columns
-        .iter()
-        .enumerate()
-        .filter(|(_, c)| c.ty == common::catalog::tables::ColumnType::Json && c.computed.is_none())
-        .map(|(i, _)| i)
-        .collect();
-    if json_columns.is_empty() {
-        return Ok(vec![]);
-    }
-    let mut inference: Vec<json::Inference> = json_columns
-        .iter()
-        .map(|_| json::Inference::default())
-        .collect();
-    for item in entries {
-        let (k, v) = item?;
-        for row in Stored::parse(&k, &v)?.rows() {
-            let values: Vec<Json> = serde_json::from_slice(row?.1).map_err(corrupt)?;
-            for (at, inf) in json_columns.iter().zip(inference.iter_mut()) {
-                inf.add(values.get(*at).and_then(Json::as_str));
-            }
-        }
-    }
-    Ok(json_columns
-        .iter()
-        .zip(inference)
-        .map(|(at, inf)| (*at, inf.sub_columns(&columns[*at].name)))
-        .filter(|(_, subs)| !subs.is_empty())
-        .collect())
-}
-
 fn crash_point(at: &str) {
     if std::env::var(CRASH_IN_FLUSH).is_ok_and(|v| v == at) {
         tracing::warn!("{CRASH_IN_FLUSH}={at}: aborting the leaf mid-flush");
@@ -380,87 +382,84 @@ fn crash_point(at: &str) {
     }
 }
 
-/// The committed rows of a range of the row segment as record batches of a segment's schema.
-struct RowBatches<'a> {
+/// The rows of a range of the row segment, their computed columns filled in.
+fn tail_rows<'a>(
     entries: sled::Iter,
-    /// Per JSON column (its position): the sub-columns to fill.
-    subs: &'a [(usize, Vec<json::SubColumn>)],
-    schema: SchemaRef,
     columns: &'a [TableColumn],
     compiled: &'a [Option<common::expr::Expr>],
-    pending: Vec<Vec<Json>>,
-    ids: Vec<i64>,
-    bytes: usize,
-    done: bool,
-    first_id: &'a mut u64,
-    last_id: &'a mut u64,
-}
-
-impl RowBatches<'_> {
-    fn fill(&mut self) -> Result<()> {
-        while self.pending.len() < FLUSH_BATCH_ROWS && self.bytes < FLUSH_BATCH_BYTES {
-            let Some(item) = self.entries.next() else {
-                self.done = true;
-                return Ok(());
+) -> impl Iterator<Item = Result<build::Row>> + 'a {
+    entries.flat_map(move |item| {
+        let rows: Vec<Result<build::Row>> =
+            match item.map_err(StoreError::from).and_then(|(k, v)| {
+                let stored = Stored::parse(&k, &v)?;
+                stored
+                    .rows()
+                    .enumerate()
+                    .map(|(i, row)| {
+                        let mut values: Vec<Json> =
+                            serde_json::from_slice(row?.1).map_err(corrupt)?;
+                        if values.len() < columns.len() {
+                            common::expr::complete_row(&mut values, columns, compiled);
+                        }
+                        Ok((stored.first + i as u64, values))
+                    })
+                    .collect::<Result<Vec<_>>>()
+            }) {
+                Ok(rows) => rows.into_iter().map(Ok).collect(),
+                Err(e) => vec![Err(e)],
             };
-            let (k, v) = item?;
-            let stored = Stored::parse(&k, &v)?;
-            for (i, row) in (0..stored.count).zip(stored.rows()) {
-                let (_, row) = row?;
-                let mut values: Vec<Json> = serde_json::from_slice(row).map_err(corrupt)?;
-                if values.len() < self.columns.len() {
-                    common::expr::complete_row(&mut values, self.columns, self.compiled);
-                }
-                values.truncate(self.columns.len());
-                let id = stored.first + i as u64;
-                *self.first_id = (*self.first_id).min(id);
-                *self.last_id = (*self.last_id).max(id);
-                self.ids.push(id as i64);
-                self.bytes += row.len();
-                self.pending.push(values);
-            }
-        }
-        Ok(())
-    }
-
-    fn take(&mut self) -> Result<RecordBatch> {
-        let rows = std::mem::take(&mut self.pending);
-        let ids = std::mem::take(&mut self.ids);
-        self.bytes = 0;
-        let table = Arc::new(
-            self.schema
-                .project(&(0..self.columns.len()).collect::<Vec<_>>())
-                .map_err(corrupt)?,
-        );
-        let b = common::arrow::rows_to_batch(&table, &rows).map_err(corrupt)?;
-        let mut cols = b.columns().to_vec();
-        cols.push(Arc::new(Int64Array::from(ids)));
-        for (at, subs) in self.subs {
-            let texts: Vec<Option<&str>> = rows
-                .iter()
-                .map(|r| r.get(*at).and_then(Json::as_str))
-                .collect();
-            cols.extend(json::extract(subs, &texts));
-        }
-        RecordBatch::try_new(self.schema.clone(), cols).map_err(corrupt)
-    }
+        rows
+    })
 }
 
-impl Iterator for RowBatches<'_> {
-    type Item = Result<RecordBatch>;
+/// The rows of segments, in order, their missing columns computed.
+fn segment_rows<'a>(
+    paths: &'a [std::path::PathBuf],
+    columns: &'a [TableColumn],
+    compiled: &'a [Option<common::expr::Expr>],
+) -> impl Iterator<Item = Result<build::Row>> + 'a {
+    paths.iter().flat_map(move |path| {
+        let rows: Vec<Result<build::Row>> = match read_whole(path, columns, compiled) {
+            Ok(rows) => rows.into_iter().map(Ok).collect(),
+            Err(e) => vec![Err(e)],
+        };
+        rows
+    })
+}
 
-    fn next(&mut self) -> Option<Self::Item> {
-        if self.done && self.pending.is_empty() {
-            return None;
+/// Every row of one segment (a merge input: bounded by [`MERGED_ROWS`]).
+fn read_whole(
+    path: &std::path::Path,
+    columns: &[TableColumn],
+    compiled: &[Option<common::expr::Expr>],
+) -> Result<Vec<build::Row>> {
+    let segment = file::Segment::open(path)?;
+    let schema = segment.schema().clone();
+    let present: Vec<&str> = columns
+        .iter()
+        .map(|c| c.name.as_str())
+        .take_while(|n| schema.column_with_name(n).is_some())
+        .collect();
+    let mut wanted = present.clone();
+    wanted.push(file::ROW_ID);
+    let groups = segment.row_groups(None);
+    let mut out = Vec::new();
+    for b in segment.read(&wanted, groups, 4 << 20, 8192, None)? {
+        let b = b.map_err(corrupt)?;
+        let ids = b
+            .column_by_name(file::ROW_ID)
+            .and_then(|c| c.as_any().downcast_ref::<Int64Array>().cloned())
+            .ok_or_else(|| corrupt("a segment without row ids"))?;
+        let cells = b
+            .project(&(0..present.len()).collect::<Vec<_>>())
+            .map_err(corrupt)?;
+        for (mut values, id) in common::arrow::batch_to_rows(&cells)
+            .into_iter()
+            .zip(ids.values())
+        {
+            common::expr::complete_row(&mut values, columns, compiled);
+            out.push((*id as u64, values));
         }
-        if let Err(e) = self.fill() {
-            self.done = true;
-            self.pending.clear();
-            return Some(Err(e));
-        }
-        if self.pending.is_empty() {
-            return None;
-        }
-        Some(self.take())
     }
+    Ok(out)
 }

@@ -752,6 +752,37 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn small_segments_merge_into_one_and_a_reader_keeps_the_old_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.note_columns(&t(), r#"[{"name":"n","ty":"BigInt","nullable":true,"computed":null}]"#)
+            .unwrap();
+        let mut reader = None;
+        for i in 0..8u64 {
+            prepare(&s, i + 1, &[(0, &format!("[{i}]"))]).await;
+            s.finalize(key(i + 1)).unwrap();
+            if i == 7 {
+                reader = Some(s.table_snapshot(&t()));
+            }
+            s.flush_segments(1).unwrap();
+        }
+        let segments = |s: &Store| Store::snapshot_segments(&s.table_snapshot(&t()));
+        assert_eq!(segments(&s).len(), 1, "eight small segments became one");
+        assert_eq!(visible_rows(&s).0, (0..8).collect::<Vec<i64>>());
+        // The reader from before the merge still finds its files.
+        let old = reader.take().unwrap();
+        for (path, _) in Store::snapshot_segments(&old) {
+            assert!(path.exists(), "{} went while a reader held it", path.display());
+        }
+        drop(old);
+        s.clean_up().unwrap();
+        let parts = s.manifests();
+        let pdir = &parts[0].dir;
+        let on_disk = std::fs::read_dir(pdir).unwrap().count();
+        assert_eq!(on_disk, 2, "the merged segment and the manifest");
+    }
+
+    #[tokio::test]
     async fn prepared_rows_are_invisible_until_finalized_and_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();

@@ -18,6 +18,7 @@
 //!
 //! Layout: `<store>/segments/<table>/p<partition>/MANIFEST` and `seg-<n>.parquet`.
 
+pub mod build;
 pub mod file;
 pub mod json;
 
