@@ -163,6 +163,11 @@ fn run(total_faults: usize) -> Result<()> {
                 "--leaf-heartbeat-timeout-ms".into(),
                 HEARTBEAT_TIMEOUT_MS.to_string(),
             ],
+            // Rows move into column segments (and segments merge) all along, under the faults.
+            leaf_env: vec![
+                ("SHARDLINE_SEGMENT_ROWS".into(), "200".into()),
+                ("SHARDLINE_FLUSH_INTERVAL_MS".into(), "200".into()),
+            ],
             ..Default::default()
         },
         DB,

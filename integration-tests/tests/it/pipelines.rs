@@ -115,10 +115,9 @@ pub(crate) fn pipeline_cluster(
     spec: ClusterSpec,
     db: &str,
 ) -> Result<(Cluster, usize)> {
-    let mut c = Cluster::start(ClusterSpec {
-        leaf_env: kinesis.leaf_env(),
-        ..spec
-    })?;
+    let mut leaf_env = kinesis.leaf_env();
+    leaf_env.extend(spec.leaf_env.iter().cloned());
+    let mut c = Cluster::start(ClusterSpec { leaf_env, ..spec })?;
     let m = c.wait_for_master(START)?;
     c.wait_for_leaves_online(m, c.leaves.len(), START)?;
     setup(&c, m, db)?;

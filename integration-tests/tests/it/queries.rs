@@ -105,14 +105,8 @@ fn the_leaves_filter_aggregate_and_limit_and_send_only_results() -> Result<()> {
         "SELECT JSON_EXTRACT_BIGINT(record, 'task') t FROM q.gen WHERE JSON_EXTRACT_BIGINT(record, 'seq') = 777 ORDER BY t",
     )?;
     assert_eq!(rows, vec![vec!["0".to_string()], vec!["1".to_string()]]);
-    assert_eq!(
-        w,
-        LeafWork {
-            scanned: n,
-            sent: 2.0
-        },
-        "point filter"
-    );
+    // (Rows in column segments may be skipped unread: at most every row is read.)
+    assert!(w.sent == 2.0 && w.scanned <= n, "point filter: {w:?}");
 
     // IN, LIKE, OR, IS [NOT] NULL, NOT, and an aggregate over them: partial counts only.
     let (rows, w) = measured(
@@ -123,14 +117,8 @@ fn the_leaves_filter_aggregate_and_limit_and_send_only_results() -> Result<()> {
          AND NOT JSON_EXTRACT_BIGINT(record, 'task') = 7 AND id IS NOT NULL",
     )?;
     assert_eq!(rows, vec![vec!["6".to_string()]]);
-    assert_eq!(
-        w,
-        LeafWork {
-            scanned: n,
-            sent: 2.0
-        },
-        "compound filter"
-    );
+    // (Rows in column segments may be skipped unread: at most every row is read.)
+    assert!(w.sent == 2.0 && w.scanned <= n, "compound filter: {w:?}");
 
     // GROUP BY with COUNT/SUM/MIN/MAX/AVG: a partial row per group and leaf, merged above.
     let (rows, w) = measured(
@@ -153,7 +141,10 @@ fn the_leaves_filter_aggregate_and_limit_and_send_only_results() -> Result<()> {
         ]
     };
     assert_eq!(rows, vec![group(0), group(1)]);
-    assert!(w.scanned == n && w.sent <= 4.0, "GROUP BY: {w:?}");
+    assert!(
+        w.scanned == n && w.sent <= 4.0,
+        "GROUP BY reads every row once: {w:?}"
+    );
 
     // ORDER BY ... LIMIT: each leaf keeps its own top rows.
     let (rows, w) = measured(

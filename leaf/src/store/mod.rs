@@ -755,8 +755,11 @@ mod tests {
     async fn small_segments_merge_into_one_and_a_reader_keeps_the_old_files() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
-        s.note_columns(&t(), r#"[{"name":"n","ty":"BigInt","nullable":true,"computed":null}]"#)
-            .unwrap();
+        s.note_columns(
+            &t(),
+            r#"[{"name":"n","ty":"BigInt","nullable":true,"computed":null}]"#,
+        )
+        .unwrap();
         let mut reader = None;
         for i in 0..8u64 {
             prepare(&s, i + 1, &[(0, &format!("[{i}]"))]).await;
@@ -772,7 +775,11 @@ mod tests {
         // The reader from before the merge still finds its files.
         let old = reader.take().unwrap();
         for (path, _) in Store::snapshot_segments(&old) {
-            assert!(path.exists(), "{} went while a reader held it", path.display());
+            assert!(
+                path.exists(),
+                "{} went while a reader held it",
+                path.display()
+            );
         }
         drop(old);
         s.clean_up().unwrap();
