@@ -98,7 +98,7 @@ import pymysql
 import ports  # scripts/ports.py (this script's directory is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
-SCENARIOS = ("datagen", "query", "kinesis", "latency", "failover", "raft")
+SCENARIOS = ("datagen", "storage", "query", "kinesis", "latency", "failover", "raft")
 
 # Pipeline settings every cluster gets (those of the integration tests).
 MAX_BATCH_INTERVAL_MS = 200  # pipelines_extractor_max_batch_interval_ms
@@ -809,6 +809,131 @@ def scenario_query(args, report: Report, gen_cluster: Callable[[], Cluster]) -> 
     report.add(Figure("query.index_build", index_s, "s", note=f"CREATE INDEX seq_idx, {rows:,} rows"))
 
 
+def peak_rss(pid: int) -> int:
+    """A process's peak resident memory (VmHWM), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def in_segments(conn: pymysql.Connection, db: str, table: str) -> int:
+    rows = query(conn, "SELECT SUM(ROWS_COUNT) FROM information_schema.COLUMNAR_SEGMENTS "
+                       f"WHERE DATABASE_NAME = '{db}' AND TABLE_NAME = '{table}' AND COLUMN_NAME = 'record'")
+    return int(rows[0][0] or 0)
+
+
+def scenario_storage(args, report: Report, gen_cluster: Callable[[], Cluster]) -> None:
+    """Issue 17's figures on the datagen table: queries over column segments, a full scan
+    through the MySQL protocol against the segment files decoded alone, peak memory, bytes on
+    disk, and JSON point filters from 32 clients on a small table."""
+    c = gen_cluster()
+    rows = DATAGEN_TASKS * (args.rows // DATAGEN_TASKS)
+    if c.state.get("datagen_rows") != rows:
+        log("   loading the datagen rows first")
+        load_datagen(c, rows)
+    conn = c.connect(db="d", read_timeout=None)
+    try:
+        # Flushes run behind ingest: wait until (nearly) every row is in a column segment.
+        wait_until("the rows in column segments", 900,
+                   lambda: in_segments(conn, "d", "gen") >= rows - 4 * 65_536, interval=1)
+        flushed = in_segments(conn, "d", "gen")
+        per_task = rows // DATAGEN_TASKS
+        point = min(123_456, per_task - 1)
+        for name, sql, limit_ms in (
+            ("count", "SELECT COUNT(*) FROM gen", 20),
+            ("json_point", f"SELECT COUNT(*) FROM gen WHERE JSON_EXTRACT_BIGINT(record, 'seq') = {point}", 100),
+            ("group_by", "SELECT JSON_EXTRACT_BIGINT(record, 'task') t, COUNT(*) FROM gen GROUP BY t", 1000),
+            ("limit", "SELECT * FROM gen LIMIT 10", 50),
+        ):
+            times = []
+            for _ in range(3):
+                started = time.perf_counter()
+                query(conn, sql)
+                times.append((time.perf_counter() - started) * 1000)
+            report.add(Figure(f"storage.{name}", min(times), "ms", higher_is_better=False,
+                              target=Target("<=", limit_ms),
+                              note=f"best of 3 (median {statistics.median(times):.1f} ms); {sql}"))
+        raw = float(query(conn, "SELECT SUM(LENGTH(topic) + LENGTH(id) + LENGTH(record)) FROM gen")[0][0])
+        on_disk = float(query(conn, "SELECT SUM(COMPRESSED_SIZE) FROM (SELECT DISTINCT NODE, DATABASE_NAME, "
+                                    "TABLE_NAME, ORDINAL, SEGMENT_ID, COMPRESSED_SIZE FROM "
+                                    "information_schema.COLUMNAR_SEGMENTS WHERE DATABASE_NAME = 'd') s")[0][0])
+        report.add(Figure("storage.bytes_per_row", on_disk / max(flushed, 1), "B", raw / rows,
+                          "raw(json text)", higher_is_better=False, ratio_label="raw/disk",
+                          note=f"{flushed:,} rows in segments, {on_disk / 2**20:,.0f} MiB on disk; goal <= 0.5 of raw"))
+    finally:
+        conn.close()
+    # A full scan through the MySQL protocol (rows streamed, not kept) ...
+    scan = c.connect(db="d", read_timeout=None)
+    try:
+        cur = scan.cursor(pymysql.cursors.SSCursor)
+        started = time.perf_counter()
+        cur.execute("SELECT * FROM gen")
+        streamed = sum(1 for _ in cur)
+        scan_s = time.perf_counter() - started
+        cur.close()
+    finally:
+        scan.close()
+    # ... next to the same segment files decoded alone.
+    dirs = [str(c.data_dir / f"leaf-{i}" / "store" / "segments") for i in range(1, c.leaves + 1)]
+    ceiling, _, ceiling_error = measure_ceiling(args.bin_dir, "bench-segment-scan", dirs, "rows_per_sec")
+    report.add(Figure("storage.full_scan", streamed / scan_s, "rows/s", ceiling, "ceiling(parquet decode)",
+                      target=Target("ratio>=", 0.5),
+                      note=f"SELECT * of {streamed:,} rows through pymysql in {scan_s:.1f} s"))
+    peaks = {n: peak_rss(c.pid(n)) for n in ["aggregator-1"] + [f"leaf-{i}" for i in range(1, c.leaves + 1)]}
+    worst = max(peaks.values())
+    report.add(Figure("storage.peak_rss", worst / 2**20, "MiB", higher_is_better=False, target=Target("<=", 512),
+                      note="VmHWM since start (ingest included): " +
+                           ", ".join(f"{n} {v / 2**20:.0f}" for n, v in peaks.items())))
+    concurrency(c, report)
+    if ceiling_error:
+        raise CeilingError(ceiling_error)
+
+
+def concurrency(c: Cluster, report: Report, clients: int = 32, seconds: float = 10) -> None:
+    """32 clients, each on its own connection, running JSON point filters on a 10,000-row table."""
+    conn = c.connect(read_timeout=None)
+    try:
+        prepare_database(conn, "small")
+        config = json.dumps({"connector.class": "io.shardline.connect.datagen.DatagenSourceConnector",
+                             "tasks.max": 2, "datagen.rate": 0, "datagen.records": 5000})
+        query(conn, f"CREATE INFERRED PIPELINE g AS LOAD DATA KAFKACONNECT 'datagen' CONFIG '{config}' FORMAT AVRO")
+        query(conn, "START PIPELINE g FOREGROUND")
+    finally:
+        conn.close()
+    import threading
+    latencies: list[float] = []
+    lock = threading.Lock()
+    stop = time.perf_counter() + seconds
+
+    def client(i: int) -> None:
+        mine = []
+        k = c.connect(db="small", read_timeout=60)
+        try:
+            n = i
+            while time.perf_counter() < stop:
+                started = time.perf_counter()
+                query(k, f"SELECT COUNT(*) FROM g WHERE JSON_EXTRACT_BIGINT(record, 'seq') = {n % 5000}")
+                mine.append((time.perf_counter() - started) * 1000)
+                n += clients
+        finally:
+            k.close()
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    report.add(Figure("storage.concurrent_point_filters", len(latencies) / wall, "q/s",
+                      target=Target(">=", 2000),
+                      note=f"{clients} clients, 10,000 rows, {len(latencies):,} queries; p50 "
+                           f"{percentile(latencies, 50):.0f} ms, p99 {percentile(latencies, 99):.0f} ms"))
+
+
 def scenario_kinesis(args, report: Report) -> None:
     n, stream, rounds = args.kinesis_records, "bench-ingest", args.kinesis_rounds
     results = []  # per pipeline: (ratio, pipeline s, first rows s, ceiling rate, drains s)
@@ -1145,6 +1270,8 @@ def main(argv=None) -> int:
 
         if "datagen" in selected:
             report.run("datagen", lambda: scenario_datagen(args, report, gen_cluster))
+        if "storage" in selected:
+            report.run("storage", lambda: scenario_storage(args, report, gen_cluster))
         if "query" in selected:
             report.run("query", lambda: scenario_query(args, report, gen_cluster))
     runners = {
