@@ -33,6 +33,12 @@ pub async fn confirm_finalized_loop(
                 continue;
             }
         };
+        // The finalizes durable first: once the master forgets a batch, a restart must not
+        // find it prepared again (it would ask, hear nothing, and abort committed rows).
+        if let Err(e) = store.flush().await {
+            tracing::warn!("cannot make finalized batches durable before confirming them: {e}");
+            continue;
+        }
         let batches: Vec<proto::ResolveBatchRequest> = keys
             .iter()
             .map(|k| proto::ResolveBatchRequest {

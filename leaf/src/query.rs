@@ -319,6 +319,9 @@ impl Reader {
         }
         let mut batch = Batch::default();
         let mut each = |row: &[u8]| -> Result<bool> {
+            if *read >= self.limit {
+                return Ok(false);
+            }
             batch.push(self.row(row)?, row.len());
             *read += 1;
             if batch.full() && !self.send(&mut batch, tx)? {

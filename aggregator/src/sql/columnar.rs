@@ -129,7 +129,8 @@ impl TableProvider for ColumnarSegments {
                     }
                     continue;
                 }
-                for c in s.columns.iter().filter(|c| !c.name.starts_with('_')) {
+                // The table's columns (sub-columns and the row id have reserved names).
+                for c in s.columns.iter().filter(|c| !c.name.starts_with('\0')) {
                     let json = |v: &Option<String>| {
                         v.as_deref().map_or(Value::Null, |j| {
                             Value::Text(match serde_json::from_str::<serde_json::Value>(j) {

@@ -436,25 +436,38 @@ pub async fn run(
     let (columns_tx, columns_rx) = tokio::sync::oneshot::channel();
     let (rows_tx, rows_rx) = tokio::sync::mpsc::channel(2);
     let query = query.clone();
+    let failed = rows_tx.clone();
+    let work = async move {
+        let mut stream = match execute(catalog, default_db, query, vars).await {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = columns_tx.send(Err(e));
+                return;
+            }
+        };
+        if columns_tx.send(Ok(columns_of(&stream.schema()))).is_err() {
+            return;
+        }
+        while let Some(batch) = stream.next().await {
+            let rows = batch.map_err(df_err).and_then(|b| rows_of(&b));
+            let failed = rows.is_err();
+            if rows_tx.send(rows).await.is_err() || failed {
+                return;
+            }
+        }
+    };
     let job = query::session::runtime()
         .map_err(|e| SqlError::new(codes::UNKNOWN, e))?
         .spawn(async move {
-            let mut stream = match execute(catalog, default_db, query, vars).await {
-                Ok(s) => s,
-                Err(e) => {
-                    let _ = columns_tx.send(Err(e));
-                    return;
-                }
-            };
-            if columns_tx.send(Ok(columns_of(&stream.schema()))).is_err() {
-                return;
-            }
-            while let Some(batch) = stream.next().await {
-                let rows = batch.map_err(df_err).and_then(|b| rows_of(&b));
-                let failed = rows.is_err();
-                if rows_tx.send(rows).await.is_err() || failed {
-                    return;
-                }
+            // A panic is an error the client sees, never a result cut short.
+            let run = std::panic::AssertUnwindSafe(work);
+            if futures::FutureExt::catch_unwind(run).await.is_err() {
+                let _ = failed
+                    .send(Err(SqlError::new(
+                        codes::UNKNOWN,
+                        "the query failed on the aggregator (an internal error; see its log)",
+                    )))
+                    .await;
             }
         });
     let job = tokio_util::task::AbortOnDropHandle::new(job);

@@ -42,7 +42,7 @@ fn main() -> anyhow::Result<()> {
             .schema()
             .fields()
             .iter()
-            .position(|f| f.name() == "_row_id")
+            .position(|f| f.name() == "\0row_id")
             .unwrap_or(builder.schema().fields().len());
         let mask = ProjectionMask::roots(builder.parquet_schema(), 0..width);
         for b in builder

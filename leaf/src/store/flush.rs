@@ -150,42 +150,54 @@ impl Store {
     }
 
     /// Flushes every partition whose row segment holds at least `min_rows` committed rows
-    /// into a new segment, then deletes what no reader needs any more. Returns the segments
-    /// written.
+    /// into a new segment, merges small segments, then deletes what no reader needs any more.
+    /// A table that fails is logged and left for the next round; the others go on. Returns
+    /// the segments written.
     pub fn flush_segments(&self, min_rows: usize) -> Result<usize> {
+        // Held by the removal of dropped tables too: a tree is not dropped under a flush.
         let _flushing = self.flush_lock.lock().unwrap_or_else(|e| e.into_inner());
         let mut written = 0;
+        let mut failed = None;
         for name in self.db.tree_names() {
             let tree_name = String::from_utf8_lossy(&name).into_owned();
             if !tree_name.starts_with("table/") {
                 continue;
             }
-            let Some(columns) = self.columns_of(&tree_name)? else {
-                continue;
-            };
-            let Some(through) = self.committed_through(&tree_name)? else {
-                continue;
-            };
-            // Not beside the removal of a dropped table.
-            let live = self.live.read().unwrap_or_else(|e| e.into_inner());
-            if !self.db.tree_names().iter().any(|n| n == &name) {
-                continue;
-            }
-            let tree = self.db.open_tree(&tree_name)?;
-            for (partition, rows) in self.unflushed(&tree, &tree_name, through)? {
-                if rows >= min_rows.max(1) {
-                    self.flush_partition(&tree, &tree_name, partition, through, &columns)?;
-                    written += 1;
+            match self.flush_table(&tree_name, min_rows) {
+                Ok(n) => written += n,
+                Err(e) => {
+                    tracing::warn!(tree = tree_name, "flushing column segments failed: {e}");
+                    failed = Some(e);
                 }
             }
-            for part in self.segments.all() {
-                if part.manifest.tree == tree_name {
-                    self.merge_partition(&tree_name, part.manifest.partition, &columns)?;
-                }
-            }
-            drop(live);
         }
         self.clean_up()?;
+        match failed {
+            Some(e) if written == 0 => Err(e),
+            _ => Ok(written),
+        }
+    }
+
+    fn flush_table(&self, tree_name: &str, min_rows: usize) -> Result<usize> {
+        let Some(columns) = self.columns_of(tree_name)? else {
+            return Ok(0);
+        };
+        let Some(through) = self.committed_through(tree_name)? else {
+            return Ok(0);
+        };
+        let tree = self.db.open_tree(tree_name)?;
+        let mut written = 0;
+        for (partition, rows) in self.unflushed(&tree, tree_name, through)? {
+            if rows >= min_rows.max(1) {
+                self.flush_partition(&tree, tree_name, partition, through, &columns)?;
+                written += 1;
+            }
+        }
+        for part in self.segments.all() {
+            if part.manifest.tree == tree_name {
+                self.merge_partition(tree_name, part.manifest.partition, &columns)?;
+            }
+        }
         Ok(written)
     }
 
@@ -227,8 +239,7 @@ impl Store {
         let compiled = common::expr::compile_table(columns).map_err(StoreError::Corrupt)?;
         let dir = self.segments.partition_dir(name, partition);
         std::fs::create_dir_all(&dir).map_err(|e| corrupt(format!("segment directory: {e}")))?;
-        let id = manifest.next_id;
-        let path = dir.join(format!("seg-{id}.parquet"));
+        let (id, path) = fresh_segment(&dir, manifest.next_id);
         let source = || -> Result<_> {
             Ok(tail_rows(
                 tree.range(row_key(partition, from)..=row_key(partition, through)),
@@ -278,8 +289,7 @@ impl Store {
         }
         let compiled = common::expr::compile_table(columns).map_err(StoreError::Corrupt)?;
         let dir = self.segments.partition_dir(name, partition);
-        let id = manifest.next_id;
-        let path = dir.join(format!("seg-{id}.parquet"));
+        let (id, path) = fresh_segment(&dir, manifest.next_id);
         let inputs: Vec<std::path::PathBuf> =
             small.iter().map(|s| dir.join(s.file_name())).collect();
         let source = || -> Result<_> { Ok(segment_rows(&inputs, columns, &compiled)) };
@@ -375,6 +385,19 @@ impl Store {
     }
 }
 
+/// The first segment id from `next` whose file does not exist: a manifest that reached the
+/// disk but not memory (a failed install) never has its files overwritten.
+fn fresh_segment(dir: &std::path::Path, next: u64) -> (u64, std::path::PathBuf) {
+    let mut id = next;
+    loop {
+        let path = dir.join(format!("seg-{id}.parquet"));
+        if !path.exists() {
+            return (id, path);
+        }
+        id += 1;
+    }
+}
+
 fn crash_point(at: &str) {
     if std::env::var(CRASH_IN_FLUSH).is_ok_and(|v| v == at) {
         tracing::warn!("{CRASH_IN_FLUSH}={at}: aborting the leaf mid-flush");
@@ -412,54 +435,111 @@ fn tail_rows<'a>(
     })
 }
 
-/// The rows of segments, in order, their missing columns computed.
+/// The rows of segments, in order, their missing columns computed, read a batch at a time.
 fn segment_rows<'a>(
     paths: &'a [std::path::PathBuf],
     columns: &'a [TableColumn],
     compiled: &'a [Option<common::expr::Expr>],
 ) -> impl Iterator<Item = Result<build::Row>> + 'a {
-    paths.iter().flat_map(move |path| {
-        let rows: Vec<Result<build::Row>> = match read_whole(path, columns, compiled) {
-            Ok(rows) => rows.into_iter().map(Ok).collect(),
-            Err(e) => vec![Err(e)],
-        };
-        rows
-    })
+    paths
+        .iter()
+        .flat_map(move |path| SegmentRows::open(path, columns, compiled))
 }
 
-/// Every row of one segment (a merge input: bounded by [`MERGED_ROWS`]).
-fn read_whole(
-    path: &std::path::Path,
-    columns: &[TableColumn],
-    compiled: &[Option<common::expr::Expr>],
-) -> Result<Vec<build::Row>> {
-    let segment = file::Segment::open(path)?;
-    let schema = segment.schema().clone();
-    let present: Vec<&str> = columns
-        .iter()
-        .map(|c| c.name.as_str())
-        .take_while(|n| schema.column_with_name(n).is_some())
-        .collect();
-    let mut wanted = present.clone();
-    wanted.push(file::ROW_ID);
-    let groups = segment.row_groups(None);
-    let mut out = Vec::new();
-    for b in segment.read(&wanted, groups, 4 << 20, 8192, None)? {
-        let b = b.map_err(corrupt)?;
+/// One segment's rows as a merge reads them.
+struct SegmentRows<'a> {
+    reader: Option<parquet::arrow::arrow_reader::ParquetRecordBatchReader>,
+    /// How many of the table's columns the segment has (the first ones: columns are added
+    /// at the end).
+    present: usize,
+    columns: &'a [TableColumn],
+    compiled: &'a [Option<common::expr::Expr>],
+    rows: std::vec::IntoIter<build::Row>,
+    failed: Option<StoreError>,
+}
+
+impl<'a> SegmentRows<'a> {
+    fn open(
+        path: &std::path::Path,
+        columns: &'a [TableColumn],
+        compiled: &'a [Option<common::expr::Expr>],
+    ) -> Self {
+        let mut me = Self {
+            reader: None,
+            present: 0,
+            columns,
+            compiled,
+            rows: Vec::new().into_iter(),
+            failed: None,
+        };
+        let opened = file::Segment::open(path).and_then(|segment| {
+            let schema = segment.schema().clone();
+            let present: Vec<&str> = columns
+                .iter()
+                .map(|c| c.name.as_str())
+                .take_while(|n| schema.column_with_name(n).is_some())
+                .collect();
+            let mut wanted = present.clone();
+            wanted.push(file::ROW_ID);
+            let groups = segment.row_groups(None);
+            let reader = segment.read(&wanted, groups, 4 << 20, 8192, None)?;
+            Ok((present.len(), reader))
+        });
+        match opened {
+            Ok((present, reader)) => {
+                me.present = present;
+                me.reader = Some(reader);
+            }
+            Err(e) => me.failed = Some(e),
+        }
+        me
+    }
+
+    fn rows_of(&self, b: &datafusion::arrow::array::RecordBatch) -> Result<Vec<build::Row>> {
         let ids = b
             .column_by_name(file::ROW_ID)
             .and_then(|c| c.as_any().downcast_ref::<Int64Array>().cloned())
             .ok_or_else(|| corrupt("a segment without row ids"))?;
         let cells = b
-            .project(&(0..present.len()).collect::<Vec<_>>())
+            .project(&(0..self.present).collect::<Vec<_>>())
             .map_err(corrupt)?;
-        for (mut values, id) in common::arrow::batch_to_rows(&cells)
+        Ok(common::arrow::batch_to_rows(&cells)
             .into_iter()
             .zip(ids.values())
-        {
-            common::expr::complete_row(&mut values, columns, compiled);
-            out.push((*id as u64, values));
+            .map(|(mut values, id)| {
+                common::expr::complete_row(&mut values, self.columns, self.compiled);
+                (*id as u64, values)
+            })
+            .collect())
+    }
+}
+
+impl Iterator for SegmentRows<'_> {
+    type Item = Result<build::Row>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if let Some(e) = self.failed.take() {
+            self.reader = None;
+            return Some(Err(e));
+        }
+        loop {
+            if let Some(row) = self.rows.next() {
+                return Some(Ok(row));
+            }
+            let batch = match self.reader.as_mut()?.next()? {
+                Ok(b) => b,
+                Err(e) => {
+                    self.reader = None;
+                    return Some(Err(corrupt(e)));
+                }
+            };
+            match self.rows_of(&batch) {
+                Ok(rows) => self.rows = rows.into_iter(),
+                Err(e) => {
+                    self.reader = None;
+                    return Some(Err(e));
+                }
+            }
         }
     }
-    Ok(out)
 }

@@ -23,8 +23,9 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
-/// The column holding each row's id in the store (ids grow with commit order).
-pub const ROW_ID: &str = "_row_id";
+/// The column holding each row's id in the store (ids grow with commit order); a reserved
+/// name (MySQL identifiers cannot hold NUL), so no table column has it.
+pub const ROW_ID: &str = "\0row_id";
 
 /// A row group ends once its encoded data reaches this size (the writer holds one row group
 /// in memory), or at [`ROW_GROUP_ROWS`] rows.

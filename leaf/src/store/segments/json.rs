@@ -76,8 +76,14 @@ pub struct SubColumn {
 }
 
 impl SubColumn {
+    /// Its column name in a segment: reserved (MySQL identifiers cannot hold NUL), so no
+    /// table column and no other path (keys may hold dots) has it.
     pub fn field_name(&self) -> String {
-        format!("{}.{}", self.source, self.path.join("."))
+        format!(
+            "\0json\0{}\0{}",
+            self.source,
+            serde_json::to_string(&self.path).unwrap_or_default()
+        )
     }
 
     pub fn field(&self) -> Field {
@@ -155,6 +161,9 @@ impl Inference {
         let mut out: Vec<SubColumn> = self
             .paths
             .iter()
+            // JSON_EXTRACT reads a key that is a number as an array index where the value is
+            // an array: such a path means different things in different rows.
+            .filter(|(path, _)| !path.iter().any(|k| k.trim().parse::<usize>().is_ok()))
             .filter_map(|(path, c)| {
                 let present = c.ints + c.floats + c.strings;
                 if c.other > 0 || present == 0 || present * 2 < self.rows {
@@ -237,6 +246,9 @@ pub type SubLookup<'a> = &'a dyn Fn(&str, &[String], SubType) -> Option<Column>;
 
 pub fn rewrite(expr: &Arc<dyn PhysicalExpr>, sub: SubLookup<'_>) -> Option<Arc<dyn PhysicalExpr>> {
     use datafusion::common::tree_node::TreeNodeRecursion;
+    if volatile(expr) {
+        return None; // evaluated here and again above: a second draw could differ
+    }
     let mut introduced = std::collections::HashSet::new();
     let rewritten = Arc::clone(expr)
         .transform_down(|e| {
@@ -279,6 +291,22 @@ pub fn rewrite(expr: &Arc<dyn PhysicalExpr>, sub: SubLookup<'_>) -> Option<Arc<d
     let columns = datafusion::physical_expr::utils::collect_columns(&rewritten);
     (!columns.is_empty() && columns.iter().all(|c| introduced.contains(c.name())))
         .then_some(rewritten)
+}
+
+/// Whether `expr` calls a function whose value may change between calls (`RAND()`).
+fn volatile(expr: &Arc<dyn PhysicalExpr>) -> bool {
+    use datafusion::common::tree_node::TreeNodeRecursion;
+    let mut found = false;
+    let _ = expr.apply(|e| {
+        if let Some(f) = e.downcast_ref::<ScalarFunctionExpr>() {
+            if f.fun().signature().volatility == datafusion::logical_expr::Volatility::Volatile {
+                found = true;
+                return Ok(TreeNodeRecursion::Stop);
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    found
 }
 
 #[cfg(test)]
@@ -325,5 +353,24 @@ mod tests {
             .downcast_ref::<datafusion::arrow::array::Int64Array>()
             .unwrap();
         assert_eq!(seq.iter().collect::<Vec<_>>(), vec![Some(5), None, None]);
+    }
+
+    #[test]
+    fn keys_that_read_as_indexes_or_hold_dots_stay_unambiguous() {
+        let mut inf = Inference::default();
+        for _ in 0..4 {
+            inf.add(Some(r#"{"a":{"0":1,"b":2},"a.b":5}"#));
+        }
+        let subs = inf.sub_columns("record");
+        let paths: Vec<Vec<String>> = subs.iter().map(|s| s.path.clone()).collect();
+        assert_eq!(
+            paths,
+            vec![
+                vec!["a".to_string(), "b".to_string()],
+                vec!["a.b".to_string()]
+            ],
+            "no path through a numeric key (an array index where the value is an array)"
+        );
+        assert_ne!(subs[0].field_name(), subs[1].field_name());
     }
 }

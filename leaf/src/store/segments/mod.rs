@@ -107,16 +107,18 @@ pub struct Cleanup {
 pub struct Segments {
     root: PathBuf,
     state: RwLock<State>,
-    /// Epochs replaced, with what to delete once no reader of them is left.
-    retired: Mutex<Vec<(Arc<()>, Cleanup)>>,
+    /// Epochs replaced (table tree, epoch), with what to delete once no reader of them is
+    /// left.
+    retired: Mutex<Vec<(String, Arc<()>, Cleanup)>>,
 }
 
 #[derive(Debug, Default)]
 struct State {
     current: HashMap<(String, u32), Arc<PartitionSnapshot>>,
-    /// Held by every reader that started since the last install: a cleanup waits until the
-    /// epoch it was retired with has no reader left, whichever partitions they read.
-    epoch: Arc<()>,
+    /// Per table: held by every reader of it that started since the table's last install. A
+    /// cleanup waits until the epoch it was retired with has no reader left, whichever of the
+    /// table's partitions they read; readers of other tables hold nothing up.
+    epochs: HashMap<String, Arc<()>>,
 }
 
 /// What one reader sees of a table's segments; what it lists stays until it is dropped.
@@ -243,7 +245,8 @@ impl Segments {
 
     /// The current manifests of a table's partitions, as one reader's snapshot.
     pub fn snapshot(&self, tree: &str) -> ReadSnapshot {
-        let state = self.state();
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        let epoch = state.epochs.entry(tree.to_string()).or_default().clone();
         ReadSnapshot {
             partitions: state
                 .current
@@ -251,7 +254,7 @@ impl Segments {
                 .filter(|((t, _), _)| t == tree)
                 .map(|((_, p), s)| (*p, s.clone()))
                 .collect(),
-            _epoch: state.epoch.clone(),
+            _epoch: epoch,
         }
     }
 
@@ -280,30 +283,39 @@ impl Segments {
         std::fs::create_dir_all(&dir).map_err(io)?;
         let bytes = serde_json::to_vec_pretty(&manifest).map_err(corrupt)?;
         write_atomically(&dir.join(MANIFEST), &bytes)?;
-        let key = (manifest.tree.clone(), manifest.partition);
+        let tree = manifest.tree.clone();
+        let key = (tree.clone(), manifest.partition);
         let new = Arc::new(PartitionSnapshot { dir, manifest });
         let old_epoch = {
             let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
             state.current.insert(key, new);
-            std::mem::take(&mut state.epoch)
+            std::mem::take(state.epochs.entry(tree.clone()).or_default())
         };
         self.retired
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push((old_epoch, cleanup));
+            .push((tree, old_epoch, cleanup));
         Ok(())
     }
 
     /// The cleanups no reader holds up any more (taken out of the list). A cleanup waits for
-    /// every reader that started before its install, and those hold older epochs too: the
-    /// free ones are the oldest, up to the first epoch still held.
+    /// every reader of its table that started before its install, and those hold the table's
+    /// older epochs too: per table, the free ones are the oldest, up to the first still held.
     pub fn collect(&self) -> Vec<Cleanup> {
         let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
-        let free = retired
-            .iter()
-            .take_while(|(epoch, _)| Arc::strong_count(epoch) == 1)
-            .count();
-        retired.drain(..free).map(|(_, c)| c).collect()
+        let mut held: std::collections::HashSet<String> = Default::default();
+        let mut free = Vec::new();
+        let mut kept = Vec::new();
+        for (tree, epoch, cleanup) in std::mem::take(&mut *retired) {
+            if !held.contains(&tree) && Arc::strong_count(&epoch) == 1 {
+                free.push(cleanup);
+            } else {
+                held.insert(tree.clone());
+                kept.push((tree, epoch, cleanup));
+            }
+        }
+        *retired = kept;
+        free
     }
 
     /// Forgets and deletes every segment of a dropped table.
@@ -391,11 +403,16 @@ mod tests {
         assert!(s.collect().is_empty(), "a reader holds the old manifest");
         // Another partition's install: its cleanup also waits for the reader, which started
         // before it (and read that partition's rows where they were then).
-        s.install(manifest("table/2", 4, &[0]), none()).unwrap();
+        let mut other = manifest("table/1", 4, &[0]);
+        other.partition = 4;
+        s.install(other, none()).unwrap();
         assert!(
             s.collect().is_empty(),
             "the reader started before both installs"
         );
+        // Another table's cleanups do not wait for a reader of this one.
+        s.install(manifest("table/2", 4, &[0]), none()).unwrap();
+        assert_eq!(s.collect().len(), 1, "table/2 has no reader");
         drop(reader);
         assert_eq!(s.collect().len(), 2);
     }
