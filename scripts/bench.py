@@ -899,6 +899,9 @@ def concurrency(c: Cluster, report: Report, clients: int = 32, seconds: float = 
                              "tasks.max": 2, "datagen.rate": 0, "datagen.records": 5000})
         query(conn, f"CREATE INFERRED PIPELINE g AS LOAD DATA KAFKACONNECT 'datagen' CONFIG '{config}' FORMAT AVRO")
         query(conn, "START PIPELINE g FOREGROUND")
+        # Quiet partitions flush whatever they hold after 10 s: the queries read segments.
+        wait_until("the small table in column segments", 120,
+                   lambda: in_segments(conn, "small", "g") >= 10_000, interval=1)
     finally:
         conn.close()
     import threading

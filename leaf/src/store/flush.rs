@@ -19,6 +19,10 @@ use std::sync::Arc;
 /// point of its next flush, as a crash would.
 pub const CRASH_IN_FLUSH: &str = "SHARDLINE_TEST_CRASH_IN_FLUSH";
 
+/// A partition whose row segment has not grown for this long is flushed whatever it holds,
+/// so small and quiet tables are read from column segments too.
+const IDLE_FLUSH: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A partition's small segments merge once it has this many...
 const MERGE_AT: usize = 8;
 /// ... up to this many at a time ...
@@ -188,8 +192,9 @@ impl Store {
         let tree = self.db.open_tree(tree_name)?;
         let mut written = 0;
         for (partition, rows) in self.unflushed(&tree, tree_name, through)? {
-            if rows >= min_rows.max(1) {
+            if rows >= min_rows.max(1) || self.idle_for(tree_name, partition, rows) >= IDLE_FLUSH {
                 self.flush_partition(&tree, tree_name, partition, through, &columns)?;
+                self.idle_for(tree_name, partition, 0);
                 written += 1;
             }
         }
@@ -199,6 +204,19 @@ impl Store {
             }
         }
         Ok(written)
+    }
+
+    /// How long a partition's unflushed row count has been `rows` (zero when it just changed).
+    fn idle_for(&self, tree: &str, partition: u32, rows: usize) -> std::time::Duration {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        let seen = idle
+            .entry((tree.to_string(), partition))
+            .or_insert((rows, now));
+        if seen.0 != rows {
+            *seen = (rows, now);
+        }
+        now - seen.1
     }
 
     /// Rows per partition in the row segment above the partition's segments, up to `through`.

@@ -150,6 +150,9 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// (table tree, partition) -> (unflushed rows last seen, unchanged since).
+type IdleSince = HashMap<(String, u32), (usize, std::time::Instant)>;
+
 /// The leaf's store; clones share it.
 #[derive(Clone)]
 pub struct Store {
@@ -173,6 +176,9 @@ pub struct Store {
     columns_cache: Arc<Mutex<HashMap<String, String>>>,
     /// Held by a flush, and by whatever rewrites row-segment rows (backfill).
     flush_lock: Arc<Mutex<()>>,
+    /// Per (table tree, partition): the unflushed row count the flusher last saw and since
+    /// when it has not changed (an idle partition flushes whatever it holds).
+    idle: Arc<Mutex<IdleSince>>,
     metrics: Arc<Mutex<Option<Arc<common::metrics::Metrics>>>>,
 }
 
@@ -234,6 +240,7 @@ impl Store {
             segments: Arc::new(segments),
             columns_cache: Default::default(),
             flush_lock: Default::default(),
+            idle: Default::default(),
             metrics: Default::default(),
         };
         // A crash after a flush's manifest, before its rows left the row segment.
