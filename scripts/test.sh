@@ -18,6 +18,10 @@ BIN_DIR="$REPO_ROOT/target/debug" bash deploy/docker/build.sh
 bash deploy/k8s/validate.sh
 echo "== cargo test (unit tests and the real-process tests, three at a time on this 2-core box)"
 # One invocation over the whole workspace: the same features as the build, so nothing rebuilds.
-cargo test --workspace --locked -- --test-threads 3
+# The storage tests (hundreds of MB through a query) run next, on their own: beside them the
+# tests that time a failover would measure the machine's load.
+cargo test --workspace --locked -- --test-threads 3 --skip queries::
+echo "== cargo test: the storage tests (big tables, 1 MiB records)"
+cargo test -p integration-tests --test it --locked -- queries:: --test-threads 2
 echo "== python client tests"
 SHARDLINE_BIN_DIR="$REPO_ROOT/target/debug" "$REPO_ROOT/.venv/bin/python" -m pytest -q -rs integration-tests/python
