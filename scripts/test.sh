@@ -22,6 +22,6 @@ echo "== cargo test (unit tests and the real-process tests, three at a time on t
 # tests that time a failover would measure the machine's load.
 cargo test --workspace --locked -- --test-threads 3 --skip queries::
 echo "== cargo test: the storage tests (big tables, 1 MiB records)"
-cargo test -p integration-tests --test it --locked -- queries:: --test-threads 2
+cargo test --workspace --locked --test it -- queries:: --test-threads 2
 echo "== python client tests"
 SHARDLINE_BIN_DIR="$REPO_ROOT/target/debug" "$REPO_ROOT/.venv/bin/python" -m pytest -q -rs integration-tests/python
