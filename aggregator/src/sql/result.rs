@@ -211,15 +211,6 @@ impl RowStream {
             None => self.rows.recv().await,
         }
     }
-
-    /// Every remaining row (tests and small internal results).
-    pub async fn collect(mut self) -> Result<Vec<Vec<Value>>, SqlError> {
-        let mut all = Vec::new();
-        while let Some(chunk) = self.next().await {
-            all.extend(chunk?);
-        }
-        Ok(all)
-    }
 }
 
 impl QueryOutput {

@@ -83,20 +83,26 @@ pub struct Output {
     pub rows: Vec<Vec<String>>,
 }
 
+/// The real `mariadb` client for `sql` on an aggregator (batch mode, no column names).
+pub fn mysql_command(port: u16, password: &str, sql: &str) -> Command {
+    let mut cmd = Command::new("mariadb");
+    cmd.args([
+        "-h127.0.0.1",
+        &format!("-P{port}"),
+        "-uroot",
+        "--batch",
+        "--skip-column-names",
+    ])
+    .arg("--connect-timeout=3")
+    .args(["-e", sql])
+    .env("MYSQL_PWD", password)
+    .stdin(Stdio::null());
+    cmd
+}
+
 /// Runs SQL with the real `mariadb` client (batch mode, no column names).
 pub fn mysql(port: u16, password: &str, sql: &str) -> Result<Output> {
-    let out = Command::new("mariadb")
-        .args([
-            "-h127.0.0.1",
-            &format!("-P{port}"),
-            "-uroot",
-            "--batch",
-            "--skip-column-names",
-        ])
-        .arg("--connect-timeout=3")
-        .args(["-e", sql])
-        .env("MYSQL_PWD", password)
-        .stdin(Stdio::null())
+    let out = mysql_command(port, password, sql)
         .output()
         .context("running the mariadb client (apt-get install mariadb-client)")?;
     if !out.status.success() {

@@ -1,11 +1,11 @@
 //! Queries over tables on the leaves: the leaves filter, project, aggregate and limit what they
 //! hold, results stream to the client, and the leaves' counters show what stayed on them.
 
-use crate::harness::{metric_sum, scrape, wait_for, Cluster, ClusterSpec};
+use crate::harness::{metric_sum, mysql_command, scrape, wait_for, Cluster, ClusterSpec};
 use crate::pipelines::{count, datagen_config, setup, START};
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 /// Rows the leaves read from storage and sent back, summed over the leaves.
@@ -68,20 +68,45 @@ fn cluster(leaf_env: Vec<(String, String)>) -> Result<(Cluster, usize)> {
     Ok((c, m))
 }
 
+/// Creates pipeline `gen` into table `db.gen` with a datagen CONFIG and runs it to its end.
+fn load_datagen(c: &Cluster, m: usize, db: &str, config: &str) -> Result<()> {
+    c.sql(
+        m,
+        &format!(
+            "USE {db}; CREATE INFERRED PIPELINE gen AS LOAD DATA KAFKACONNECT 'datagen' CONFIG '{config}' FORMAT AVRO"
+        ),
+    )?;
+    c.sql(m, &format!("USE {db}; START PIPELINE gen FOREGROUND"))?;
+    Ok(())
+}
+
+/// Waits until `information_schema.COLUMNAR_SEGMENTS` lists at least `rows` rows of `db.gen`.
+fn wait_for_segments(c: &Cluster, m: usize, db: &str, rows: usize) -> Result<()> {
+    wait_for("the rows to reach column segments", START, || {
+        let n: usize = c
+            .sql(
+                m,
+                &format!(
+                    "SELECT SUM(ROWS_COUNT) FROM information_schema.COLUMNAR_SEGMENTS WHERE DATABASE_NAME = '{db}' AND TABLE_NAME = 'gen' AND COLUMN_NAME = 'record'"
+                ),
+            )
+            .ok()?
+            .rows
+            .first()?
+            .first()?
+            .parse()
+            .ok()?;
+        (n >= rows).then_some(())
+    })
+}
+
 #[test]
 fn the_leaves_filter_aggregate_and_limit_and_send_only_results() -> Result<()> {
     let (c, m) = cluster(vec![])?;
     setup(&c, m, "q")?;
     c.sql(m, "SET GLOBAL pipelines_extractor_batch_size = 10000")?;
     let per_task = 60_000usize;
-    c.sql(
-        m,
-        &format!(
-            "USE q; CREATE INFERRED PIPELINE gen AS LOAD DATA KAFKACONNECT 'datagen' CONFIG '{}' FORMAT AVRO",
-            datagen_config(per_task)
-        ),
-    )?;
-    c.sql(m, "USE q; START PIPELINE gen FOREGROUND")?;
+    load_datagen(&c, m, "q", &datagen_config(per_task))?;
     let total = 2 * per_task;
     assert_eq!(count(&c, m, "q", "gen"), Some(total));
     let n = total as f64;
@@ -182,18 +207,9 @@ fn peak_rss(pid: u32) -> Result<u64> {
 /// Runs `sql` with `mariadb --quick` (rows printed as they arrive) and counts what it prints
 /// without keeping it: (rows, bytes).
 fn stream_query(port: u16, sql: &str) -> Result<(usize, usize)> {
-    let mut child = Command::new("mariadb")
-        .args([
-            "-h127.0.0.1",
-            &format!("-P{port}"),
-            "-uroot",
-            "--batch",
-            "--skip-column-names",
-            "--quick",
-            "--max-allowed-packet=64M",
-        ])
-        .args(["-e", sql])
-        .stdin(Stdio::null())
+    let mut child = mysql_command(port, "", sql)
+        // Rows printed as they arrive, the largest of them whole.
+        .args(["--quick", "--max-allowed-packet=64M"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
@@ -231,24 +247,10 @@ fn select_star_streams_a_table_larger_than_any_node_holds() -> Result<()> {
     let config = format!(
         "{{\"connector.class\":\"io.shardline.connect.datagen.DatagenSourceConnector\",\"datagen.rate\":0,\"datagen.records\":{per_task},\"datagen.payload.bytes\":{payload},\"tasks.max\":2}}"
     );
-    c.sql(
-        m,
-        &format!(
-            "USE big; CREATE INFERRED PIPELINE gen AS LOAD DATA KAFKACONNECT 'datagen' CONFIG '{config}' FORMAT AVRO"
-        ),
-    )?;
-    c.sql(m, "USE big; START PIPELINE gen FOREGROUND")?;
+    load_datagen(&c, m, "big", &config)?;
     let total = 2 * per_task;
     assert_eq!(count(&c, m, "big", "gen"), Some(total));
-    wait_for("the rows to reach column segments", START, || {
-        let flushed: f64 = c
-            .leaf_metrics_ports()
-            .iter()
-            .filter_map(|p| scrape(*p).ok())
-            .map(|t| metric_sum(&t, "shardline_leaf_segment_rows_flushed_total"))
-            .sum();
-        (flushed as usize >= total - 16 * 20).then_some(())
-    })?;
+    wait_for_segments(&c, m, "big", total - 16 * 20)?;
     // Fresh processes, so each node's peak memory is the query's.
     for l in c.leaves.iter_mut() {
         l.stop()?;
@@ -380,20 +382,7 @@ fn a_leaf_killed_mid_flush_loses_no_row_and_shows_none_twice() -> Result<()> {
     })?;
     assert_eq!(duplicates_and_distinct(&c, m, "crash")?, (0, total));
     // The rows live in column segments now, and the table lists them.
-    wait_for("the rows to reach column segments", START, || {
-        let in_segments: usize = c
-            .sql(
-                m,
-                "SELECT SUM(ROWS_COUNT) FROM information_schema.COLUMNAR_SEGMENTS WHERE DATABASE_NAME = 'crash' AND TABLE_NAME = 'gen' AND COLUMN_NAME = 'record'",
-            )
-            .ok()?
-            .rows
-            .first()?
-            .first()?
-            .parse()
-            .ok()?;
-        (in_segments + 16 * 100 >= total).then_some(())
-    })?;
+    wait_for_segments(&c, m, "crash", total - 16 * 100)?;
     assert_eq!(duplicates_and_distinct(&c, m, "crash")?, (0, total));
     // DROP TABLE takes the segments with it.
     c.sql(m, "USE crash; STOP PIPELINE gen")?;
@@ -529,29 +518,9 @@ fn json_filters_read_sub_columns_and_skip_segments() -> Result<()> {
     setup(&c, m, "sub")?;
     c.sql(m, "SET GLOBAL pipelines_extractor_batch_size = 1000")?;
     let per_task = 20_000usize;
-    c.sql(
-        m,
-        &format!(
-            "USE sub; CREATE INFERRED PIPELINE gen AS LOAD DATA KAFKACONNECT 'datagen' CONFIG '{}' FORMAT AVRO",
-            datagen_config(per_task)
-        ),
-    )?;
-    c.sql(m, "USE sub; START PIPELINE gen FOREGROUND")?;
+    load_datagen(&c, m, "sub", &datagen_config(per_task))?;
     let total = 2 * per_task;
-    wait_for("the rows to reach column segments", START, || {
-        let n: usize = c
-            .sql(
-                m,
-                "SELECT SUM(ROWS_COUNT) FROM information_schema.COLUMNAR_SEGMENTS WHERE DATABASE_NAME = 'sub' AND COLUMN_NAME = 'record'",
-            )
-            .ok()?
-            .rows
-            .first()?
-            .first()?
-            .parse()
-            .ok()?;
-        (n + 16 * 500 >= total).then_some(())
-    })?;
+    wait_for_segments(&c, m, "sub", total - 16 * 500)?;
     // Every segment keeps the record's keys as typed sub-columns, without an ALTER.
     let paths = c
         .sql(

@@ -43,7 +43,7 @@ impl TableSnapshot {
         let Ok((partition, id)) = super::rows::parse_row_key(row_key) else {
             return false;
         };
-        self.visibility.visible(row_key) && id > self.segments.flushed_through(partition)
+        self.visibility.visible(row_key) && !self.segments.in_segments(partition, id)
     }
 }
 
@@ -83,13 +83,14 @@ impl Store {
         }
     }
 
-    /// Calls `each` with the partition, row id and JSON of every row of the snapshot's row
-    /// segment (rows above its segments), until it returns `false`.
-    pub fn for_each_tail_row(
+    /// Calls `each` with every entry of the snapshot's row segment (rows above its segments;
+    /// a row group holds rows of one batch: they are visible together), until it returns
+    /// `false`.
+    fn each_tail_entry(
         &self,
         table: &TableRef,
         snapshot: &TableSnapshot,
-        mut each: impl FnMut(&[u8]) -> Result<bool>,
+        mut each: impl FnMut(Stored<'_>) -> Result<bool>,
     ) -> Result<()> {
         let Some(tree) = self.table(table)? else {
             return Ok(());
@@ -100,34 +101,43 @@ impl Store {
                 continue;
             }
             let stored = Stored::parse(&k, &v)?;
-            if stored.first <= snapshot.segments.flushed_through(stored.partition) {
-                continue; // in a segment; goes once older readers are done
-            }
-            for row in stored.rows() {
-                if !each(row?.1)? {
-                    return Ok(());
-                }
+            // At or below flushed_through: in a segment; goes once older readers are done.
+            if !snapshot
+                .segments
+                .in_segments(stored.partition, stored.first)
+                && !each(stored)?
+            {
+                break;
             }
         }
         Ok(())
     }
 
+    /// Calls `each` with the JSON of every row of the snapshot's row segment, until it returns
+    /// `false`.
+    pub fn for_each_tail_row(
+        &self,
+        table: &TableRef,
+        snapshot: &TableSnapshot,
+        mut each: impl FnMut(&[u8]) -> Result<bool>,
+    ) -> Result<()> {
+        self.each_tail_entry(table, snapshot, |stored| {
+            for row in stored.rows() {
+                if !each(row?.1)? {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        })
+    }
+
     /// How many rows the snapshot's row segment holds.
     pub fn count_tail(&self, table: &TableRef, snapshot: &TableSnapshot) -> Result<usize> {
-        let Some(tree) = self.table(table)? else {
-            return Ok(0);
-        };
         let mut n = 0;
-        for item in tree.iter() {
-            let (k, v) = item?;
-            if !snapshot.visibility.visible(&k) {
-                continue;
-            }
-            let stored = Stored::parse(&k, &v)?;
-            if stored.first > snapshot.segments.flushed_through(stored.partition) {
-                n += stored.count;
-            }
-        }
+        self.each_tail_entry(table, snapshot, |stored| {
+            n += stored.count;
+            Ok(true)
+        })?;
         Ok(n)
     }
 
@@ -228,10 +238,10 @@ impl Store {
                 break;
             };
             let (partition, _) = super::rows::parse_row_key(&first)?;
-            let ft = self.segments.manifest(name, partition).flushed_through;
+            let from = first_unflushed(&self.segments.manifest(name, partition));
             let mut n = 0;
-            if ft < through {
-                for item in tree.range(row_key(partition, ft + 1)..=row_key(partition, through)) {
+            if from <= through {
+                for item in tree.range(row_key(partition, from)..=row_key(partition, through)) {
                     let (k, v) = item?;
                     n += Stored::parse(&k, &v)?.count;
                 }
@@ -253,7 +263,7 @@ impl Store {
         columns: &[TableColumn],
     ) -> Result<()> {
         let mut manifest = self.segments.manifest(name, partition);
-        let from = manifest.flushed_through + 1;
+        let from = first_unflushed(&manifest);
         let compiled = common::expr::compile_table(columns).map_err(StoreError::Corrupt)?;
         let dir = self.segments.partition_dir(name, partition);
         std::fs::create_dir_all(&dir).map_err(|e| corrupt(format!("segment directory: {e}")))?;
@@ -269,7 +279,7 @@ impl Store {
         crash_point("before-manifest");
         let (rows, bytes) = (segment.rows, segment.bytes);
         manifest.segments.push(segment);
-        manifest.flushed_through = through;
+        manifest.flushed_through = Some(through);
         manifest.next_id = id + 1;
         self.segments.install(
             manifest,
@@ -414,6 +424,11 @@ fn fresh_segment(dir: &std::path::Path, next: u64) -> (u64, std::path::PathBuf) 
         }
         id += 1;
     }
+}
+
+/// The lowest row id a partition's row segment may hold that is not in its segments.
+fn first_unflushed(manifest: &segments::PartitionManifest) -> u64 {
+    manifest.flushed_through.map_or(0, |through| through + 1)
 }
 
 fn crash_point(at: &str) {

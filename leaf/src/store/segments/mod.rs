@@ -70,8 +70,9 @@ pub struct PartitionManifest {
     /// The sled tree of the table (its identity in the store).
     pub tree: String,
     pub partition: u32,
-    /// Every committed row of the partition with an id up to this one is in `segments`.
-    pub flushed_through: u64,
+    /// Every committed row of the partition with an id up to this one is in `segments`
+    /// (`None`: nothing flushed yet; row ids start at 0).
+    pub flushed_through: Option<u64>,
     pub segments: Vec<SegmentMeta>,
     /// The id the next segment gets.
     pub next_id: u64,
@@ -129,11 +130,13 @@ pub struct ReadSnapshot {
 }
 
 impl ReadSnapshot {
-    /// The highest row id of `partition` that is in its segments (0: none).
-    pub fn flushed_through(&self, partition: u32) -> u64 {
+    /// Whether the row `id` of `partition` is read from the snapshot's segments (not from the
+    /// row segment).
+    pub fn in_segments(&self, partition: u32, id: u64) -> bool {
         self.partitions
             .get(&partition)
-            .map_or(0, |s| s.manifest.flushed_through)
+            .and_then(|s| s.manifest.flushed_through)
+            .is_some_and(|through| id <= through)
     }
 }
 
@@ -211,11 +214,9 @@ impl Segments {
                         std::fs::remove_file(f.path()).map_err(io)?;
                     }
                 }
-                stale_rows.push((
-                    manifest.tree.clone(),
-                    manifest.partition,
-                    manifest.flushed_through,
-                ));
+                if let Some(through) = manifest.flushed_through {
+                    stale_rows.push((manifest.tree.clone(), manifest.partition, through));
+                }
                 state.current.insert(
                     (manifest.tree.clone(), manifest.partition),
                     Arc::new(PartitionSnapshot { dir, manifest }),
@@ -341,7 +342,7 @@ mod tests {
         PartitionManifest {
             tree: tree.into(),
             partition: 3,
-            flushed_through: through,
+            flushed_through: Some(through),
             segments: ids
                 .iter()
                 .map(|id| SegmentMeta {
@@ -380,8 +381,8 @@ mod tests {
         assert!(pdir.join("seg-0.parquet").exists());
         assert!(!pdir.join("seg-1.parquet").exists());
         assert_eq!(stale, vec![("table/7".to_string(), 3, 10)]);
-        assert_eq!(s.manifest("table/7", 3).flushed_through, 10);
-        assert_eq!(s.manifest("table/7", 4).flushed_through, 0);
+        assert_eq!(s.manifest("table/7", 3).flushed_through, Some(10));
+        assert_eq!(s.manifest("table/7", 4).flushed_through, None);
     }
 
     #[test]
