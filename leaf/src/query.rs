@@ -15,6 +15,7 @@ use datafusion::physical_optimizer::pruning::{PruningPredicate, PruningPredicate
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::prelude::SessionContext;
 use futures::StreamExt;
+use query::derive::Derived;
 use query::scan::ScanSource;
 use serde_json::Value as Json;
 use std::collections::HashMap;
@@ -71,6 +72,14 @@ pub fn describe_metrics(m: &common::metrics::Metrics) {
         "Column segments written from the row segment.",
     );
     m.describe(
+        "shardline_leaf_json_values_from_sub_columns_total",
+        "JSON_EXTRACT values scans read from column segments' sub-columns (per value and row).",
+    );
+    m.describe(
+        "shardline_leaf_json_values_computed_total",
+        "JSON_EXTRACT values scans computed from the JSON text (rows without a sub-column).",
+    );
+    m.describe(
         "shardline_leaf_query_bytes_sent_total",
         "Arrow IPC bytes the leaf sent back as fragment results.",
     );
@@ -85,6 +94,11 @@ pub fn run(plan: &[u8], store: Store, metrics: Metrics) -> Result<Messages, Stat
     });
     let plan = query::fragment::decode(plan, &task, source)
         .map_err(|e| Status::invalid_argument(format!("cannot read the query plan: {e}")))?;
+    // JSON extractions right above the scans: computed by the scans, from segments'
+    // sub-columns where they have them.
+    let plan = query::derive::json_columns(plan)
+        .and_then(query::scan::attach_filters)
+        .map_err(|e| Status::internal(format!("planning the fragment: {e}")))?;
     let runtime = query::session::runtime().map_err(Status::internal)?;
     let (tx, rx) = mpsc::channel(AHEAD);
     metrics.add("shardline_leaf_queries_total", 1.0);
@@ -170,10 +184,11 @@ impl ScanSource for StoreSource {
     fn scan(
         &self,
         scan: &proto::TableScan,
+        derived: &[Derived],
         schema: SchemaRef,
         predicate: Option<Arc<dyn PhysicalExpr>>,
     ) -> Result<SendableRecordBatchStream> {
-        let reader = Reader::new(scan, schema.clone(), predicate, self.metrics.clone())?;
+        let reader = Reader::new(scan, derived, schema.clone(), predicate, self.metrics.clone())?;
         let store = self.store.clone();
         let metrics = self.metrics.clone();
         let (tx, rx) = mpsc::channel(AHEAD);
@@ -211,7 +226,14 @@ struct Reader {
     table: TableRef,
     columns: Vec<common::catalog::tables::TableColumn>,
     compiled: Vec<Option<common::expr::Expr>>,
+    /// The table columns the scan returns, in order.
     positions: Vec<usize>,
+    /// The JSON values it returns after them.
+    derived: Vec<Derived>,
+    /// The table columns read from stored rows: `positions`, then the sources of `derived`
+    /// not among them; `read_schema` is theirs.
+    read_positions: Vec<usize>,
+    read_schema: SchemaRef,
     schema: SchemaRef,
     limit: usize,
     index: Option<(String, Range)>,
@@ -233,16 +255,24 @@ fn store_error(e: impl std::fmt::Display) -> DataFusionError {
 impl Reader {
     fn new(
         scan: &proto::TableScan,
+        derived: &[Derived],
         schema: SchemaRef,
         predicate: Option<Arc<dyn PhysicalExpr>>,
         metrics: Metrics,
     ) -> Result<Self> {
         let columns = query::columns::from_proto(&scan.columns).map_err(plan_error)?;
         let compiled = common::expr::compile_table(&columns).map_err(plan_error)?;
-        let positions = match &scan.projection {
+        let positions: Vec<usize> = match &scan.projection {
             Some(p) => p.columns.iter().map(|i| *i as usize).collect(),
             None => (0..columns.len()).collect(),
         };
+        let mut read_positions = positions.clone();
+        for d in derived {
+            if !read_positions.contains(&d.column) {
+                read_positions.push(d.column);
+            }
+        }
+        let read_schema = Arc::new(common::arrow::table_schema(&columns).project(&read_positions)?);
         let index = scan
             .index_range
             .as_ref()
@@ -267,6 +297,9 @@ impl Reader {
             columns,
             compiled,
             positions,
+            derived: derived.to_vec(),
+            read_positions,
+            read_schema,
             limit: scan.limit.map_or(usize::MAX, |l| l as usize),
             index,
             predicate: predicate.clone(),
@@ -291,7 +324,7 @@ impl Reader {
                 .map_err(store_error)?,
             None => None,
         };
-        if self.positions.is_empty() {
+        if self.positions.is_empty() && self.derived.is_empty() {
             // No column wanted (COUNT(*)): how many rows, without reading them.
             let tail = match &indexed {
                 Some(rows) => rows.len(),
@@ -384,15 +417,25 @@ impl Reader {
             return Ok(true);
         }
         let file_schema = segment.schema().clone();
-        let wanted: Vec<&str> = self
-            .schema
-            .fields()
+        let has = |n: &str| file_schema.column_with_name(n).is_some();
+        // Each derived value from its sub-column where the segment keeps one.
+        let subs: Vec<Option<String>> = self
+            .derived
             .iter()
-            .map(|f| f.name().as_str())
+            .map(|d| sub_column_of(&file_schema, d))
             .collect();
-        let complete = wanted
+        let mut wanted: Vec<&str> = self
+            .positions
             .iter()
-            .all(|n| file_schema.column_with_name(n).is_some());
+            .map(|i| self.columns[*i].name.as_str())
+            .collect();
+        for (d, sub) in self.derived.iter().zip(&subs) {
+            let n = sub.as_deref().unwrap_or(d.source.as_str());
+            if !wanted.contains(&n) {
+                wanted.push(n);
+            }
+        }
+        let complete = wanted.iter().all(|n| has(n));
         // A segment written before a computed column was added: read the columns it has and
         // compute the rest, as for such rows in the row segment.
         let columns: Vec<&str> = if complete {
@@ -406,28 +449,19 @@ impl Reader {
         for b in reader {
             let b = b.map_err(|e| store_error(format!("reading {}: {e}", path.display())))?;
             let b = if complete {
-                let cols = wanted
-                    .iter()
-                    .map(|n| {
-                        b.column_by_name(n)
-                            .cloned()
-                            .ok_or_else(|| store_error(format!("segment lacks column {n}")))
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                let options = RecordBatchOptions::new().with_row_count(Some(b.num_rows()));
-                RecordBatch::try_new_with_options(self.schema.clone(), cols, &options)?
+                self.finish(&b, &subs)?
             } else {
                 let rows: Vec<Vec<Json>> = common::arrow::batch_to_rows(&b)
                     .into_iter()
                     .map(|mut r| {
                         common::expr::complete_row(&mut r, &self.columns, &self.compiled);
-                        self.positions
+                        self.read_positions
                             .iter()
                             .map(|i| r.get_mut(*i).map(Json::take).unwrap_or(Json::Null))
                             .collect()
                     })
                     .collect();
-                common::arrow::rows_to_batch(&self.schema, &rows)?
+                self.finish(&common::arrow::rows_to_batch(&self.read_schema, &rows)?, &[])?
             };
             let left = self.limit - *read;
             let b = if b.num_rows() > left {
@@ -449,7 +483,8 @@ impl Reader {
     fn sub_column_filter(&self, file: &SchemaRef) -> Option<Arc<dyn PhysicalExpr>> {
         use crate::store::segments::json::{self, SubColumn, SubType};
         use datafusion::physical_expr::expressions::Column;
-        let predicate = self.predicate.as_ref()?;
+        let predicate = self.underived(self.predicate.as_ref()?)?;
+        let predicate = &predicate;
         let subs: HashMap<(String, Vec<String>), (String, usize, SubType)> = file
             .fields()
             .iter()
@@ -481,6 +516,78 @@ impl Reader {
         datafusion::physical_expr::conjunction_opt(parts)
     }
 
+    /// `e` with the scan's derived columns replaced by the calls they hold (the form
+    /// [`json::rewrite`](crate::store::segments::json::rewrite) maps onto sub-columns).
+    fn underived(&self, e: &Arc<dyn PhysicalExpr>) -> Option<Arc<dyn PhysicalExpr>> {
+        use datafusion::common::tree_node::{Transformed, TransformedResult, TreeNode};
+        use datafusion::physical_expr::expressions::Column;
+        if self.derived.is_empty() {
+            return Some(e.clone());
+        }
+        Arc::clone(e)
+            .transform_down(|n| {
+                let d = n
+                    .downcast_ref::<Column>()
+                    .and_then(|c| self.derived.iter().find(|d| d.field.name() == c.name()));
+                Ok(match d {
+                    Some(d) => Transformed::yes(d.expr.clone()),
+                    None => Transformed::no(n),
+                })
+            })
+            .data()
+            .ok()
+    }
+
+    /// The scan's output for a batch of stored columns (by name): the projected table
+    /// columns, then each derived value, read from the sub-column `subs` names for it or
+    /// computed from its JSON column.
+    fn finish(&self, b: &RecordBatch, subs: &[Option<String>]) -> Result<RecordBatch> {
+        let column = |n: &str| {
+            b.column_by_name(n)
+                .cloned()
+                .ok_or_else(|| store_error(format!("segment lacks column {n:?}")))
+        };
+        let mut cols = Vec::with_capacity(self.schema.fields().len());
+        for i in &self.positions {
+            cols.push(column(&self.columns[*i].name)?);
+        }
+        let (mut read, mut computed) = (0, 0);
+        for (k, d) in self.derived.iter().enumerate() {
+            let a = match subs.get(k).and_then(|s| s.as_deref()) {
+                Some(sub) => {
+                    read += b.num_rows();
+                    column(sub)?
+                }
+                None => {
+                    computed += b.num_rows();
+                    d.evaluate(&column(&d.source)?)?
+                }
+            };
+            let want = d.field.data_type();
+            cols.push(if a.data_type() == want {
+                a
+            } else {
+                datafusion::arrow::compute::cast(&a, want)?
+            });
+        }
+        if read > 0 {
+            self.metrics.add(
+                "shardline_leaf_json_values_from_sub_columns_total",
+                read as f64,
+            );
+        }
+        if computed > 0 {
+            self.metrics
+                .add("shardline_leaf_json_values_computed_total", computed as f64);
+        }
+        let options = RecordBatchOptions::new().with_row_count(Some(b.num_rows()));
+        Ok(RecordBatch::try_new_with_options(
+            self.schema.clone(),
+            cols,
+            &options,
+        )?)
+    }
+
     /// One stored row, its computed columns filled in, projected.
     fn row(&self, stored: &[u8]) -> Result<Vec<Json>> {
         let mut values: Vec<Json> = serde_json::from_slice(stored)
@@ -489,7 +596,7 @@ impl Reader {
             common::expr::complete_row(&mut values, &self.columns, &self.compiled);
         }
         Ok(self
-            .positions
+            .read_positions
             .iter()
             .map(|i| values.get_mut(*i).map(Json::take).unwrap_or(Json::Null))
             .collect())
@@ -499,7 +606,7 @@ impl Reader {
     fn send(&self, batch: &mut Batch, tx: &Sender) -> Result<bool> {
         let rows = std::mem::take(&mut batch.rows);
         batch.bytes = 0;
-        let b = common::arrow::rows_to_batch(&self.schema, &rows)?;
+        let b = self.finish(&common::arrow::rows_to_batch(&self.read_schema, &rows)?, &[])?;
         Ok(tx.blocking_send(Ok(b)).is_ok())
     }
 }
@@ -519,4 +626,17 @@ impl Batch {
     fn full(&self) -> bool {
         self.rows.len() >= BATCH_ROWS || self.bytes >= BATCH_BYTES
     }
+}
+
+/// The segment's sub-column holding `d`'s value for every row, if it keeps one: its field.
+fn sub_column_of(file: &SchemaRef, d: &Derived) -> Option<String> {
+    use crate::store::segments::json::{SubColumn, SubType};
+    let ty = SubType::of_function(&d.function)?;
+    file.fields()
+        .iter()
+        .find(|f| {
+            SubColumn::of_field(f).is_some_and(|(source, path)| source == d.source && path == d.path)
+                && *f.data_type() == ty.arrow()
+        })
+        .map(|f| f.name().clone())
 }

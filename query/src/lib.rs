@@ -12,6 +12,7 @@
 //! - [`session`]: the DataFusion configuration and the query threads both ends use.
 
 pub mod columns;
+pub mod derive;
 pub mod fragment;
 pub mod functions;
 pub mod scan;

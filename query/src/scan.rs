@@ -13,18 +13,21 @@ use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
 use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
 };
+use crate::derive::Derived;
 use std::fmt;
 use std::sync::Arc;
 
 /// Where a leaf's rows come from: its store.
 pub trait ScanSource: fmt::Debug + Send + Sync {
     /// The committed rows of `scan` (projected, at most `scan.limit`), as record batches of
-    /// `schema`, read as the consumer pulls them. `predicate` (over `schema`) is the filter the
+    /// `schema` (the projected columns, then one column per [`Derived`] value), read as the
+    /// consumer pulls them. `predicate` (over `schema`) is the filter the
     /// plan applies right above the scan: rows it rejects may be left out (a source may skip
     /// storage by it), rows it keeps may not.
     fn scan(
         &self,
         scan: &proto::TableScan,
+        derived: &[Derived],
         schema: SchemaRef,
         predicate: Option<Arc<dyn PhysicalExpr>>,
     ) -> Result<SendableRecordBatchStream>;
@@ -34,6 +37,8 @@ pub trait ScanSource: fmt::Debug + Send + Sync {
 #[derive(Debug)]
 pub struct LeafScanExec {
     scan: proto::TableScan,
+    /// Values the scan computes besides the columns (on the leaf only: never encoded).
+    derived: Vec<Derived>,
     schema: SchemaRef,
     source: Option<Arc<dyn ScanSource>>,
     predicate: Option<Arc<dyn PhysicalExpr>>,
@@ -43,15 +48,23 @@ pub struct LeafScanExec {
 impl LeafScanExec {
     /// The node for `scan`; its schema is the table's columns, projected.
     pub fn new(scan: proto::TableScan) -> Result<Self> {
+        Self::with_derived(scan, vec![])
+    }
+
+    /// The node for `scan` that also computes `derived`, as columns after the projected ones.
+    pub fn with_derived(scan: proto::TableScan, derived: Vec<Derived>) -> Result<Self> {
         let columns = crate::columns::from_proto(&scan.columns).map_err(DataFusionError::Plan)?;
         let full = common::arrow::table_schema(&columns);
-        let schema = match &scan.projection {
+        let projected = match &scan.projection {
             Some(p) => {
                 let positions: Vec<usize> = p.columns.iter().map(|i| *i as usize).collect();
-                Arc::new(full.project(&positions)?)
+                full.project(&positions)?
             }
-            None => full,
+            None => (*full).clone(),
         };
+        let mut fields: Vec<_> = projected.fields().iter().cloned().collect();
+        fields.extend(derived.iter().map(|d| d.field.clone()));
+        let schema = Arc::new(datafusion::arrow::datatypes::Schema::new(fields));
         let properties = Arc::new(PlanProperties::new(
             EquivalenceProperties::new(schema.clone()),
             Partitioning::UnknownPartitioning(1),
@@ -60,11 +73,29 @@ impl LeafScanExec {
         ));
         Ok(Self {
             scan,
+            derived,
             schema,
             source: None,
             predicate: None,
             properties,
         })
+    }
+
+    /// The table columns the scan reads (indexes into `scan.columns`), in output order.
+    pub fn positions(&self) -> Vec<usize> {
+        match &self.scan.projection {
+            Some(p) => p.columns.iter().map(|i| *i as usize).collect(),
+            None => (0..self.scan.columns.len()).collect(),
+        }
+    }
+
+    pub fn derived(&self) -> &[Derived] {
+        &self.derived
+    }
+
+    /// The source this node reads from, if bound.
+    pub fn source(&self) -> Option<Arc<dyn ScanSource>> {
+        self.source.clone()
     }
 
     /// The same node reading from `source` (a leaf's store).
@@ -91,6 +122,7 @@ pub fn attach_filters(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionP
         };
         let scan = Arc::new(LeafScanExec {
             scan: scan.scan.clone(),
+            derived: scan.derived.clone(),
             schema: scan.schema.clone(),
             source: scan.source.clone(),
             predicate: Some(filter.predicate().clone()),
@@ -119,6 +151,9 @@ impl DisplayAs for LeafScanExec {
         }
         if let Some(l) = s.limit {
             write!(f, ", limit={l}")?;
+        }
+        for d in &self.derived {
+            write!(f, ", derived {}", d.field.name())?;
         }
         Ok(())
     }
@@ -166,7 +201,12 @@ impl ExecutionPlan for LeafScanExec {
             )));
         }
         match &self.source {
-            Some(source) => source.scan(&self.scan, self.schema.clone(), self.predicate.clone()),
+            Some(source) => source.scan(
+                &self.scan,
+                &self.derived,
+                self.schema.clone(),
+                self.predicate.clone(),
+            ),
             None => Err(DataFusionError::Internal(
                 "a leaf scan runs on a leaf, inside the plan the aggregator sent it".into(),
             )),

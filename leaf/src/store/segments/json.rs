@@ -46,12 +46,19 @@ impl SubType {
         }
     }
 
-    fn arrow(self) -> DataType {
+    pub fn arrow(self) -> DataType {
         match self {
             SubType::BigInt => DataType::Int64,
             SubType::Double => DataType::Float64,
             SubType::String => DataType::Utf8,
         }
+    }
+
+    /// The type of sub-column that holds what `function` returns.
+    pub fn of_function(function: &str) -> Option<SubType> {
+        [SubType::BigInt, SubType::Double, SubType::String]
+            .into_iter()
+            .find(|t| t.function() == function)
     }
 
     /// The function whose value this sub-column holds.
