@@ -188,7 +188,13 @@ impl ScanSource for StoreSource {
         schema: SchemaRef,
         predicate: Option<Arc<dyn PhysicalExpr>>,
     ) -> Result<SendableRecordBatchStream> {
-        let reader = Reader::new(scan, derived, schema.clone(), predicate, self.metrics.clone())?;
+        let reader = Reader::new(
+            scan,
+            derived,
+            schema.clone(),
+            predicate,
+            self.metrics.clone(),
+        )?;
         let store = self.store.clone();
         let metrics = self.metrics.clone();
         let (tx, rx) = mpsc::channel(AHEAD);
@@ -461,7 +467,10 @@ impl Reader {
                             .collect()
                     })
                     .collect();
-                self.finish(&common::arrow::rows_to_batch(&self.read_schema, &rows)?, &[])?
+                self.finish(
+                    &common::arrow::rows_to_batch(&self.read_schema, &rows)?,
+                    &[],
+                )?
             };
             let left = self.limit - *read;
             let b = if b.num_rows() > left {
@@ -606,7 +615,10 @@ impl Reader {
     fn send(&self, batch: &mut Batch, tx: &Sender) -> Result<bool> {
         let rows = std::mem::take(&mut batch.rows);
         batch.bytes = 0;
-        let b = self.finish(&common::arrow::rows_to_batch(&self.read_schema, &rows)?, &[])?;
+        let b = self.finish(
+            &common::arrow::rows_to_batch(&self.read_schema, &rows)?,
+            &[],
+        )?;
         Ok(tx.blocking_send(Ok(b)).is_ok())
     }
 }
@@ -635,7 +647,8 @@ fn sub_column_of(file: &SchemaRef, d: &Derived) -> Option<String> {
     file.fields()
         .iter()
         .find(|f| {
-            SubColumn::of_field(f).is_some_and(|(source, path)| source == d.source && path == d.path)
+            SubColumn::of_field(f)
+                .is_some_and(|(source, path)| source == d.source && path == d.path)
                 && *f.data_type() == ty.arrow()
         })
         .map(|f| f.name().clone())

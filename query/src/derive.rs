@@ -92,6 +92,9 @@ pub fn json_columns(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPla
     .data()
 }
 
+/// How the rewrite maps each expression of a node it rebuilds.
+type ExprMap<'a> = &'a dyn Fn(&Arc<dyn PhysicalExpr>) -> Result<Arc<dyn PhysicalExpr>>;
+
 /// The consumer right above a scan: what it evaluates over the scan's rows.
 enum Top<'a> {
     Projection(&'a ProjectionExec),
@@ -120,7 +123,7 @@ impl Top<'_> {
     fn rebuild(
         &self,
         input: Arc<dyn ExecutionPlan>,
-        map: &dyn Fn(&Arc<dyn PhysicalExpr>) -> Result<Arc<dyn PhysicalExpr>>,
+        map: ExprMap<'_>,
     ) -> Result<Option<Arc<dyn ExecutionPlan>>> {
         Ok(Some(match self {
             Top::Projection(p) => {
@@ -239,7 +242,9 @@ fn rewrite(node: &Arc<dyn ExecutionPlan>) -> Result<Option<Arc<dyn ExecutionPlan
     let scan_schema = scan.schema();
     let derived: Vec<Derived> = calls
         .iter()
-        .map(|(col, function, path)| derived(&scan_schema, &positions, *col, function, path, &exprs))
+        .map(|(col, function, path)| {
+            derived(&scan_schema, &positions, *col, function, path, &exprs)
+        })
         .collect::<Result<_>>()?;
 
     // Calls become columns after the scan's own; then the scan keeps only the table columns
@@ -247,14 +252,16 @@ fn rewrite(node: &Arc<dyn ExecutionPlan>) -> Result<Option<Arc<dyn ExecutionPlan
     let replace = |e: &Arc<dyn PhysicalExpr>| -> Result<Arc<dyn PhysicalExpr>> {
         Arc::clone(e)
             .transform_down(|n| {
-                Ok(match call_of(&n).and_then(|c| calls.iter().position(|x| *x == c)) {
-                    Some(k) => Transformed::new(
-                        Arc::new(Column::new(derived[k].field.name(), width + k)) as _,
-                        true,
-                        TreeNodeRecursion::Jump,
-                    ),
-                    None => Transformed::no(n),
-                })
+                Ok(
+                    match call_of(&n).and_then(|c| calls.iter().position(|x| *x == c)) {
+                        Some(k) => Transformed::new(
+                            Arc::new(Column::new(derived[k].field.name(), width + k)) as _,
+                            true,
+                            TreeNodeRecursion::Jump,
+                        ),
+                        None => Transformed::no(n),
+                    },
+                )
             })
             .data()
     };
@@ -278,7 +285,9 @@ fn rewrite(node: &Arc<dyn ExecutionPlan>) -> Result<Option<Arc<dyn ExecutionPlan
         replace(e)?
             .transform_down(|n| {
                 Ok(match n.downcast_ref::<Column>() {
-                    Some(c) => Transformed::yes(Arc::new(Column::new(c.name(), new_index(c.index()))) as _),
+                    Some(c) => {
+                        Transformed::yes(Arc::new(Column::new(c.name(), new_index(c.index()))) as _)
+                    }
                     None => Transformed::no(n),
                 })
             })

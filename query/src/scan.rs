@@ -4,6 +4,7 @@
 //! leaves ([`crate::fragment`]); a leaf decodes them with its store bound in as the
 //! [`ScanSource`], and only there does the node run.
 
+use crate::derive::Derived;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::error::{DataFusionError, Result};
@@ -13,7 +14,6 @@ use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
 use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
 };
-use crate::derive::Derived;
 use std::fmt;
 use std::sync::Arc;
 

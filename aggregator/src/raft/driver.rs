@@ -78,7 +78,7 @@ pub struct Driver {
     pub(super) node: RawNode<SledStorage>,
     pub(super) storage: SledStorage,
     pub(super) transport: Transport,
-    pub(super) catalog: Arc<RwLock<Catalog>>,
+    pub(super) catalog: Arc<super::SharedCatalog>,
     /// Every member's gRPC address, shared with the handle.
     pub(super) peers: Arc<RwLock<BTreeMap<NodeId, String>>>,
     pub(super) status: watch::Sender<RaftStatus>,
@@ -267,10 +267,7 @@ impl Driver {
         if change == MemberChange::Remove(self.me) {
             return Err(common::Error::RemoveMaster { node: self.me.0 }.into());
         }
-        self.catalog
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .check_member_change(command)?;
+        self.catalog.write(|c| c.check_member_change(command))?;
         let mut cc = ConfChange::default();
         let (kind, node) = match change {
             MemberChange::Add(node) => (ConfChangeType::AddNode, node),
@@ -293,21 +290,13 @@ impl Driver {
         let command: Command = serde_json::from_slice(&cc.context)
             .map_err(|e| Error::Corrupt(format!("configuration change context: {e}")))?;
         tracing::info!(index = entry.index, voters = ?conf_state.voters, ?command, "membership changed");
-        let out = self
-            .catalog
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .apply(command)?;
+        let out = self.catalog.write(|c| c.apply(command))?;
         Ok(out)
     }
 
     /// Points the shared peer list and the transport at the catalog's members, once it has them.
     fn sync_members(&mut self) {
-        let members = self
-            .catalog
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .member_addresses();
+        let members = self.catalog.read(|c, _| c.member_addresses());
         if members.is_empty() {
             return;
         }
@@ -377,7 +366,7 @@ impl Driver {
             serde_json::from_slice(&snapshot.data)
                 .map_err(|e| Error::Corrupt(format!("snapshot catalog: {e}")))?
         };
-        *self.catalog.write().unwrap_or_else(|p| p.into_inner()) = catalog;
+        self.catalog.write(|c| *c = catalog);
         self.applied = snapshot.get_metadata().index;
         // Proposals the snapshot covers can no longer be matched to their entries.
         let covered: Vec<u64> = self
@@ -427,9 +416,7 @@ impl Driver {
                 Ok(command) => {
                     tracing::debug!(index = entry.index, ?command, "apply");
                     self.catalog
-                        .write()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .apply(command)
+                        .write(|c| c.apply(command))
                         .map_err(Error::from)
                 }
                 Err(e) => {
@@ -488,11 +475,10 @@ impl Driver {
         if self.snapshot_now {
             self.snapshot_now = false;
             let started = std::time::Instant::now();
-            let data = {
-                let catalog = self.catalog.read().unwrap_or_else(|p| p.into_inner());
-                serde_json::to_vec(&*catalog)
-                    .map_err(|e| Error::Corrupt(format!("encode catalog: {e}")))?
-            };
+            let data = self
+                .catalog
+                .read(|c, _| serde_json::to_vec(c))
+                .map_err(|e| Error::Corrupt(format!("encode catalog: {e}")))?;
             self.last_snapshot = (data.len() as u64, started.elapsed().as_millis() as u64);
             let conf_state = self.storage.conf_state();
             self.storage
@@ -508,11 +494,7 @@ impl Driver {
             return Ok(());
         }
         self.snapshot_in_flight = true;
-        let catalog = self
-            .catalog
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let catalog = self.catalog.read(|c, _| c.clone());
         let index = self.applied;
         let conf_state = self.storage.conf_state();
         let feedback = self.feedback.clone();

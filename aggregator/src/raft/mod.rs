@@ -28,6 +28,34 @@ use tokio_util::task::TaskTracker;
 use tonic::transport::Channel;
 use transport::Transport;
 
+/// The catalog as this node has applied it, and its generation: a number that changes with
+/// every change to it, so what is derived from a catalog (a query's table providers) can be
+/// kept until the catalog changes.
+#[derive(Debug, Default)]
+pub(crate) struct SharedCatalog {
+    catalog: RwLock<Catalog>,
+    generation: std::sync::atomic::AtomicU64,
+}
+
+impl SharedCatalog {
+    pub(crate) fn read<R>(&self, f: impl FnOnce(&Catalog, u64) -> R) -> R {
+        let c = self.catalog.read().unwrap_or_else(|p| p.into_inner());
+        // Read under the lock: a writer moves it on before letting readers in again.
+        f(
+            &c,
+            self.generation.load(std::sync::atomic::Ordering::Acquire),
+        )
+    }
+
+    pub(crate) fn write<R>(&self, f: impl FnOnce(&mut Catalog) -> R) -> R {
+        let mut c = self.catalog.write().unwrap_or_else(|p| p.into_inner());
+        let out = f(&mut c);
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        out
+    }
+}
+
 /// A cheap, clonable handle on this node's Raft group member.
 #[derive(Clone)]
 pub struct RaftHandle {
@@ -41,7 +69,7 @@ struct Inner {
     peers: Arc<RwLock<BTreeMap<NodeId, String>>>,
     inputs: mpsc::Sender<Input>,
     status: watch::Receiver<RaftStatus>,
-    catalog: Arc<RwLock<Catalog>>,
+    catalog: Arc<SharedCatalog>,
     commit_timeout: Duration,
     /// gRPC clients to other aggregators, for forwarded writes.
     clients: std::sync::Mutex<HashMap<NodeId, AggregatorClient<Channel>>>,
@@ -161,11 +189,7 @@ impl RaftHandle {
             tasks,
             shutdown.clone(),
         );
-        *self
-            .inner
-            .catalog
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = catalog;
+        self.inner.catalog.write(|c| *c = catalog);
         let Launcher { inputs, status } = launcher;
         status.send_modify(|s| s.applied = applied);
         let driver = Driver {
@@ -308,7 +332,12 @@ impl RaftHandle {
 
     /// Reads the catalog as this node has applied it.
     pub fn read_catalog<R>(&self, f: impl FnOnce(&Catalog) -> R) -> R {
-        f(&self.inner.catalog.read().unwrap_or_else(|p| p.into_inner()))
+        self.inner.catalog.read(|c, _| f(c))
+    }
+
+    /// Reads the catalog with its generation ([`SharedCatalog`]).
+    pub fn read_catalog_generation<R>(&self, f: impl FnOnce(&Catalog, u64) -> R) -> R {
+        self.inner.catalog.read(f)
     }
 
     /// Commits a command through the master and waits until this node has applied it too,

@@ -36,6 +36,8 @@ pub struct SqlEngine {
     /// How long a silent leaf stays online (`--leaf-heartbeat-timeout-ms`): START PIPELINE
     /// ... FOREGROUND does not call a pipeline idle before a dead leaf's tasks could move.
     pub(super) leaf_heartbeat_timeout: std::time::Duration,
+    /// What SELECTs plan against, kept until the catalog changes.
+    query_envs: super::env::QueryEnvs,
 }
 
 pub fn now_ms() -> u64 {
@@ -120,7 +122,12 @@ impl SqlEngine {
             connections: Arc::new(AtomicUsize::new(0)),
             mysql_address,
             leaf_heartbeat_timeout,
+            query_envs: Default::default(),
         }
+    }
+
+    pub(super) fn query_envs(&self) -> &super::env::QueryEnvs {
+        &self.query_envs
     }
 
     pub fn raft(&self) -> &RaftHandle {

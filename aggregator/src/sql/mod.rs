@@ -5,11 +5,13 @@
 //! - `exec`: [`SqlEngine`], which runs a statement for a [`Session`];
 //! - `pipelines`: pipeline and table statements;
 //! - `query`: SELECT on DataFusion (leaf scans, information_schema);
+//! - `env`: what a SELECT plans against, kept per catalog generation;
 //! - `functions`: SingleStore's JSON and base64 functions;
 //! - `result`: result sets, values and MySQL errors.
 
 mod columnar;
 mod distributed;
+mod env;
 pub mod eval;
 pub mod exec;
 pub mod parse;

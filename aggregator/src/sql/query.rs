@@ -1,7 +1,7 @@
 //! SELECT on Apache DataFusion: the aggregator plans; tables are scanned on the leaves that
 //! hold their partitions; `information_schema` tables are built from the catalog.
 
-use super::distributed::{ClusterTable, PushToLeaves};
+use super::env::QueryEnv;
 use super::exec::{Session, SqlEngine};
 use super::result::{codes, Column, ColumnKind, QueryOutput, RowStream, SqlError, Value};
 use common::catalog::tables::Table;
@@ -10,16 +10,14 @@ use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, BinaryArray, Float64Array, Int64Array, RecordBatch, StringArray,
 };
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use datafusion::catalog::{
-    CatalogProvider, MemoryCatalogProvider, MemorySchemaProvider, SchemaProvider, TableProvider,
-};
+use datafusion::catalog::TableProvider;
 use datafusion::datasource::MemTable;
 use datafusion::error::DataFusionError;
-use datafusion::execution::{SendableRecordBatchStream, SessionStateBuilder};
-use datafusion::prelude::{SQLOptions, SessionContext};
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::prelude::SQLOptions;
 use datafusion::scalar::ScalarValue;
 use datafusion::sql::sqlparser::ast::{Ident, Query, SelectItem, SetExpr, Statement};
-use datafusion::variable::{VarProvider, VarType};
+use datafusion::variable::VarProvider;
 use futures::StreamExt;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -148,7 +146,7 @@ fn mem_table(
 type NamedTable = (&'static str, Arc<dyn TableProvider>);
 
 /// The `information_schema` tables, from a catalog snapshot.
-fn information_schema(c: &Catalog) -> Result<Vec<NamedTable>, DataFusionError> {
+pub(super) fn information_schema(c: &Catalog) -> Result<Vec<NamedTable>, DataFusionError> {
     let mut pipelines = Vec::new();
     let mut offsets = Vec::new();
     let mut batches = Vec::new();
@@ -387,7 +385,7 @@ pub fn table_schema(t: &Table) -> SchemaRef {
 
 /// `@@variables` for DataFusion, from a snapshot.
 #[derive(Debug)]
-struct Vars(HashMap<String, ScalarValue>);
+pub(super) struct Vars(pub(super) HashMap<String, ScalarValue>);
 
 impl VarProvider for Vars {
     fn get_value(&self, names: Vec<String>) -> Result<ScalarValue, DataFusionError> {
@@ -409,16 +407,6 @@ impl VarProvider for Vars {
     }
 }
 
-fn schema_provider(
-    tables: Vec<(String, Arc<dyn TableProvider>)>,
-) -> Result<Arc<dyn SchemaProvider>, DataFusionError> {
-    let s = MemorySchemaProvider::new();
-    for (name, t) in tables {
-        s.register_table(name, t)?;
-    }
-    Ok(Arc::new(s))
-}
-
 /// Runs a SELECT on the query runtime and streams its rows: the result holds the first rows
 /// (so an error before any row is a plain error), the rest follow as the leaves send them. A
 /// dropped result (the client went away) stops the query.
@@ -428,7 +416,7 @@ pub async fn run(
     query: &Query,
     vars: HashMap<String, ScalarValue>,
 ) -> Result<QueryOutput, SqlError> {
-    let catalog = engine.raft().read_catalog(Clone::clone);
+    let env = engine.query_envs().get(engine.raft()).map_err(df_err)?;
     let default_db = session
         .database
         .clone()
@@ -438,7 +426,7 @@ pub async fn run(
     let query = query.clone();
     let failed = rows_tx.clone();
     let work = async move {
-        let mut stream = match execute(catalog, default_db, query, vars).await {
+        let mut stream = match execute(env, default_db, query, vars).await {
             Ok(s) => s,
             Err(e) => {
                 let _ = columns_tx.send(Err(e));
@@ -479,66 +467,14 @@ pub async fn run(
     Ok(QueryOutput::Stream(rows))
 }
 
-/// Plans and executes a SELECT against a snapshot of the catalog.
+/// Plans and executes a SELECT in `env` (the catalog as of its generation).
 async fn execute(
-    catalog: Catalog,
+    env: Arc<QueryEnv>,
     default_db: String,
     query: Query,
     vars: HashMap<String, ScalarValue>,
 ) -> Result<SendableRecordBatchStream, SqlError> {
-    let state = SessionStateBuilder::new()
-        .with_config(query::session::config(&default_db))
-        .with_default_features()
-        .with_physical_optimizer_rule(Arc::new(PushToLeaves))
-        .build();
-    let ctx = query::session::with_functions(SessionContext::new_with_state(state));
-    let def = MemoryCatalogProvider::new();
-    let is: Vec<(String, Arc<dyn TableProvider>)> = information_schema(&catalog)
-        .map_err(df_err)?
-        .into_iter()
-        .flat_map(|(n, t)| [(n.to_string(), t.clone()), (n.to_ascii_lowercase(), t)])
-        .collect();
-    let is = schema_provider(is).map_err(df_err)?;
-    def.register_schema("information_schema", is.clone())
-        .map_err(df_err)?;
-    def.register_schema("INFORMATION_SCHEMA", is)
-        .map_err(df_err)?;
-    for db in catalog.databases.values() {
-        let mut leaves: HashMap<u64, (String, bool, Vec<u32>)> = HashMap::new();
-        for p in &db.partitions {
-            if let Some(l) = catalog.leaves.get(&p.leaf) {
-                leaves
-                    .entry(l.id.0)
-                    .or_insert_with(|| (l.address.clone(), l.online, vec![]))
-                    .2
-                    .push(p.ordinal);
-            }
-        }
-        let tables = db
-            .tables
-            .values()
-            .map(|t| {
-                let provider: Arc<dyn TableProvider> = Arc::new(ClusterTable {
-                    database: db.name.clone(),
-                    table: t.name.clone(),
-                    table_id: t.id,
-                    schema: table_schema(t),
-                    columns: query::columns::to_proto(&t.columns),
-                    indexes: t
-                        .indexes
-                        .iter()
-                        .map(|i| (i.name.clone(), i.column.clone()))
-                        .collect(),
-                    leaves: leaves.values().cloned().collect(),
-                });
-                (t.name.clone(), provider)
-            })
-            .collect();
-        def.register_schema(&db.name, schema_provider(tables).map_err(df_err)?)
-            .map_err(df_err)?;
-    }
-    ctx.register_catalog("def", Arc::new(def));
-    ctx.register_variable(VarType::System, Arc::new(Vars(vars)));
+    let ctx = env.context(&default_db, vars);
 
     // MySQL names an unaliased expression column by its text.
     let mut query = query;

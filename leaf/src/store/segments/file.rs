@@ -12,14 +12,14 @@ use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_optimizer::pruning::PruningPredicate;
 use parquet::arrow::arrow_reader::statistics::StatisticsConverter;
 use parquet::arrow::arrow_reader::{
-    ArrowPredicate, ArrowPredicateFn, ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder,
-    RowFilter,
+    ArrowPredicate, ArrowPredicateFn, ArrowReaderMetadata, ArrowReaderOptions,
+    ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder, RowFilter,
 };
 use parquet::arrow::{ArrowWriter, ProjectionMask};
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::ParquetMetaData;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -161,11 +161,47 @@ pub struct Segment {
     builder: ParquetRecordBatchReaderBuilder<std::fs::File>,
 }
 
+/// Most segment footers kept parsed ([`Segment::open`]).
+const FOOTERS: usize = 4096;
+
+/// A file's identity for the footer cache: a path may name another file later (a table
+/// dropped and created again), never with the same size and modification time.
+type FileKey = (std::path::PathBuf, u64, Option<std::time::SystemTime>);
+
+fn footers() -> &'static std::sync::Mutex<HashMap<FileKey, ArrowReaderMetadata>> {
+    static FOOTERS: std::sync::OnceLock<std::sync::Mutex<HashMap<FileKey, ArrowReaderMetadata>>> =
+        std::sync::OnceLock::new();
+    FOOTERS.get_or_init(Default::default)
+}
+
 impl Segment {
+    /// Opens a segment file; its footer (schema, row groups, statistics) is parsed once and
+    /// kept, since a file never changes once written: a small query's scans then cost a
+    /// file open, not a footer parse per segment.
     pub fn open(path: &Path) -> Result<Self> {
         let file = std::fs::File::open(path).map_err(parquet_error)?;
+        let stat = file.metadata().map_err(parquet_error)?;
+        let key = (path.to_path_buf(), stat.len(), stat.modified().ok());
+        let cached = footers()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .cloned();
+        let meta = match cached {
+            Some(m) => m,
+            None => {
+                let m = ArrowReaderMetadata::load(&file, ArrowReaderOptions::new())
+                    .map_err(parquet_error)?;
+                let mut all = footers().lock().unwrap_or_else(|p| p.into_inner());
+                if all.len() >= FOOTERS {
+                    all.clear();
+                }
+                all.insert(key, m.clone());
+                m
+            }
+        };
         Ok(Self {
-            builder: ParquetRecordBatchReaderBuilder::try_new(file).map_err(parquet_error)?,
+            builder: ParquetRecordBatchReaderBuilder::new_with_metadata(file, meta),
         })
     }
 
