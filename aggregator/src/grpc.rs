@@ -19,13 +19,13 @@ pub struct AggregatorServiceImpl {
 
 impl AggregatorServiceImpl {
     /// Commits one batch of a `CommitBatches` call; its outcome does not depend on the others'.
-    async fn commit_one(&self, json: &[u8]) -> proto::BatchOutcome {
+    async fn commit_one(&self, batch: proto::BatchCommit) -> proto::BatchOutcome {
         let outcome = |status: proto::BatchStatus, batch_id, reason| proto::BatchOutcome {
             status: status as i32,
             batch_id,
             reason,
         };
-        let batch: common::catalog::pipelines::BatchCommit = match serde_json::from_slice(json) {
+        let batch = match batch_commit(batch) {
             Ok(b) => b,
             Err(e) => {
                 return outcome(proto::BatchStatus::Invalid, 0, format!("bad batch: {e}"));
@@ -43,6 +43,39 @@ impl AggregatorServiceImpl {
             Err(e) => outcome(proto::BatchStatus::Unknown, 0, e.to_string()),
         }
     }
+}
+
+/// A batch's commit from its wire form; offsets that are not JSON make it invalid.
+fn batch_commit(b: proto::BatchCommit) -> Result<common::catalog::pipelines::BatchCommit, String> {
+    let json = |text: &str| {
+        serde_json::from_str(text).map_err(|e| format!("an offset is not JSON ({e}): {text:?}"))
+    };
+    let offsets = b
+        .offsets
+        .into_iter()
+        .map(|o| {
+            Ok(common::catalog::pipelines::OffsetUpdate {
+                from: o.from_json.as_deref().map(json).transpose()?,
+                to: json(&o.to_json)?,
+                key: o.key,
+                finished: o.finished,
+                continues: o.continues,
+            })
+        })
+        .collect::<Result<_, String>>()?;
+    Ok(common::catalog::pipelines::BatchCommit {
+        pipeline_id: b.pipeline_id,
+        task_id: b.task_id,
+        epoch: b.epoch,
+        seq: b.seq,
+        offsets,
+        start_ms: b.start_ms,
+        extractor_wait_ms: b.extractor_wait_ms,
+        batch_time_ms: b.batch_time_ms,
+        rows: b.rows,
+        bytes: b.bytes,
+        num_partitions: b.num_partitions,
+    })
 }
 
 #[tonic::async_trait]
@@ -194,9 +227,9 @@ impl proto::aggregator_server::Aggregator for AggregatorServiceImpl {
         let outcomes = futures::future::join_all(
             request
                 .into_inner()
-                .batches_json
-                .iter()
-                .map(|json| self.commit_one(json)),
+                .batches
+                .into_iter()
+                .map(|b| self.commit_one(b)),
         )
         .await;
         Ok(Response::new(proto::CommitBatchesResponse { outcomes }))

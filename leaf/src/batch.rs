@@ -5,7 +5,7 @@
 use crate::client::{CallError, MasterClient};
 use crate::commits::Committer;
 use crate::store::{BatchKey, Store, TableRef};
-use crate::tasks::{resolve, table_columns};
+use crate::tasks::{resolve, TableDef};
 use common::connect::{self, avro};
 use serde_json::Value as Json;
 use std::collections::BTreeMap;
@@ -80,15 +80,17 @@ impl BatchJob {
             .load
             .take()
             .ok_or_else(|| RunError::Failed("a batch loaded twice".into()))?;
-        let columns_json = load.columns_json.clone();
+        let table_def = load.table.clone();
         // CPU work (Avro, JSON, expressions): off the runtime's workers, which poll the sources.
         let rows = tokio::task::spawn_blocking(move || load.rows())
             .await
             .map_err(|e| RunError::Failed(format!("batch loader stopped: {e}")))?
             .map_err(RunError::Failed)?;
-        self.store
-            .note_columns(&self.table, &columns_json)
-            .map_err(|e| RunError::Failed(e.to_string()))?;
+        if let Some(def) = &table_def {
+            self.store
+                .note_columns(&self.table, &def.columns)
+                .map_err(|e| RunError::Failed(e.to_string()))?;
+        }
         self.store
             .prepare(self.key, &self.table, &rows)
             .await
@@ -127,7 +129,7 @@ impl BatchJob {
     /// Commits the prepared batch at the master, retrying while the answer is unknown.
     async fn commit(&mut self) -> Result<Outcome, RunError> {
         let key = self.key;
-        let body = serde_json::to_vec(&self.commit).map_err(|e| RunError::Failed(e.to_string()))?;
+        let body = crate::commits::to_proto(&self.commit);
         let mut backoff = Duration::from_millis(50);
         loop {
             let settled = match self.committer.commit(body.clone()).await {
@@ -208,7 +210,8 @@ pub(crate) fn runs(records: usize, partitions: usize) -> (usize, usize) {
 pub(crate) struct Load {
     pub schema: Arc<avro::Schema>,
     pub records: Vec<connect::SourceRecord>,
-    pub columns_json: String,
+    /// The target table (compiled once per assignment); `None` for a batch of no rows.
+    pub table: Option<Arc<TableDef>>,
     pub partitions: Vec<u32>,
     /// Where in `partitions` the first run of records goes (round robin across batches).
     pub first_partition: usize,
@@ -234,18 +237,16 @@ impl Load {
         }
         let bytes = avro::encode_batch(&self.schema, self.records).map_err(|e| e.to_string())?;
         let decoded = avro::decode_batch(&bytes).map_err(|e| e.to_string())?;
-        let (columns, compiled) = if self.columns_json.is_empty() {
-            (vec![], vec![])
-        } else {
-            table_columns(&self.columns_json)?
-        };
+        let empty = TableDef::default();
+        let def = self.table.as_deref().unwrap_or(&empty);
+        let (columns, compiled) = (&def.columns, &def.compiled);
         let (run, _) = runs(decoded.len(), self.partitions.len());
         decoded
             .into_iter()
             .enumerate()
             .map(|(i, r)| {
                 let p = self.partitions[(self.first_partition + i / run) % self.partitions.len()];
-                let values = common::expr::build_row(r.topic, r.id, r.record, &columns, &compiled);
+                let values = common::expr::build_row(r.topic, r.id, r.record, columns, compiled);
                 // `to_string` writes into a Vec directly: half the time of `Value`'s Display,
                 // the same text.
                 serde_json::to_string(&Json::Array(values))

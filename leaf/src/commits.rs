@@ -12,12 +12,12 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 /// more than a few only splits groups; two or more keep the master busy while a reply travels.
 pub const CALLS_IN_FLIGHT: usize = 4;
 
-/// Batches in one call at most (a call stays far below the gRPC message limit: a batch's
-/// JSON is a few hundred bytes per source partition).
+/// Batches in one call at most (a call stays far below the gRPC message limit: a batch is a
+/// few hundred bytes per source partition).
 pub const MAX_BATCHES_PER_CALL: usize = 256;
 
 struct Pending {
-    batch_json: Vec<u8>,
+    batch: proto::BatchCommit,
     reply: oneshot::Sender<Result<proto::BatchOutcome, CallError>>,
 }
 
@@ -41,14 +41,16 @@ impl Committer {
         Self { queue }
     }
 
-    /// Asks the master to commit one batch (`BatchCommit` JSON). `Err`, or an outcome of
-    /// status `Unknown`: the batch may or may not have committed; ask again (commits are
-    /// idempotent).
-    pub async fn commit(&self, batch_json: Vec<u8>) -> Result<proto::BatchOutcome, CallError> {
+    /// Asks the master to commit one batch. `Err`, or an outcome of status `Unknown`: the
+    /// batch may or may not have committed; ask again (commits are idempotent).
+    pub async fn commit(
+        &self,
+        batch: proto::BatchCommit,
+    ) -> Result<proto::BatchOutcome, CallError> {
         let (reply, answer) = oneshot::channel();
         let stopped = || CallError::Unreachable("the leaf's committer stopped".into());
         self.queue
-            .send(Pending { batch_json, reply })
+            .send(Pending { batch, reply })
             .await
             .map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
@@ -77,10 +79,8 @@ async fn send_loop(
             group
         };
         let (bodies, replies): (Vec<_>, Vec<_>) =
-            group.into_iter().map(|p| (p.batch_json, p.reply)).unzip();
-        let request = proto::CommitBatchesRequest {
-            batches_json: bodies,
-        };
+            group.into_iter().map(|p| (p.batch, p.reply)).unzip();
+        let request = proto::CommitBatchesRequest { batches: bodies };
         let result = client
             .call(|mut c| {
                 let request = request.clone();
@@ -173,7 +173,7 @@ mod tests {
         let committer = Committer::start(MasterClient::new(vec!["127.0.0.1:1".into()]), 2, 8);
         let result = tokio::time::timeout(
             std::time::Duration::from_secs(20),
-            committer.commit(b"{}".to_vec()),
+            committer.commit(proto::BatchCommit::default()),
         )
         .await
         .expect("the commit call hung");
@@ -181,5 +181,32 @@ mod tests {
             matches!(result, Err(CallError::Unreachable(_))),
             "{result:?}"
         );
+    }
+}
+
+/// The wire form of a batch's commit.
+pub fn to_proto(c: &common::catalog::pipelines::BatchCommit) -> proto::BatchCommit {
+    proto::BatchCommit {
+        pipeline_id: c.pipeline_id,
+        task_id: c.task_id,
+        epoch: c.epoch,
+        seq: c.seq,
+        offsets: c
+            .offsets
+            .iter()
+            .map(|o| proto::OffsetUpdate {
+                key: o.key.clone(),
+                from_json: o.from.as_ref().map(|v| v.to_string()),
+                to_json: o.to.to_string(),
+                finished: o.finished,
+                continues: o.continues.clone(),
+            })
+            .collect(),
+        start_ms: c.start_ms,
+        extractor_wait_ms: c.extractor_wait_ms,
+        batch_time_ms: c.batch_time_ms,
+        rows: c.rows,
+        bytes: c.bytes,
+        num_partitions: c.num_partitions,
     }
 }

@@ -141,12 +141,12 @@ impl proto::leaf_server::Leaf for LeafServiceImpl {
         request: Request<proto::BackfillRequest>,
     ) -> Result<Response<proto::BackfillResponse>, Status> {
         let req = request.into_inner();
-        let (columns, compiled) =
-            crate::tasks::table_columns(&req.columns_json).map_err(Status::invalid_argument)?;
+        let crate::tasks::TableDef { columns, compiled } =
+            crate::tasks::TableDef::from_proto(&req.columns).map_err(Status::invalid_argument)?;
         let store = self.store.clone();
         let table = TableRef::new(req.table_id, &req.database, &req.table);
         store
-            .note_columns(&table, &req.columns_json)
+            .note_columns(&table, &columns)
             .map_err(|e| Status::internal(e.to_string()))?;
         let rows_updated = tokio::task::spawn_blocking(move || {
             store.backfill(
@@ -166,13 +166,15 @@ impl proto::leaf_server::Leaf for LeafServiceImpl {
         request: Request<proto::BuildIndexRequest>,
     ) -> Result<Response<proto::BuildIndexResponse>, Status> {
         let r = request.into_inner();
+        let columns =
+            query::columns::from_proto(&r.columns).map_err(Status::invalid_argument)?;
         let store = self.store.clone();
         let rows_indexed = tokio::task::spawn_blocking(move || {
             store.build_index(
                 &TableRef::new(r.table_id, &r.database, &r.table),
                 &r.index,
                 r.position as usize,
-                &r.columns_json,
+                &columns,
             )
         })
         .await
@@ -199,7 +201,7 @@ impl proto::leaf_server::Leaf for LeafServiceImpl {
         let req = request.into_inner();
         let rows_json = crate::tasks::test_extract(
             &req.config_json,
-            &req.offsets_json,
+            &req.offsets,
             req.limit.max(1) as usize,
         )
         .await

@@ -3,17 +3,14 @@
 //! (`OffsetsSeen`): a heartbeat grows with the offsets committed since the last one, not with
 //! every source partition a pipeline ever read.
 
-use serde_json::Value as Json;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
-/// One pipeline's committed offsets: KEY -> `{"value": .., "finished": ..}`.
+/// One pipeline's committed offsets, by source partition key.
 #[derive(Default)]
 struct Held {
     generation: u64,
     batch_id: u64,
-    offsets: serde_json::Map<String, Json>,
-    /// `offsets` as the JSON text tasks read (rebuilt only when they change).
-    json: String,
+    offsets: BTreeMap<String, proto::SourceOffset>,
 }
 
 /// Per pipeline, what this leaf holds.
@@ -31,34 +28,26 @@ impl OffsetCache {
         for a in assignments.iter_mut() {
             let held = self.pipelines.entry(a.pipeline_id).or_default();
             if merged.insert(a.pipeline_id, ()).is_none() {
-                let incoming = match serde_json::from_str::<Json>(&a.offsets_json) {
-                    Ok(Json::Object(m)) => m,
-                    _ => serde_json::Map::new(),
-                };
+                let incoming = std::mem::take(&mut a.offsets)
+                    .into_iter()
+                    .map(|o| (o.key.clone(), o));
                 if a.offsets_delta && held.generation != a.offsets_generation {
                     // A delta against offsets this leaf does not hold (it answers a request
                     // built before the last merge): unusable. Keep what is held, and ask for
                     // the whole set next time.
                     held.generation = u64::MAX;
                     held.batch_id = 0;
-                    a.offsets_json = held.json.clone();
-                    a.offsets_delta = false;
-                    continue;
-                }
-                let changed = !a.offsets_delta || !incoming.is_empty() || held.json.is_empty();
-                if a.offsets_delta {
-                    held.offsets.extend(incoming);
                 } else {
-                    held.offsets = incoming;
-                }
-                held.generation = a.offsets_generation;
-                held.batch_id = a.offsets_batch_id;
-                if changed {
-                    held.json =
-                        common::connect::avro::canonical_json(&Json::Object(held.offsets.clone()));
+                    if a.offsets_delta {
+                        held.offsets.extend(incoming);
+                    } else {
+                        held.offsets = incoming.collect();
+                    }
+                    held.generation = a.offsets_generation;
+                    held.batch_id = a.offsets_batch_id;
                 }
             }
-            a.offsets_json = held.json.clone();
+            a.offsets = held.offsets.values().cloned().collect();
             a.offsets_delta = false;
         }
         self.pipelines.retain(|id, _| merged.contains_key(id));
@@ -81,15 +70,27 @@ impl OffsetCache {
 mod tests {
     use super::*;
 
+    /// Offsets from `key=value` pairs.
+    fn offsets(pairs: &[(&str, i64)]) -> Vec<proto::SourceOffset> {
+        pairs
+            .iter()
+            .map(|(k, v)| proto::SourceOffset {
+                key: k.to_string(),
+                value_json: v.to_string(),
+                finished: false,
+            })
+            .collect()
+    }
+
     fn assignment(
-        json: &str,
+        pairs: &[(&str, i64)],
         delta: bool,
         generation: u64,
         batch_id: u64,
     ) -> proto::TaskAssignment {
         proto::TaskAssignment {
             pipeline_id: 1,
-            offsets_json: json.into(),
+            offsets: offsets(pairs),
             offsets_delta: delta,
             offsets_generation: generation,
             offsets_batch_id: batch_id,
@@ -100,36 +101,31 @@ mod tests {
     #[test]
     fn deltas_merge_into_the_whole_set_and_a_new_generation_replaces_it() {
         let mut cache = OffsetCache::default();
-        let mut a = vec![assignment(
-            r#"{"a":{"value":1},"b":{"value":2}}"#,
-            false,
-            0,
-            5,
-        )];
+        let mut a = vec![assignment(&[("a", 1), ("b", 2)], false, 0, 5)];
         cache.merge(&mut a);
-        assert_eq!(a[0].offsets_json, r#"{"a":{"value":1},"b":{"value":2}}"#);
+        assert_eq!(a[0].offsets, offsets(&[("a", 1), ("b", 2)]));
         assert_eq!(cache.seen()[0].batch_id, 5);
         // Only b moved: the leaf still gives its tasks both.
         let mut a = vec![
-            assignment(r#"{"b":{"value":3}}"#, true, 0, 6),
-            assignment(r#"{"b":{"value":3}}"#, true, 0, 6),
+            assignment(&[("b", 3)], true, 0, 6),
+            assignment(&[("b", 3)], true, 0, 6),
         ];
         cache.merge(&mut a);
-        assert_eq!(a[1].offsets_json, r#"{"a":{"value":1},"b":{"value":3}}"#);
+        assert_eq!(a[1].offsets, offsets(&[("a", 1), ("b", 3)]));
         assert!(!a[1].offsets_delta);
         // Nothing moved: the same set.
-        let mut a = vec![assignment("{}", true, 0, 6)];
+        let mut a = vec![assignment(&[], true, 0, 6)];
         cache.merge(&mut a);
-        assert_eq!(a[0].offsets_json, r#"{"a":{"value":1},"b":{"value":3}}"#);
+        assert_eq!(a[0].offsets, offsets(&[("a", 1), ("b", 3)]));
         // ALTER ... SET OFFSETS: a new generation, sent whole, replaces everything.
-        let mut a = vec![assignment(r#"{"c":{"value":0}}"#, false, 1, 6)];
+        let mut a = vec![assignment(&[("c", 0)], false, 1, 6)];
         cache.merge(&mut a);
-        assert_eq!(a[0].offsets_json, r#"{"c":{"value":0}}"#);
+        assert_eq!(a[0].offsets, offsets(&[("c", 0)]));
         // A delta of another generation than the one held is not merged: what is held stays,
         // and the next heartbeat asks for the whole set.
-        let mut a = vec![assignment(r#"{"d":{"value":0}}"#, true, 2, 7)];
+        let mut a = vec![assignment(&[("d", 0)], true, 2, 7)];
         cache.merge(&mut a);
-        assert_eq!(a[0].offsets_json, r#"{"c":{"value":0}}"#);
+        assert_eq!(a[0].offsets, offsets(&[("c", 0)]));
         assert_eq!(cache.seen()[0].generation, u64::MAX);
         // A pipeline no longer assigned is forgotten.
         cache.merge(&mut []);

@@ -165,16 +165,19 @@ pub fn assignments(
             .get(&p.id)
             .filter(|(generation, _)| *generation == p.offsets_generation)
             .map(|(_, batch_id)| *batch_id);
-        let offsets: serde_json::Map<String, serde_json::Value> = p
+        let offsets: Vec<proto::SourceOffset> = p
             .offsets
             .iter()
             .filter(|(_, o)| since.is_none_or(|b| o.batch_id > b))
-            .map(|(k, o)| (k.clone(), json!({"value": o.value, "finished": o.finished})))
+            .map(|(k, o)| proto::SourceOffset {
+                key: k.clone(),
+                value_json: canonical_json(&o.value),
+                finished: o.finished,
+            })
             .collect();
-        let offsets_json = canonical_json(&serde_json::Value::Object(offsets));
         let table = catalog.table(&p.database, &p.table);
-        let columns_json = table
-            .and_then(|t| serde_json::to_string(&t.columns).ok())
+        let columns = table
+            .map(|t| query::columns::to_proto(&t.columns))
             .unwrap_or_default();
         let table_id = table.map_or(0, |t| t.id);
         for t in mine {
@@ -187,7 +190,7 @@ pub fn assignments(
                 epoch: t.epoch,
                 config_json: config.clone(),
                 task_config_json: serde_json::to_string(&t.config).unwrap_or_default(),
-                offsets_json: offsets_json.clone(),
+                offsets: offsets.clone(),
                 start_override: match p.start_override {
                     Some(common::catalog::pipelines::StartOverride::Earliest) => "earliest".into(),
                     Some(common::catalog::pipelines::StartOverride::Latest) => "latest".into(),
@@ -202,7 +205,7 @@ pub fn assignments(
                     catalog.variable_u32("pipelines_max_retries_per_batch_partition")
                 }),
                 partitions: partitions.clone(),
-                columns_json: columns_json.clone(),
+                columns: columns.clone(),
                 table_id,
                 start_at_ms: p.start_ms.unwrap_or(0),
                 offsets_delta: since.is_some(),

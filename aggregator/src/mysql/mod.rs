@@ -164,13 +164,19 @@ async fn write_output<W: AsyncWrite + Send + Unpin>(
             let cols: Vec<Column> = stream.columns.iter().map(column).collect();
             let mut w = results.start(&cols).await?;
             while let Some(chunk) = stream.next().await {
-                let rows = match chunk {
-                    Ok(rows) => rows,
-                    // Rows have gone out: the error ends the result set.
+                // Rows have gone out: an error ends the result set.
+                let batch = match chunk {
+                    Ok(b) => b,
                     Err(e) => return w.finish_error(error_kind(&e), &e.message.as_bytes()).await,
                 };
-                for row in rows {
-                    write_row(&mut w, row)?;
+                let cells = match crate::sql::result::Cells::new(&batch) {
+                    Ok(c) => c,
+                    Err(e) => return w.finish_error(error_kind(&e), &e.message.as_bytes()).await,
+                };
+                for row in 0..cells.rows() {
+                    for col in 0..cells.width() {
+                        write_cell(&mut w, cells.cell(row, col))?;
+                    }
                     w.end_row().await?;
                 }
             }
@@ -202,6 +208,21 @@ fn write_row<W: AsyncWrite + Send + Unpin>(
         }
     }
     Ok(())
+}
+
+fn write_cell<W: AsyncWrite + Send + Unpin>(
+    w: &mut opensrv_mysql::RowWriter<'_, W>,
+    cell: crate::sql::result::Cell<'_>,
+) -> io::Result<()> {
+    use crate::sql::result::Cell;
+    match cell {
+        Cell::Null => w.write_col(None::<i64>),
+        Cell::Int(i) => w.write_col(i),
+        Cell::Double(d) => w.write_col(d),
+        Cell::Text(s) => w.write_col(s),
+        Cell::Bytes(b) => w.write_col(b),
+        Cell::Formatted(s) => w.write_col(s),
+    }
 }
 
 fn error_kind(e: &SqlError) -> ErrorKind {

@@ -523,7 +523,7 @@ impl SqlEngine {
             (
                 holders,
                 offline,
-                t.and_then(|t| serde_json::to_string(&t.columns).ok())
+                t.map(|t| query::columns::to_proto(&t.columns))
                     .unwrap_or_default(),
                 position,
                 t.map_or(0, |t| t.id),
@@ -545,7 +545,7 @@ impl SqlEngine {
                 table: table.into(),
                 index: index.into(),
                 position: position as u32,
-                columns_json: columns.clone(),
+                columns: columns.clone(),
                 table_id,
             })
             .await
@@ -570,7 +570,7 @@ impl SqlEngine {
             let t = c.table(db, table);
             (
                 leaf_client::online_leaves(c, Some(db)),
-                t.and_then(|t| serde_json::to_string(&t.columns).ok())
+                t.map(|t| query::columns::to_proto(&t.columns))
                     .unwrap_or_default(),
                 t.map_or(0, |t| t.id),
             )
@@ -579,7 +579,7 @@ impl SqlEngine {
             let req = proto::BackfillRequest {
                 database: db.into(),
                 table: table.into(),
-                columns_json: columns.clone(),
+                columns: columns.clone(),
                 table_id,
             };
             async move {
@@ -902,14 +902,13 @@ impl SqlEngine {
         }
         let config = connect::effective_config(&pipeline.config, &pipeline.credentials)
             .map_err(|e| bad_args(e.to_string()))?;
-        let offsets: serde_json::Map<String, Json> = pipeline
+        let offsets = pipeline
             .offsets
             .iter()
-            .map(|(k, o)| {
-                (
-                    k.clone(),
-                    serde_json::json!({"value": o.value, "finished": o.finished}),
-                )
+            .map(|(k, o)| proto::SourceOffset {
+                key: k.clone(),
+                value_json: o.value.to_string(),
+                finished: o.finished,
             })
             .collect();
         let addr = leaves
@@ -920,7 +919,7 @@ impl SqlEngine {
         let rows = client
             .test_pipeline(proto::TestPipelineRequest {
                 config_json: Json::Object(config).to_string(),
-                offsets_json: Json::Object(offsets).to_string(),
+                offsets,
                 limit: limit.min(10_000) as u32,
             })
             .await

@@ -437,9 +437,12 @@ pub async fn run(
             return;
         }
         while let Some(batch) = stream.next().await {
-            let rows = batch.map_err(df_err).and_then(|b| rows_of(&b));
-            let failed = rows.is_err();
-            if rows_tx.send(rows).await.is_err() || failed {
+            let batch = batch.map_err(df_err);
+            let failed = batch.is_err();
+            if batch.as_ref().is_ok_and(|b| b.num_rows() == 0) {
+                continue;
+            }
+            if rows_tx.send(batch).await.is_err() || failed {
                 return;
             }
         }
@@ -540,47 +543,6 @@ fn columns_of(schema: &SchemaRef) -> Vec<Column> {
             },
         })
         .collect()
-}
-
-/// One record batch as result rows.
-fn rows_of(b: &RecordBatch) -> Result<Vec<Vec<Value>>, SqlError> {
-    let mut rows = Vec::with_capacity(b.num_rows());
-    let formatters: Vec<_> = b
-        .columns()
-        .iter()
-        .map(|c| {
-            datafusion::arrow::util::display::ArrayFormatter::try_new(
-                c.as_ref(),
-                &Default::default(),
-            )
-        })
-        .collect::<Result<_, _>>()
-        .map_err(|e| SqlError::new(codes::UNKNOWN, e.to_string()))?;
-    for i in 0..b.num_rows() {
-        let mut row = Vec::with_capacity(b.num_columns());
-        for (j, col) in b.columns().iter().enumerate() {
-            if col.is_null(i) {
-                row.push(Value::Null);
-                continue;
-            }
-            row.push(match col.data_type() {
-                DataType::Int64 => Value::Int(
-                    col.as_primitive::<datafusion::arrow::datatypes::Int64Type>()
-                        .value(i),
-                ),
-                DataType::Float64 => Value::Double(
-                    col.as_primitive::<datafusion::arrow::datatypes::Float64Type>()
-                        .value(i),
-                ),
-                DataType::Boolean => Value::Int(i64::from(col.as_boolean().value(i))),
-                DataType::Binary => Value::Bytes(col.as_binary::<i32>().value(i).to_vec()),
-                DataType::Utf8 => Value::Text(col.as_string::<i32>().value(i).to_string()),
-                _ => Value::Text(formatters[j].value(i).to_string()),
-            });
-        }
-        rows.push(row);
-    }
-    Ok(rows)
 }
 
 #[cfg(test)]

@@ -1,5 +1,10 @@
 //! What a statement returns: a result set or an OK, or a MySQL error.
 
+use datafusion::arrow::array::{
+    Array, AsArray, BinaryArray, BooleanArray, Float64Array, Int64Array, RecordBatch, StringArray,
+};
+use datafusion::arrow::datatypes::{DataType, Float64Type, Int64Type};
+use datafusion::arrow::util::display::ArrayFormatter;
 use std::fmt;
 
 /// A MySQL error: the numeric code clients switch on and a message that says what to fix.
@@ -165,8 +170,8 @@ pub enum QueryOutput {
 /// query.
 pub struct RowStream {
     pub columns: Vec<Column>,
-    first: Option<Result<Vec<Vec<Value>>, SqlError>>,
-    rows: tokio::sync::mpsc::Receiver<Result<Vec<Vec<Value>>, SqlError>>,
+    first: Option<Result<RecordBatch, SqlError>>,
+    rows: tokio::sync::mpsc::Receiver<Result<RecordBatch, SqlError>>,
     _job: tokio_util::task::AbortOnDropHandle<()>,
 }
 
@@ -181,7 +186,7 @@ impl fmt::Debug for RowStream {
 impl RowStream {
     pub fn new(
         columns: Vec<Column>,
-        rows: tokio::sync::mpsc::Receiver<Result<Vec<Vec<Value>>, SqlError>>,
+        rows: tokio::sync::mpsc::Receiver<Result<RecordBatch, SqlError>>,
         job: tokio_util::task::AbortOnDropHandle<()>,
     ) -> Self {
         Self {
@@ -204,8 +209,8 @@ impl RowStream {
         }
     }
 
-    /// The next chunk of rows; `None` at the end.
-    pub async fn next(&mut self) -> Option<Result<Vec<Vec<Value>>, SqlError>> {
+    /// The next chunk of rows (read them with [`Cells`]); `None` at the end.
+    pub async fn next(&mut self) -> Option<Result<RecordBatch, SqlError>> {
         match self.first.take() {
             Some(first) => Some(first),
             None => self.rows.recv().await,
@@ -223,6 +228,88 @@ impl QueryOutput {
         QueryOutput::Rows {
             columns: names.iter().map(|n| Column::text(*n)).collect(),
             rows,
+        }
+    }
+}
+
+/// One value of a streamed result, borrowed from its record batch: the MySQL writer sends
+/// it as it is, with no copy into a [`Value`] on the way.
+pub enum Cell<'a> {
+    Null,
+    Int(i64),
+    Double(f64),
+    Text(&'a str),
+    Bytes(&'a [u8]),
+    /// Other types, in Arrow's display form.
+    Formatted(String),
+}
+
+enum ColumnCells<'a> {
+    Int(&'a Int64Array),
+    Double(&'a Float64Array),
+    Bool(&'a BooleanArray),
+    Bytes(&'a BinaryArray),
+    Text(&'a StringArray),
+    /// Formatted cell by cell (rare types: the formatter is not `Send`, and cells are written
+    /// across awaits).
+    Other(&'a dyn Array),
+}
+
+/// The cells of a record batch of results, by row and column.
+pub struct Cells<'a> {
+    columns: Vec<ColumnCells<'a>>,
+    rows: usize,
+}
+
+impl<'a> Cells<'a> {
+    pub fn new(b: &'a RecordBatch) -> Result<Self, SqlError> {
+        let columns = b
+            .columns()
+            .iter()
+            .map(|c| {
+                Ok(match c.data_type() {
+                    DataType::Int64 => ColumnCells::Int(c.as_primitive::<Int64Type>()),
+                    DataType::Float64 => ColumnCells::Double(c.as_primitive::<Float64Type>()),
+                    DataType::Boolean => ColumnCells::Bool(c.as_boolean()),
+                    DataType::Binary => ColumnCells::Bytes(c.as_binary::<i32>()),
+                    DataType::Utf8 => ColumnCells::Text(c.as_string::<i32>()),
+                    _ => {
+                        // Fails now for a type Arrow cannot display, not mid-row.
+                        ArrayFormatter::try_new(c.as_ref(), &Default::default())
+                            .map_err(|e| SqlError::new(codes::UNKNOWN, e.to_string()))?;
+                        ColumnCells::Other(c.as_ref())
+                    }
+                })
+            })
+            .collect::<Result<_, SqlError>>()?;
+        Ok(Self {
+            columns,
+            rows: b.num_rows(),
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn width(&self) -> usize {
+        self.columns.len()
+    }
+
+    pub fn cell(&self, row: usize, column: usize) -> Cell<'_> {
+        let null = |a: &dyn Array| a.is_null(row);
+        match &self.columns[column] {
+            ColumnCells::Int(a) if !null(*a) => Cell::Int(a.value(row)),
+            ColumnCells::Double(a) if !null(*a) => Cell::Double(a.value(row)),
+            ColumnCells::Bool(a) if !null(*a) => Cell::Int(i64::from(a.value(row))),
+            ColumnCells::Bytes(a) if !null(*a) => Cell::Bytes(a.value(row)),
+            ColumnCells::Text(a) if !null(*a) => Cell::Text(a.value(row)),
+            ColumnCells::Other(a) if !null(*a) => Cell::Formatted(
+                ArrayFormatter::try_new(*a, &Default::default())
+                    .map(|f| f.value(row).to_string())
+                    .unwrap_or_default(),
+            ),
+            _ => Cell::Null,
         }
     }
 }

@@ -226,21 +226,27 @@ fn commit_batches_answers_each_batch_on_its_own() -> Result<()> {
     let follower = (master + 1) % 3;
     let grpc = |i: usize| c.aggregators[i].arg("--grpc-listen").unwrap().to_string();
     let (master_addr, follower_addr) = (grpc(master), grpc(follower));
-    let batch = common::catalog::pipelines::BatchCommit {
+    let batch = proto::BatchCommit {
         pipeline_id: 999_999,
         task_id: 0,
         epoch: 1,
         seq: 1,
-        offsets: vec![],
-        start_ms: 0,
-        extractor_wait_ms: 0,
-        batch_time_ms: 0,
         rows: 1,
         bytes: 1,
         num_partitions: 1,
+        ..Default::default()
+    };
+    // An offset that is not JSON, and a batch of a pipeline that does not exist.
+    let garbled = proto::BatchCommit {
+        offsets: vec![proto::OffsetUpdate {
+            key: "shard".into(),
+            to_json: "{not json".into(),
+            ..Default::default()
+        }],
+        ..batch.clone()
     };
     let request = proto::CommitBatchesRequest {
-        batches_json: vec![b"{not json".to_vec(), serde_json::to_vec(&batch)?],
+        batches: vec![garbled, batch],
     };
     tokio::runtime::Runtime::new()?.block_on(async {
         let connect = |addr: String| async move {
@@ -266,9 +272,7 @@ fn commit_batches_answers_each_batch_on_its_own() -> Result<()> {
         assert!(outcomes[0].reason.contains("bad batch"), "{outcomes:?}");
         assert_eq!(outcomes[1].status(), proto::BatchStatus::Refused);
         assert!(!outcomes[1].reason.is_empty(), "{outcomes:?}");
-        let empty = proto::CommitBatchesRequest {
-            batches_json: vec![],
-        };
+        let empty = proto::CommitBatchesRequest { batches: vec![] };
         assert!(m
             .commit_batches(empty)
             .await?

@@ -50,10 +50,12 @@ impl TableSnapshot {
 impl Store {
     /// Records the columns of a table the leaf loads into (what its flushes write); unchanged
     /// columns cost a map lookup.
-    pub fn note_columns(&self, table: &TableRef, columns_json: &str) -> Result<()> {
-        if columns_json.is_empty() {
+    pub fn note_columns(&self, table: &TableRef, columns: &[TableColumn]) -> Result<()> {
+        if columns.is_empty() {
             return Ok(());
         }
+        let columns_json = serde_json::to_string(columns).map_err(corrupt)?;
+        let columns_json = columns_json.as_str();
         let tree = table.tree();
         let mut known = self.columns_cache.lock().unwrap_or_else(|e| e.into_inner());
         if known.get(&tree).is_some_and(|c| c == columns_json) {

@@ -87,8 +87,10 @@ impl Store {
         table: &TableRef,
         name: &str,
         position: usize,
-        columns_json: &str,
+        columns: &[common::catalog::tables::TableColumn],
     ) -> Result<u64> {
+        let columns_json = serde_json::to_string(columns).map_err(corrupt)?;
+        let columns_json = columns_json.as_str();
         let def = IndexDef {
             database: table.database.clone(),
             table: table.table.clone(),
@@ -97,8 +99,7 @@ impl Store {
             position,
             columns_json: columns_json.into(),
         };
-        let columns: Vec<common::catalog::tables::TableColumn> =
-            serde_json::from_str(columns_json).map_err(corrupt)?;
+        let columns = columns.to_vec();
         let compiled = (
             columns.clone(),
             common::expr::compile_table(&columns).map_err(corrupt)?,

@@ -42,13 +42,15 @@ async fn prepare(s: &Store, seq: u64, rows: &[(u32, &str)]) {
     s.prepare(key(seq), &t(), &rows).await.unwrap();
 }
 
+/// Table columns from the catalog's JSON.
+fn columns(json: &str) -> Vec<common::catalog::tables::TableColumn> {
+    serde_json::from_str(json).unwrap()
+}
+
 /// Tells the store its table has one BIGINT column `n` (what flushes write).
 fn one_bigint_column(s: &Store, table: &TableRef) {
-    s.note_columns(
-        table,
-        r#"[{"name":"n","ty":"BigInt","nullable":true,"computed":null}]"#,
-    )
-    .unwrap();
+    s.note_columns(table, &columns(r#"[{"name":"n","ty":"BigInt","nullable":true,"computed":null}]"#))
+        .unwrap();
 }
 
 /// The rows of d.t a reader sees now: in segments, and in the row segment above them.
@@ -241,7 +243,7 @@ async fn an_index_built_over_prepared_rows_shows_them_only_once_finalized() {
     prepare(&s, 1, &[(0, "[5]"), (0, "[6]")]).await;
     prepare(&s, 2, &[(0, "[7]")]).await;
     s.finalize(key(2)).unwrap();
-    let columns = r#"[{"name":"v","ty":"BigInt","nullable":true,"computed":null}]"#;
+    let columns = &columns(r#"[{"name":"v","ty":"BigInt","nullable":true,"computed":null}]"#);
     assert_eq!(s.build_index(&t(), "i", 0, columns).unwrap(), 1);
     let all = Range {
         lower: None,
@@ -316,7 +318,7 @@ async fn row_groups_hold_many_rows_per_entry_and_every_reader_sees_rows() {
     assert_eq!(s.count(&t()).unwrap(), 600);
 
     // Index lookups find single rows inside groups, across a group boundary too.
-    let columns = r#"[{"name":"v","ty":"BigInt","nullable":true,"computed":null}]"#;
+    let columns = &columns(r#"[{"name":"v","ty":"BigInt","nullable":true,"computed":null}]"#);
     assert_eq!(s.build_index(&t(), "i", 0, columns).unwrap(), 600);
     let range = |lo: i64, hi: i64| Range {
         lower: Some((serde_json::json!(lo), true)),
@@ -360,7 +362,7 @@ async fn a_dropped_table_leaves_nothing_and_a_new_one_of_its_name_starts_empty()
     let s = Store::open(dir.path()).unwrap();
     prepare(&s, 1, &[(0, "[1]"), (1, "[2]")]).await;
     s.finalize(key(1)).unwrap();
-    let columns = r#"[{"name":"v","ty":"BigInt","nullable":true,"computed":null}]"#;
+    let columns = &columns(r#"[{"name":"v","ty":"BigInt","nullable":true,"computed":null}]"#);
     s.build_index(&t(), "i", 0, columns).unwrap();
     prepare(&s, 2, &[(0, "[3]")]).await; // still prepared when the table goes
     let other = TableRef::new(6, "d", "other");
