@@ -117,6 +117,33 @@ fn hand_out(
     }
 }
 
+/// The wire form of a batch's commit.
+pub fn to_proto(c: &common::catalog::pipelines::BatchCommit) -> proto::BatchCommit {
+    proto::BatchCommit {
+        pipeline_id: c.pipeline_id,
+        task_id: c.task_id,
+        epoch: c.epoch,
+        seq: c.seq,
+        offsets: c
+            .offsets
+            .iter()
+            .map(|o| proto::OffsetUpdate {
+                key: o.key.clone(),
+                from_json: o.from.as_ref().map(|v| v.to_string()),
+                to_json: o.to.to_string(),
+                finished: o.finished,
+                continues: o.continues.clone(),
+            })
+            .collect(),
+        start_ms: c.start_ms,
+        extractor_wait_ms: c.extractor_wait_ms,
+        batch_time_ms: c.batch_time_ms,
+        rows: c.rows,
+        bytes: c.bytes,
+        num_partitions: c.num_partitions,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,32 +208,5 @@ mod tests {
             matches!(result, Err(CallError::Unreachable(_))),
             "{result:?}"
         );
-    }
-}
-
-/// The wire form of a batch's commit.
-pub fn to_proto(c: &common::catalog::pipelines::BatchCommit) -> proto::BatchCommit {
-    proto::BatchCommit {
-        pipeline_id: c.pipeline_id,
-        task_id: c.task_id,
-        epoch: c.epoch,
-        seq: c.seq,
-        offsets: c
-            .offsets
-            .iter()
-            .map(|o| proto::OffsetUpdate {
-                key: o.key.clone(),
-                from_json: o.from.as_ref().map(|v| v.to_string()),
-                to_json: o.to.to_string(),
-                finished: o.finished,
-                continues: o.continues.clone(),
-            })
-            .collect(),
-        start_ms: c.start_ms,
-        extractor_wait_ms: c.extractor_wait_ms,
-        batch_time_ms: c.batch_time_ms,
-        rows: c.rows,
-        bytes: c.bytes,
-        num_partitions: c.num_partitions,
     }
 }

@@ -166,8 +166,7 @@ impl proto::leaf_server::Leaf for LeafServiceImpl {
         request: Request<proto::BuildIndexRequest>,
     ) -> Result<Response<proto::BuildIndexResponse>, Status> {
         let r = request.into_inner();
-        let columns =
-            query::columns::from_proto(&r.columns).map_err(Status::invalid_argument)?;
+        let columns = query::columns::from_proto(&r.columns).map_err(Status::invalid_argument)?;
         let store = self.store.clone();
         let rows_indexed = tokio::task::spawn_blocking(move || {
             store.build_index(
@@ -199,13 +198,10 @@ impl proto::leaf_server::Leaf for LeafServiceImpl {
         request: Request<proto::TestPipelineRequest>,
     ) -> Result<Response<proto::TestPipelineResponse>, Status> {
         let req = request.into_inner();
-        let rows_json = crate::tasks::test_extract(
-            &req.config_json,
-            &req.offsets,
-            req.limit.max(1) as usize,
-        )
-        .await
-        .map_err(Status::failed_precondition)?;
+        let rows_json =
+            crate::tasks::test_extract(&req.config_json, &req.offsets, req.limit.max(1) as usize)
+                .await
+                .map_err(Status::failed_precondition)?;
         Ok(Response::new(proto::TestPipelineResponse { rows_json }))
     }
 }

@@ -8,7 +8,6 @@ use common::catalog::pipelines::{BatchCommit, BatchRef, PipelineError, PipelineS
 use common::catalog::{Catalog, Command, Output};
 use common::connect::avro::canonical_json;
 use common::ids::LeafId;
-use serde_json::json;
 
 /// Commits a batch. `Ok(Ok(batch_id))`: committed (now or by an earlier try);
 /// `Ok(Err(reason))`: refused for good; `Err`: outcome unknown, the leaf retries.

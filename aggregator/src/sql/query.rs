@@ -7,7 +7,7 @@ use super::result::{codes, Column, ColumnKind, QueryOutput, RowStream, SqlError,
 use common::catalog::tables::Table;
 use common::catalog::Catalog;
 use datafusion::arrow::array::{
-    Array, ArrayRef, AsArray, BinaryArray, Float64Array, Int64Array, RecordBatch, StringArray,
+    ArrayRef, BinaryArray, Float64Array, Int64Array, RecordBatch, StringArray,
 };
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::catalog::TableProvider;

@@ -269,7 +269,7 @@ async fn main() -> Result<()> {
                     };
                     let t0 = Instant::now();
                     let r = committer
-                        .commit(serde_json::to_vec(&batch)?)
+                        .commit(leaf::commits::to_proto(&batch))
                         .await
                         .map_err(|e| anyhow::anyhow!("commit: {e}"))?;
                     if r.status() != proto::BatchStatus::Committed {

@@ -49,8 +49,11 @@ fn columns(json: &str) -> Vec<common::catalog::tables::TableColumn> {
 
 /// Tells the store its table has one BIGINT column `n` (what flushes write).
 fn one_bigint_column(s: &Store, table: &TableRef) {
-    s.note_columns(table, &columns(r#"[{"name":"n","ty":"BigInt","nullable":true,"computed":null}]"#))
-        .unwrap();
+    s.note_columns(
+        table,
+        &columns(r#"[{"name":"n","ty":"BigInt","nullable":true,"computed":null}]"#),
+    )
+    .unwrap();
 }
 
 /// The rows of d.t a reader sees now: in segments, and in the row segment above them.

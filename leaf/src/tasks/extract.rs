@@ -86,7 +86,9 @@ pub(super) async fn extract(
 mod tests {
     use super::*;
     use crate::batch::runs;
-    use common::connect::{avro, CommittedOffsets, ConnectorConfig, Poll, SourceRecord, SourceTask, TaskConfig};
+    use common::connect::{
+        avro, CommittedOffsets, ConnectorConfig, Poll, SourceRecord, SourceTask, TaskConfig,
+    };
 
     /// A source that hands out `ready` records on its first poll and nothing after, noting
     /// each poll's deadline and when it was called.

@@ -1,0 +1,90 @@
+#!/usr/bin/env python3
+"""Where a small query's time goes: a release cluster (1 aggregator, 2 leaves) with the bench's
+10,000-row table, 32 clients running JSON point filters, and `perf record` (cpu-clock samples,
+call graphs) on every node meanwhile; prints each node's hottest functions (self and children).
+
+    .venv/bin/python scripts/profile_small_queries.py [--bin-dir target/release] [--seconds 10]
+
+A developer's tool, not a test: perf must be installed (Debian's linux-perf)."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--bin-dir", type=Path, default=bench.REPO / "target/release")
+    p.add_argument("--seconds", type=float, default=10)
+    p.add_argument("--top", type=int, default=25)
+    args = p.parse_args()
+    report = bench.Report()
+    with bench.Cluster(args.bin_dir, aggregators=1, leaves=2) as c:
+        nodes = ["aggregator-1", "leaf-1", "leaf-2"]
+        out = c.data_dir / "perf"
+        out.mkdir()
+        # The table first (concurrency() loads it, then runs the clients): a first short run.
+        bench.concurrency(c, report, seconds=1)
+        perfs = [subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-F", "499", "-g", "-q",
+                                   "-o", str(out / f"{n}.data"), "-p", str(c.pid(n))],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                 for n in nodes]
+        time.sleep(0.5)
+        # The table exists now: concurrency() creates it again under the same name, so load
+        # a second database's worth of clients against it directly.
+        run_clients(c, report, args.seconds)
+        for proc in perfs:
+            proc.send_signal(2)
+        for proc in perfs:
+            proc.wait(timeout=60)
+        for n in nodes:
+            print(f"\n== {n}")
+            text = subprocess.run(["perf", "report", "-i", str(out / f"{n}.data"), "--stdio",
+                                   "--no-children", "--percent-limit", "1", "-g", "none",
+                                   "--sort", "symbol"],
+                                  capture_output=True, text=True).stdout
+            lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+            print("\n".join(lines[:args.top]))
+
+
+def run_clients(c: bench.Cluster, report: bench.Report, seconds: float, clients: int = 32) -> None:
+    import threading
+    latencies: list[float] = []
+    lock = threading.Lock()
+    stop = time.perf_counter() + seconds
+
+    def client(i: int) -> None:
+        mine = []
+        k = c.connect(db="small", read_timeout=60)
+        try:
+            n = i
+            while time.perf_counter() < stop:
+                started = time.perf_counter()
+                bench.query(k, f"SELECT COUNT(*) FROM g WHERE JSON_EXTRACT_BIGINT(record, 'seq') = {n % 5000}")
+                mine.append((time.perf_counter() - started) * 1000)
+                n += clients
+        finally:
+            k.close()
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    print(f"{clients} clients: {len(latencies) / wall:,.0f} q/s, p50 "
+          f"{bench.percentile(latencies, 50):.1f} ms, p99 {bench.percentile(latencies, 99):.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
