@@ -24,15 +24,17 @@ def main() -> None:
     p.add_argument("--bin-dir", type=Path, default=bench.REPO / "target/release")
     p.add_argument("--seconds", type=float, default=10)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--out", type=Path, default=Path("/tmp/shardline-perf"),
+                   help="where perf's data stays (perf report -i <out>/<node>.data)")
     args = p.parse_args()
     report = bench.Report()
     with bench.Cluster(args.bin_dir, aggregators=1, leaves=2) as c:
         nodes = ["aggregator-1", "leaf-1", "leaf-2"]
-        out = c.data_dir / "perf"
-        out.mkdir()
+        out = args.out
+        out.mkdir(parents=True, exist_ok=True)
         # The table first (concurrency() loads it, then runs the clients): a first short run.
         bench.concurrency(c, report, seconds=1)
-        perfs = [subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-F", "499", "-g", "-q",
+        perfs = [subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-F", "499", "--call-graph", "dwarf,16384", "-q",
                                    "-o", str(out / f"{n}.data"), "-p", str(c.pid(n))],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                  for n in nodes]
