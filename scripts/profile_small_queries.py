@@ -10,6 +10,7 @@ A developer's tool, not a test: perf must be installed (Debian's linux-perf)."""
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -39,9 +40,13 @@ def main() -> None:
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                  for n in nodes]
         time.sleep(0.5)
-        # The table exists now: concurrency() creates it again under the same name, so load
-        # a second database's worth of clients against it directly.
-        run_clients(c, report, args.seconds)
+        before = {n: cpu_seconds(c.pid(n)) for n in nodes}
+        client_before = time.process_time()
+        queries = run_clients(c, report, args.seconds)
+        used = {n: cpu_seconds(c.pid(n)) - before[n] for n in nodes}
+        used["clients (this process)"] = time.process_time() - client_before
+        print("CPU per query: " + ", ".join(f"{n} {1e3 * v / max(queries, 1):.2f} ms"
+                                            for n, v in used.items()))
         for proc in perfs:
             proc.send_signal(2)
         for proc in perfs:
@@ -56,7 +61,13 @@ def main() -> None:
             print("\n".join(lines[:args.top]))
 
 
-def run_clients(c: bench.Cluster, report: bench.Report, seconds: float, clients: int = 32) -> None:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_clients(c: bench.Cluster, report: bench.Report, seconds: float, clients: int = 32) -> int:
     import threading
     latencies: list[float] = []
     lock = threading.Lock()
@@ -86,6 +97,7 @@ def run_clients(c: bench.Cluster, report: bench.Report, seconds: float, clients:
     wall = time.perf_counter() - started
     print(f"{clients} clients: {len(latencies) / wall:,.0f} q/s, p50 "
           f"{bench.percentile(latencies, 50):.1f} ms, p99 {bench.percentile(latencies, 99):.1f} ms")
+    return len(latencies)
 
 
 if __name__ == "__main__":

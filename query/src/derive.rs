@@ -190,21 +190,17 @@ fn rewrite(node: &Arc<dyn ExecutionPlan>) -> Result<Option<Arc<dyn ExecutionPlan
     } else {
         return Ok(None);
     };
-    // The nodes between the consumer and the scan: filters only, which pass the scan's
-    // columns through.
+    // The nodes between the consumer and the scan: filters only (DataFusion folds a projection
+    // into a filter: its output is some of its input's columns).
     let mut chain: Vec<Arc<dyn ExecutionPlan>> = vec![];
     let mut below = node.children()[0].clone();
     let scan = loop {
         if let Some(s) = below.downcast_ref::<LeafScanExec>() {
             break s;
         }
-        let next = if let Some(f) = below.downcast_ref::<FilterExec>() {
-            if f.projection().is_some() {
-                return Ok(None);
-            }
-            f.input().clone()
-        } else {
-            return Ok(None);
+        let next = match below.downcast_ref::<FilterExec>() {
+            Some(f) => f.input().clone(),
+            None => return Ok(None),
         };
         chain.push(below);
         below = next;
@@ -212,12 +208,38 @@ fn rewrite(node: &Arc<dyn ExecutionPlan>) -> Result<Option<Arc<dyn ExecutionPlan
     if !scan.derived().is_empty() {
         return Ok(None);
     }
-    let predicates = |n: &Arc<dyn ExecutionPlan>| {
-        n.downcast_ref::<FilterExec>()
-            .map(|f| f.predicate().clone())
+    let filters: Vec<&FilterExec> = chain
+        .iter()
+        .filter_map(|n| n.downcast_ref::<FilterExec>())
+        .collect();
+    let scan_schema = scan.schema();
+    // Every expression over the scan's columns: the consumer's over the topmost filter's
+    // output, a filter's predicate over the output of the filter below it.
+    let in_scan = |e: &Arc<dyn PhysicalExpr>, from: usize| -> Result<Arc<dyn PhysicalExpr>> {
+        Arc::clone(e)
+            .transform_down(|n| {
+                let Some(c) = n.downcast_ref::<Column>() else {
+                    return Ok(Transformed::no(n));
+                };
+                let mut i = c.index();
+                for f in &filters[from..] {
+                    if let Some(p) = f.projection() {
+                        i = p[i];
+                    }
+                }
+                let name = scan_schema.field(i).name();
+                Ok(Transformed::yes(Arc::new(Column::new(name, i)) as _))
+            })
+            .data()
     };
-    let mut exprs = top.exprs();
-    exprs.extend(chain.iter().filter_map(predicates));
+    let mut exprs: Vec<_> = top
+        .exprs()
+        .iter()
+        .map(|e| in_scan(e, 0))
+        .collect::<Result<_>>()?;
+    for (k, f) in filters.iter().enumerate() {
+        exprs.push(in_scan(f.predicate(), k + 1)?);
+    }
 
     let mut calls: Vec<Call> = vec![];
     for e in &exprs {
@@ -239,7 +261,6 @@ fn rewrite(node: &Arc<dyn ExecutionPlan>) -> Result<Option<Arc<dyn ExecutionPlan
 
     let positions = scan.positions();
     let width = positions.len();
-    let scan_schema = scan.schema();
     let derived: Vec<Derived> = calls
         .iter()
         .map(|(col, function, path)| {
@@ -302,13 +323,12 @@ fn rewrite(node: &Arc<dyn ExecutionPlan>) -> Result<Option<Arc<dyn ExecutionPlan
     if let Some(source) = scan.source() {
         new_scan = new_scan.bound(source);
     }
+    // The filters keep no projection: each passes the new scan's columns through, and the
+    // consumer's expressions read them there.
     let mut input: Arc<dyn ExecutionPlan> = Arc::new(new_scan);
-    for old in chain.iter().rev() {
-        let rebuilt: Arc<dyn ExecutionPlan> = if let Some(f) = old.downcast_ref::<FilterExec>() {
-            Arc::new(FilterExec::try_new(map(f.predicate())?, input)?)
-        } else {
-            return Ok(None);
-        };
+    for (k, old) in chain.iter().enumerate().rev() {
+        let predicate = map(&in_scan(filters[k].predicate(), k + 1)?)?;
+        let rebuilt: Arc<dyn ExecutionPlan> = Arc::new(FilterExec::try_new(predicate, input)?);
         input = match old.fetch() {
             Some(n) => match rebuilt.with_fetch(Some(n)) {
                 Some(r) => r,
@@ -317,7 +337,8 @@ fn rewrite(node: &Arc<dyn ExecutionPlan>) -> Result<Option<Arc<dyn ExecutionPlan
             None => rebuilt,
         };
     }
-    let Some(mut new) = top.rebuild(input, &map)? else {
+    let in_new = |e: &Arc<dyn PhysicalExpr>| map(&in_scan(e, 0)?);
+    let Some(mut new) = top.rebuild(input, &in_new)? else {
         return Ok(None);
     };
     if let Some(n) = node.fetch() {
