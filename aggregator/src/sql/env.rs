@@ -79,13 +79,15 @@ impl QueryEnv {
         })
     }
 
-    /// A context for one query: the session's database and variables over the shared state.
-    pub fn context(&self, default_db: &str, vars: HashMap<String, ScalarValue>) -> SessionContext {
+    /// The state one query plans and runs in: the shared state (cloned once) with the
+    /// session's database and variables.
+    pub fn state(&self, default_db: &str, vars: HashMap<String, ScalarValue>) -> SessionState {
         let mut state = self.state.clone();
         state.config_mut().options_mut().catalog.default_schema = default_db.to_string();
-        let ctx = SessionContext::new_with_state(state);
-        ctx.register_variable(VarType::System, Arc::new(Vars(vars)));
-        ctx
+        state
+            .execution_props_mut()
+            .add_var_provider(VarType::System, Arc::new(Vars(vars)));
+        state
     }
 }
 

@@ -477,7 +477,7 @@ async fn execute(
     query: Query,
     vars: HashMap<String, ScalarValue>,
 ) -> Result<SendableRecordBatchStream, SqlError> {
-    let ctx = env.context(&default_db, vars);
+    let state = env.state(&default_db, vars);
 
     // MySQL names an unaliased expression column by its text.
     let mut query = query;
@@ -498,7 +498,6 @@ async fn execute(
             }
         }
     }
-    let state = ctx.state();
     let plan = state
         .statement_to_plan(datafusion::sql::parser::Statement::Statement(Box::new(
             Statement::Query(Box::new(query)),
@@ -511,8 +510,8 @@ async fn execute(
         .with_allow_statements(false)
         .verify_plan(&plan)
         .map_err(df_err)?;
-    let df = ctx.execute_logical_plan(plan).await.map_err(df_err)?;
-    df.execute_stream().await.map_err(df_err)
+    let physical = state.create_physical_plan(&plan).await.map_err(df_err)?;
+    datafusion::physical_plan::execute_stream(physical, state.task_ctx()).map_err(df_err)
 }
 
 /// The result columns of a schema, typed as MySQL clients see them.
