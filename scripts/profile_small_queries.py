@@ -25,6 +25,7 @@ def main() -> None:
     p.add_argument("--bin-dir", type=Path, default=bench.REPO / "target/release")
     p.add_argument("--seconds", type=float, default=10)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--no-perf", action="store_true", help="only the CPU per query (perf's own cost is not in it)")
     p.add_argument("--out", type=Path, default=Path("/tmp/shardline-perf"),
                    help="where perf's data stays (perf report -i <out>/<node>.data)")
     args = p.parse_args()
@@ -35,7 +36,7 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         # The table first (concurrency() loads it, then runs the clients): a first short run.
         bench.concurrency(c, report, seconds=1)
-        perfs = [subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-F", "499", "--call-graph", "dwarf,16384", "-q",
+        perfs = [] if args.no_perf else [subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-F", "499", "--call-graph", "dwarf,16384", "-q",
                                    "-o", str(out / f"{n}.data"), "-p", str(c.pid(n))],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                  for n in nodes]
@@ -51,7 +52,7 @@ def main() -> None:
             proc.send_signal(2)
         for proc in perfs:
             proc.wait(timeout=60)
-        for n in nodes:
+        for n in ([] if args.no_perf else nodes):
             print(f"\n== {n}")
             text = subprocess.run(["perf", "report", "-i", str(out / f"{n}.data"), "--stdio",
                                    "--no-children", "--percent-limit", "1", "-g", "none",
