@@ -34,7 +34,7 @@ def main() -> None:
         nodes = ["aggregator-1", "leaf-1", "leaf-2"]
         out = args.out
         out.mkdir(parents=True, exist_ok=True)
-        # The table first (concurrency() loads it, then runs the clients): a first short run.
+        # The bench's own figure first: it loads the table, then runs its clients for 1 s.
         bench.concurrency(c, report, seconds=1)
         perfs = [] if args.no_perf else [subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-F", "499", "--call-graph", "dwarf,16384", "-q",
                                    "-o", str(out / f"{n}.data"), "-p", str(c.pid(n))],
@@ -69,33 +69,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def run_clients(c: bench.Cluster, report: bench.Report, seconds: float, clients: int = 32) -> int:
-    import threading
-    latencies: list[float] = []
-    lock = threading.Lock()
-    stop = time.perf_counter() + seconds
-
-    def client(i: int) -> None:
-        mine = []
-        k = c.connect(db="small", read_timeout=60)
-        try:
-            n = i
-            while time.perf_counter() < stop:
-                started = time.perf_counter()
-                bench.query(k, f"SELECT COUNT(*) FROM g WHERE JSON_EXTRACT_BIGINT(record, 'seq') = {n % 5000}")
-                mine.append((time.perf_counter() - started) * 1000)
-                n += clients
-        finally:
-            k.close()
-        with lock:
-            latencies.extend(mine)
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    started = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - started
+    latencies, wall = bench.point_filter_clients(c, clients, seconds)
     print(f"{clients} clients: {len(latencies) / wall:,.0f} q/s, p50 "
           f"{bench.percentile(latencies, 50):.1f} ms, p99 {bench.percentile(latencies, 99):.1f} ms")
     return len(latencies)
