@@ -6,7 +6,6 @@
 use crate::store::segments::file::{segment_groups, Segment};
 use crate::store::{Range, Store, TableRef};
 use datafusion::arrow::array::{RecordBatch, RecordBatchOptions};
-use datafusion::arrow::datatypes::DataType;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::SendableRecordBatchStream;
@@ -18,7 +17,6 @@ use futures::StreamExt;
 use query::derive::Derived;
 use query::scan::ScanSource;
 use serde_json::Value as Json;
-use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -401,7 +399,8 @@ impl Reader {
     /// the limit is reached.
     fn read_segment(&self, path: &std::path::Path, tx: &Sender, read: &mut usize) -> Result<bool> {
         let segment = Segment::open(path).map_err(store_error)?;
-        let sub_filter = self.sub_column_filter(segment.schema());
+        let file_subs = crate::store::segments::json::file_sub_columns(segment.schema());
+        let sub_filter = self.sub_column_filter(&file_subs);
         let mut groups = segment.row_groups(self.pruning.as_deref());
         if let Some(f) = &sub_filter {
             let by_subs = PruningPredicateBuilder::new()
@@ -428,7 +427,7 @@ impl Reader {
         let subs: Vec<Option<String>> = self
             .derived
             .iter()
-            .map(|d| sub_column_of(&file_schema, d))
+            .map(|d| sub_column_of(&file_subs, d))
             .collect();
         let mut wanted: Vec<&str> = self
             .positions
@@ -489,36 +488,22 @@ impl Reader {
     /// The part of the filter above the scan that this segment's JSON sub-columns answer
     /// alone (over the segment's columns): `JSON_EXTRACT_<type>(col, 'key') <op> ...`
     /// conjuncts whose paths it keeps with that type.
-    fn sub_column_filter(&self, file: &SchemaRef) -> Option<Arc<dyn PhysicalExpr>> {
-        use crate::store::segments::json::{self, SubColumn, SubType};
+    fn sub_column_filter(
+        &self,
+        subs: &crate::store::segments::json::FileSubColumns,
+    ) -> Option<Arc<dyn PhysicalExpr>> {
+        use crate::store::segments::json::{self, SubType};
         use datafusion::physical_expr::expressions::Column;
-        let predicate = self.underived(self.predicate.as_ref()?)?;
-        let predicate = &predicate;
-        let subs: HashMap<(String, Vec<String>), (String, usize, SubType)> = file
-            .fields()
-            .iter()
-            .enumerate()
-            .filter_map(|(i, f)| {
-                let (source, path) = SubColumn::of_field(f)?;
-                let ty = match f.data_type() {
-                    DataType::Int64 => SubType::BigInt,
-                    DataType::Float64 => SubType::Double,
-                    DataType::Utf8 => SubType::String,
-                    _ => return None,
-                };
-                Some(((source, path), (f.name().clone(), i, ty)))
-            })
-            .collect();
         if subs.is_empty() {
             return None;
         }
+        let predicate = self.underived(self.predicate.as_ref()?)?;
         let lookup = |source: &str, path: &[String], ty: SubType| {
-            subs.get(&(source.to_string(), path.to_vec()))
-                .filter(|(_, _, t)| *t == ty)
-                .map(|(name, i, _)| Column::new(name, *i))
+            subs.get(&(source.to_string(), path.to_vec(), ty))
+                .map(|(name, i)| Column::new(name, *i))
         };
         let parts: Vec<Arc<dyn PhysicalExpr>> =
-            datafusion::physical_expr::split_conjunction(predicate)
+            datafusion::physical_expr::split_conjunction(&predicate)
                 .into_iter()
                 .filter_map(|c| json::rewrite(c, &lookup))
                 .collect();
@@ -641,15 +626,11 @@ impl Batch {
 }
 
 /// The segment's sub-column holding `d`'s value for every row, if it keeps one: its field.
-fn sub_column_of(file: &SchemaRef, d: &Derived) -> Option<String> {
-    use crate::store::segments::json::{SubColumn, SubType};
-    let ty = SubType::of_function(&d.function)?;
-    file.fields()
-        .iter()
-        .find(|f| {
-            SubColumn::of_field(f)
-                .is_some_and(|(source, path)| source == d.source && path == d.path)
-                && *f.data_type() == ty.arrow()
-        })
-        .map(|f| f.name().clone())
+fn sub_column_of(
+    subs: &crate::store::segments::json::FileSubColumns,
+    d: &Derived,
+) -> Option<String> {
+    let ty = crate::store::segments::json::SubType::of_function(&d.function)?;
+    subs.get(&(d.source.clone(), d.path.clone(), ty))
+        .map(|(name, _)| name.clone())
 }

@@ -241,13 +241,16 @@ fn rewrite(node: &Arc<dyn ExecutionPlan>) -> Result<Option<Arc<dyn ExecutionPlan
         exprs.push(in_scan(f.predicate(), k + 1)?);
     }
 
+    // Each distinct call, with the expression it was found as.
     let mut calls: Vec<Call> = vec![];
+    let mut found: Vec<Arc<dyn PhysicalExpr>> = vec![];
     for e in &exprs {
         e.apply(|n| {
             Ok(match call_of(n) {
                 Some(c) => {
                     if !calls.contains(&c) {
                         calls.push(c);
+                        found.push(n.clone());
                     }
                     TreeNodeRecursion::Jump
                 }
@@ -263,8 +266,9 @@ fn rewrite(node: &Arc<dyn ExecutionPlan>) -> Result<Option<Arc<dyn ExecutionPlan
     let width = positions.len();
     let derived: Vec<Derived> = calls
         .iter()
-        .map(|(col, function, path)| {
-            derived(&scan_schema, &positions, *col, function, path, &exprs)
+        .zip(&found)
+        .map(|((col, function, path), call)| {
+            derived(&scan_schema, &positions, *col, function, path, call)
         })
         .collect::<Result<_>>()?;
 
@@ -326,8 +330,9 @@ fn rewrite(node: &Arc<dyn ExecutionPlan>) -> Result<Option<Arc<dyn ExecutionPlan
     // The filters keep no projection: each passes the new scan's columns through, and the
     // consumer's expressions read them there.
     let mut input: Arc<dyn ExecutionPlan> = Arc::new(new_scan);
+    let top_count = exprs.len() - filters.len();
     for (k, old) in chain.iter().enumerate().rev() {
-        let predicate = map(&in_scan(filters[k].predicate(), k + 1)?)?;
+        let predicate = map(&exprs[top_count + k])?;
         let rebuilt: Arc<dyn ExecutionPlan> = Arc::new(FilterExec::try_new(predicate, input)?);
         input = match old.fetch() {
             Some(n) => match rebuilt.with_fetch(Some(n)) {
@@ -358,33 +363,18 @@ fn rewrite(node: &Arc<dyn ExecutionPlan>) -> Result<Option<Arc<dyn ExecutionPlan
     Ok(same(&new.schema(), &node.schema()).then_some(new))
 }
 
-/// The [`Derived`] value for a call found in `exprs`.
+/// The [`Derived`] value for `call` (over the scan's columns).
 fn derived(
     scan_schema: &Schema,
     positions: &[usize],
     col: usize,
     function: &str,
     path: &[String],
-    exprs: &[Arc<dyn PhysicalExpr>],
+    call: &Arc<dyn PhysicalExpr>,
 ) -> Result<Derived> {
     let source = scan_schema.field(col).name().clone();
-    // The call as found, its column rebound to index 0 (a batch of the source column only).
-    let mut found = None;
-    for e in exprs {
-        e.apply(|n| {
-            if found.is_none()
-                && call_of(n).is_some_and(|c| c == (col, function.to_string(), path.to_vec()))
-            {
-                found = Some(n.clone());
-                return Ok(TreeNodeRecursion::Stop);
-            }
-            Ok(TreeNodeRecursion::Continue)
-        })?;
-    }
-    let call = found.ok_or_else(|| {
-        datafusion::error::DataFusionError::Internal("a derived call went missing".into())
-    })?;
-    let expr = call
+    // The call with its column rebound to index 0 (a batch of the source column only).
+    let expr = Arc::clone(call)
         .transform_down(|n| {
             Ok(match n.downcast_ref::<Column>() {
                 Some(c) => Transformed::yes(Arc::new(Column::new(c.name(), 0)) as _),

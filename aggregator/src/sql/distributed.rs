@@ -363,6 +363,17 @@ fn leaf_error(addr: &str, s: &tonic::Status) -> DataFusionError {
 #[derive(Debug, Default)]
 pub struct PushToLeaves;
 
+/// A context that plans as the aggregator does: DataFusion's defaults, Shardline's functions,
+/// and [`PushToLeaves`]; `default_db` is the database unqualified names resolve in.
+pub fn planning_context(default_db: &str) -> datafusion::prelude::SessionContext {
+    let state = datafusion::execution::SessionStateBuilder::new()
+        .with_config(query::session::config(default_db))
+        .with_default_features()
+        .with_physical_optimizer_rule(Arc::new(PushToLeaves))
+        .build();
+    query::session::with_functions(datafusion::prelude::SessionContext::new_with_state(state))
+}
+
 impl PushToLeaves {
     fn pushable(node: &Arc<dyn ExecutionPlan>, leaves: usize) -> bool {
         let single = leaves == 1;
@@ -433,9 +444,7 @@ impl PhysicalOptimizerRule for PushToLeaves {
 mod tests {
     use super::*;
     use common::catalog::tables::{ColumnType, TableColumn};
-    use datafusion::execution::SessionStateBuilder;
     use datafusion::physical_plan::displayable;
-    use datafusion::prelude::SessionContext;
 
     /// The physical plan of `sql` over a two-leaf table `t (topic, id, record JSON)`.
     async fn plan(sql: &str) -> String {
@@ -464,12 +473,7 @@ mod tests {
                 ("127.0.0.1:2".into(), true, vec![1]),
             ],
         };
-        let state = SessionStateBuilder::new()
-            .with_config(query::session::config("d"))
-            .with_default_features()
-            .with_physical_optimizer_rule(Arc::new(PushToLeaves))
-            .build();
-        let ctx = query::session::with_functions(SessionContext::new_with_state(state));
+        let ctx = planning_context("d");
         let schema = datafusion::catalog::MemorySchemaProvider::new();
         datafusion::catalog::SchemaProvider::register_table(&schema, "t".into(), Arc::new(table))
             .unwrap();

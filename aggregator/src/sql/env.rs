@@ -5,7 +5,7 @@
 //! planning only, not for copying the catalog and registering hundreds of functions and
 //! tables ([`QueryEnvs::get`] rebuilds when the catalog's generation moves).
 
-use super::distributed::{ClusterTable, PushToLeaves};
+use super::distributed::{planning_context, ClusterTable};
 use super::query::{information_schema, table_schema, Vars};
 use crate::raft::RaftHandle;
 use common::catalog::Catalog;
@@ -14,8 +14,6 @@ use datafusion::catalog::{
 };
 use datafusion::error::DataFusionError;
 use datafusion::execution::session_state::SessionState;
-use datafusion::execution::SessionStateBuilder;
-use datafusion::prelude::SessionContext;
 use datafusion::scalar::ScalarValue;
 use datafusion::variable::VarType;
 use std::collections::HashMap;
@@ -29,12 +27,7 @@ pub struct QueryEnv {
 
 impl QueryEnv {
     fn build(generation: u64, catalog: Arc<Catalog>) -> Result<Self, DataFusionError> {
-        let state = SessionStateBuilder::new()
-            .with_config(query::session::config("information_schema"))
-            .with_default_features()
-            .with_physical_optimizer_rule(Arc::new(PushToLeaves))
-            .build();
-        let ctx = query::session::with_functions(SessionContext::new_with_state(state));
+        let ctx = planning_context("information_schema");
         let def = MemoryCatalogProvider::new();
         let is: Arc<dyn SchemaProvider> = Arc::new(InformationSchema {
             catalog: catalog.clone(),

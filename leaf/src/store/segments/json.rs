@@ -30,7 +30,7 @@ const MAX_SUBCOLUMNS: usize = 32;
 /// Longest string a string sub-column holds (longer values stay in the text only).
 const MAX_STRING: usize = 256;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum SubType {
     BigInt,
     Double,
@@ -109,6 +109,25 @@ impl SubColumn {
         let path = serde_json::from_str(f.metadata().get(PATH_META)?).ok()?;
         Some((source, path))
     }
+}
+
+/// A segment file's sub-columns by JSON column, key path and type: each one's field name and
+/// index in the file.
+pub type FileSubColumns = HashMap<(String, Vec<String>, SubType), (String, usize)>;
+
+/// The sub-columns a segment file's schema holds.
+pub fn file_sub_columns(file: &datafusion::arrow::datatypes::Schema) -> FileSubColumns {
+    file.fields()
+        .iter()
+        .enumerate()
+        .filter_map(|(i, f)| {
+            let (source, path) = SubColumn::of_field(f)?;
+            let ty = [SubType::BigInt, SubType::Double, SubType::String]
+                .into_iter()
+                .find(|t| t.arrow() == *f.data_type())?;
+            Some(((source, path, ty), (f.name().clone(), i)))
+        })
+        .collect()
 }
 
 #[derive(Default)]
@@ -262,9 +281,7 @@ pub fn rewrite(expr: &Arc<dyn PhysicalExpr>, sub: SubLookup<'_>) -> Option<Arc<d
             let Some(f) = e.downcast_ref::<ScalarFunctionExpr>() else {
                 return Ok(Transformed::no(e));
             };
-            let ty = [SubType::BigInt, SubType::Double, SubType::String]
-                .into_iter()
-                .find(|t| t.function() == f.name());
+            let ty = SubType::of_function(f.name());
             let (Some(ty), [col, keys @ ..]) = (ty, f.args()) else {
                 return Ok(Transformed::no(e));
             };
