@@ -74,8 +74,17 @@ pub async fn run(
         "shardline_raft_is_leader",
         "1 while this aggregator is the master.",
     );
+    metrics.describe(
+        "shardline_select_plans_reused_total",
+        "SELECTs whose optimized plan was bound from one kept for their shape (the statement without its literals).",
+    );
+    metrics.describe(
+        "shardline_select_plans_built_total",
+        "SELECTs planned and optimized in full.",
+    );
     if let Some(listener) = metrics_listener {
         let m = metrics.clone();
+        let e = engine.clone();
         let r = raft.clone();
         let c = engine.connections.clone();
         let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
@@ -95,6 +104,9 @@ pub async fn run(
                 "shardline_raft_snapshot_encode_seconds",
                 st.snapshot_encode_ms as f64 / 1000.0,
             );
+            let (reused, built) = e.plan_counts();
+            m.set("shardline_select_plans_reused_total", reused as f64);
+            m.set("shardline_select_plans_built_total", built as f64);
             m.set(
                 "shardline_mysql_connections",
                 c.load(std::sync::atomic::Ordering::Relaxed) as f64,

@@ -290,7 +290,7 @@ impl Driver {
         let command: Command = serde_json::from_slice(&cc.context)
             .map_err(|e| Error::Corrupt(format!("configuration change context: {e}")))?;
         tracing::info!(index = entry.index, voters = ?conf_state.voters, ?command, "membership changed");
-        let out = self.catalog.write(|c| c.apply(command))?;
+        let out = self.catalog.apply(command)?;
         Ok(out)
     }
 
@@ -415,9 +415,7 @@ impl Driver {
             let result = match serde_json::from_slice::<Command>(&entry.data) {
                 Ok(command) => {
                     tracing::debug!(index = entry.index, ?command, "apply");
-                    self.catalog
-                        .write(|c| c.apply(command))
-                        .map_err(Error::from)
+                    self.catalog.apply(command).map_err(Error::from)
                 }
                 Err(e) => {
                     tracing::error!(index = entry.index, "skipping undecodable command: {e}");

@@ -28,30 +28,56 @@ use tokio_util::task::TaskTracker;
 use tonic::transport::Channel;
 use transport::Transport;
 
-/// The catalog as this node has applied it, and its generation: a number that changes with
-/// every change to it, so what is derived from a catalog (a query's table providers) can be
-/// kept until the catalog changes.
+/// The catalog as this node has applied it, and its generations: numbers that change with
+/// every change to it (`all`), and with every change to what queries plan against (`tables`,
+/// [`Command::changes_tables`]), so what is derived from a catalog (information_schema, a
+/// query's table providers and kept plans) is kept until the part it depends on changes.
 #[derive(Debug, Default)]
 pub(crate) struct SharedCatalog {
     catalog: RwLock<Catalog>,
-    generation: std::sync::atomic::AtomicU64,
+    all: std::sync::atomic::AtomicU64,
+    tables: std::sync::atomic::AtomicU64,
+}
+
+/// The generations of a catalog as read ([`SharedCatalog`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Generations {
+    pub all: u64,
+    pub tables: u64,
 }
 
 impl SharedCatalog {
-    pub(crate) fn read<R>(&self, f: impl FnOnce(&Catalog, u64) -> R) -> R {
+    pub(crate) fn read<R>(&self, f: impl FnOnce(&Catalog, Generations) -> R) -> R {
+        use std::sync::atomic::Ordering::Acquire;
         let c = self.catalog.read().unwrap_or_else(|p| p.into_inner());
-        // Read under the lock: a writer moves it on before letting readers in again.
-        f(
-            &c,
-            self.generation.load(std::sync::atomic::Ordering::Acquire),
-        )
+        // Read under the lock: a writer moves them on before letting readers in again.
+        let generations = Generations {
+            all: self.all.load(Acquire),
+            tables: self.tables.load(Acquire),
+        };
+        f(&c, generations)
     }
 
+    /// Changes the catalog in any way (both generations move).
     pub(crate) fn write<R>(&self, f: impl FnOnce(&mut Catalog) -> R) -> R {
+        self.change(true, f)
+    }
+
+    /// Applies a committed command; the tables generation moves only if the command can
+    /// change what queries plan against.
+    pub(crate) fn apply(&self, command: Command) -> common::Result<Output> {
+        let tables = command.changes_tables();
+        self.change(tables, |c| c.apply(command))
+    }
+
+    fn change<R>(&self, tables: bool, f: impl FnOnce(&mut Catalog) -> R) -> R {
+        use std::sync::atomic::Ordering::AcqRel;
         let mut c = self.catalog.write().unwrap_or_else(|p| p.into_inner());
         let out = f(&mut c);
-        self.generation
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.all.fetch_add(1, AcqRel);
+        if tables {
+            self.tables.fetch_add(1, AcqRel);
+        }
         out
     }
 }
@@ -335,8 +361,8 @@ impl RaftHandle {
         self.inner.catalog.read(|c, _| f(c))
     }
 
-    /// Reads the catalog with its generation ([`SharedCatalog`]).
-    pub fn read_catalog_generation<R>(&self, f: impl FnOnce(&Catalog, u64) -> R) -> R {
+    /// Reads the catalog with its generations ([`SharedCatalog`]).
+    pub fn read_catalog_generation<R>(&self, f: impl FnOnce(&Catalog, Generations) -> R) -> R {
         self.inner.catalog.read(f)
     }
 

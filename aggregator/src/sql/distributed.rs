@@ -72,7 +72,7 @@ impl TableProvider for ClusterTable {
         Ok(filters
             .iter()
             .map(|f| {
-                if self.index_bound(f).is_some() {
+                if self.index_bound(f).is_some() || self.index_bound_to_come(f) {
                     TableProviderFilterPushDown::Inexact
                 } else {
                     TableProviderFilterPushDown::Unsupported
@@ -132,6 +132,33 @@ impl TableProvider for ClusterTable {
 }
 
 impl ClusterTable {
+    /// Whether `f` is `column <op> $n` that becomes an index range once a value of the
+    /// placeholder's type is bound (a plan kept for its shape, [`super::plans`]): the filter
+    /// stays on the scan, so the bound statement's scan gets its range.
+    fn index_bound_to_come(&self, f: &Expr) -> bool {
+        use datafusion::logical_expr::expr::Placeholder;
+        use datafusion::logical_expr::BinaryExpr;
+        let Expr::BinaryExpr(BinaryExpr { left, op, right }) = f else {
+            return false;
+        };
+        let some_value = |e: &Expr| match e {
+            Expr::Placeholder(Placeholder {
+                field: Some(field), ..
+            }) => match field.data_type() {
+                DataType::Int64 => Some(Expr::Literal(ScalarValue::Int64(Some(0)), None)),
+                DataType::Utf8 => Some(Expr::Literal(ScalarValue::Utf8(Some(String::new())), None)),
+                _ => None,
+            },
+            _ => None,
+        };
+        let bound = match (some_value(left), some_value(right)) {
+            (Some(v), None) => BinaryExpr::new(Box::new(v), *op, right.clone()),
+            (None, Some(v)) => BinaryExpr::new(left.clone(), *op, Box::new(v)),
+            _ => return false,
+        };
+        self.index_bound(&Expr::BinaryExpr(bound)).is_some()
+    }
+
     /// An index range for `column <op> literal` (either side) on an indexed column.
     fn index_bound(&self, f: &Expr) -> Option<proto::IndexRange> {
         use datafusion::logical_expr::{BinaryExpr, Operator};

@@ -1,11 +1,14 @@
-//! What a SELECT plans against, kept from one catalog change to the next: DataFusion's session
-//! state with Shardline's functions and the rule that pushes work to the leaves, the tables of
-//! every database (where their partitions live), and `information_schema`, built from the same
-//! catalog snapshot the first time a query reads it. A small query then pays for its own
-//! planning only, not for copying the catalog and registering hundreds of functions and
-//! tables ([`QueryEnvs::get`] rebuilds when the catalog's generation moves).
+//! What a SELECT plans against, kept from one change of the catalog's tables to the next:
+//! DataFusion's session state with Shardline's functions and the rule that pushes work to the
+//! leaves, the tables of every database (where their partitions live), the plans kept per
+//! statement shape ([`PlanCache`]), and `information_schema`, built from the newest catalog the
+//! first time a query reads it after the catalog changed. A small query then pays for its own
+//! physical planning only, not for copying the catalog, registering hundreds of functions and
+//! tables, or optimizing a plan it ran a moment ago with other values ([`QueryEnvs::get`]
+//! rebuilds when the tables generation moves; a running pipeline's commits do not move it).
 
 use super::distributed::{planning_context, ClusterTable};
+use super::plans::PlanCache;
 use super::query::{information_schema, table_schema, Vars};
 use crate::raft::RaftHandle;
 use common::catalog::Catalog;
@@ -17,21 +20,37 @@ use datafusion::execution::session_state::SessionState;
 use datafusion::scalar::ScalarValue;
 use datafusion::variable::VarType;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
-/// The planning environment of one catalog generation.
+/// The planning environment of one tables generation.
 pub struct QueryEnv {
-    generation: u64,
+    tables_generation: u64,
     state: SessionState,
+    /// Optimized plans by statement shape.
+    pub plans: PlanCache,
+    counts: Arc<PlanCounts>,
+}
+
+/// How often a SELECT's plan was bound from a kept one, and how often planned.
+#[derive(Debug, Default)]
+pub struct PlanCounts {
+    pub reused: AtomicU64,
+    pub built: AtomicU64,
 }
 
 impl QueryEnv {
-    fn build(generation: u64, catalog: Arc<Catalog>) -> Result<Self, DataFusionError> {
-        let ctx = planning_context("information_schema");
+    fn build(
+        ctx: datafusion::prelude::SessionContext,
+        tables_generation: u64,
+        catalog: &Catalog,
+        raft: &RaftHandle,
+        counts: Arc<PlanCounts>,
+    ) -> Result<Self, DataFusionError> {
         let def = MemoryCatalogProvider::new();
         let is: Arc<dyn SchemaProvider> = Arc::new(InformationSchema {
-            catalog: catalog.clone(),
-            tables: OnceLock::new(),
+            raft: raft.clone(),
+            tables: Mutex::new(None),
         });
         def.register_schema("information_schema", is.clone())?;
         def.register_schema("INFORMATION_SCHEMA", is)?;
@@ -67,9 +86,21 @@ impl QueryEnv {
         }
         ctx.register_catalog("def", Arc::new(def));
         Ok(Self {
-            generation,
+            tables_generation,
             state: ctx.state(),
+            plans: PlanCache::default(),
+            counts,
         })
+    }
+
+    /// Counts a SELECT's planning: `reused` if its plan came from [`Self::plans`].
+    pub fn count(&self, reused: bool) {
+        let c = if reused {
+            &self.counts.reused
+        } else {
+            &self.counts.built
+        };
+        c.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The state one query plans and runs in: the shared state (cloned once) with the
@@ -84,52 +115,94 @@ impl QueryEnv {
     }
 }
 
-/// The environment of the newest catalog generation a query has seen on this aggregator.
+/// The environment of the newest tables generation a query has seen on this aggregator.
 #[derive(Default)]
-pub struct QueryEnvs(Mutex<Option<Arc<QueryEnv>>>);
+pub struct QueryEnvs {
+    env: Mutex<Option<Arc<QueryEnv>>>,
+    counts: Arc<PlanCounts>,
+}
 
 impl QueryEnvs {
     /// The environment of the catalog as this node has applied it now.
     pub fn get(&self, raft: &RaftHandle) -> Result<Arc<QueryEnv>, DataFusionError> {
-        let cached = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let cached = self.env.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let (generation, snapshot) = raft.read_catalog_generation(|c, g| match &cached {
-            Some(env) if env.generation == g => (g, None),
-            _ => (g, Some(Arc::new(c.clone()))),
+            Some(env) if env.tables_generation == g.tables => (g.tables, None),
+            _ => (g.tables, Some(c.clone())),
         });
         let Some(catalog) = snapshot else {
             return Ok(cached.expect("a cached environment of this generation"));
         };
-        let env = Arc::new(QueryEnv::build(generation, catalog)?);
-        let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.as_ref().is_none_or(|e| e.generation < generation) {
+        let ctx = planning_context("information_schema");
+        let env = Arc::new(QueryEnv::build(
+            ctx,
+            generation,
+            &catalog,
+            raft,
+            self.counts.clone(),
+        )?);
+        let mut slot = self.env.lock().unwrap_or_else(|p| p.into_inner());
+        if slot
+            .as_ref()
+            .is_none_or(|e| e.tables_generation < generation)
+        {
             *slot = Some(env.clone());
         }
         Ok(env)
+    }
+
+    /// SELECTs planned from a kept plan, and planned in full, since this node started.
+    pub fn plan_counts(&self) -> (u64, u64) {
+        (
+            self.counts.reused.load(Ordering::Relaxed),
+            self.counts.built.load(Ordering::Relaxed),
+        )
     }
 }
 
 type Tables = HashMap<String, Arc<dyn TableProvider>>;
 
-/// `information_schema` of one catalog snapshot, its tables built when a query first reads
-/// one of them.
-#[derive(Debug)]
+/// `information_schema`, built from the catalog when a query first reads one of its tables
+/// after the catalog changed (any change: a pipeline's state and batches are in it).
 struct InformationSchema {
-    catalog: Arc<Catalog>,
-    tables: OnceLock<Result<Tables, String>>,
+    raft: RaftHandle,
+    /// The tables, and the catalog generation (`all`) they were built from.
+    tables: Mutex<Option<(u64, Arc<Tables>)>>,
+}
+
+impl std::fmt::Debug for InformationSchema {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InformationSchema")
+    }
 }
 
 impl InformationSchema {
-    fn tables(&self) -> Result<&Tables, DataFusionError> {
-        self.tables
-            .get_or_init(|| {
-                let built = information_schema(&self.catalog).map_err(|e| e.to_string())?;
-                Ok(built
-                    .into_iter()
-                    .flat_map(|(n, t)| [(n.to_string(), t.clone()), (n.to_ascii_lowercase(), t)])
-                    .collect())
-            })
-            .as_ref()
-            .map_err(|e| DataFusionError::Execution(format!("information_schema: {e}")))
+    fn tables(&self) -> Result<Arc<Tables>, DataFusionError> {
+        let cached = self
+            .tables
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let (generation, snapshot) = self.raft.read_catalog_generation(|c, g| match &cached {
+            Some((built, _)) if *built == g.all => (g.all, None),
+            _ => (g.all, Some(c.clone())),
+        });
+        let Some(catalog) = snapshot else {
+            return Ok(cached.expect("tables of this generation").1);
+        };
+        let built = information_schema(&catalog)
+            .map_err(|e| DataFusionError::Execution(format!("information_schema: {e}")))?;
+        let tables: Arc<Tables> = Arc::new(
+            built
+                .into_iter()
+                .flat_map(|(n, t)| [(n.to_string(), t.clone()), (n.to_ascii_lowercase(), t)])
+                .collect(),
+        );
+        let mut slot = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.as_ref().is_none_or(|(g, _)| *g < generation) {
+            *slot = Some((generation, tables.clone()));
+        }
+        Ok(tables)
     }
 }
 

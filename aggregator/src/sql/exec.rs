@@ -36,7 +36,7 @@ pub struct SqlEngine {
     /// How long a silent leaf stays online (`--leaf-heartbeat-timeout-ms`): START PIPELINE
     /// ... FOREGROUND does not call a pipeline idle before a dead leaf's tasks could move.
     pub(super) leaf_heartbeat_timeout: std::time::Duration,
-    /// What SELECTs plan against, kept until the catalog changes.
+    /// What SELECTs plan against, kept until the catalog's tables change.
     query_envs: super::env::QueryEnvs,
 }
 
@@ -128,6 +128,11 @@ impl SqlEngine {
 
     pub(super) fn query_envs(&self) -> &super::env::QueryEnvs {
         &self.query_envs
+    }
+
+    /// SELECTs whose plan was bound from a kept plan, and SELECTs planned in full.
+    pub fn plan_counts(&self) -> (u64, u64) {
+        self.query_envs.plan_counts()
     }
 
     pub fn raft(&self) -> &RaftHandle {

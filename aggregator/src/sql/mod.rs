@@ -5,7 +5,8 @@
 //! - `exec`: [`SqlEngine`], which runs a statement for a [`Session`];
 //! - `pipelines`: pipeline and table statements;
 //! - `query`: SELECT on DataFusion (leaf scans, information_schema);
-//! - `env`: what a SELECT plans against, kept per catalog generation;
+//! - `env`: what a SELECT plans against, kept while the catalog's tables stay the same;
+//! - `plans`: optimized plans kept per statement shape (the statement without its literals);
 //! - `functions`: SingleStore's JSON and base64 functions;
 //! - `result`: result sets, values and MySQL errors.
 
@@ -16,6 +17,7 @@ pub mod eval;
 pub mod exec;
 pub mod parse;
 mod pipelines;
+mod plans;
 pub mod query;
 pub mod result;
 

@@ -14,9 +14,8 @@ use datafusion::catalog::TableProvider;
 use datafusion::datasource::MemTable;
 use datafusion::error::DataFusionError;
 use datafusion::execution::SendableRecordBatchStream;
-use datafusion::prelude::SQLOptions;
 use datafusion::scalar::ScalarValue;
-use datafusion::sql::sqlparser::ast::{Ident, Query, SelectItem, SetExpr, Statement};
+use datafusion::sql::sqlparser::ast::{Ident, Query, SelectItem, SetExpr};
 use datafusion::variable::VarProvider;
 use futures::StreamExt;
 use std::collections::HashMap;
@@ -498,19 +497,18 @@ async fn execute(
             }
         }
     }
-    let plan = state
-        .statement_to_plan(datafusion::sql::parser::Statement::Statement(Box::new(
-            Statement::Query(Box::new(query)),
-        )))
+    let (plan, reused) = env
+        .plans
+        .plan(&state, &default_db, &query)
         .await
         .map_err(df_err)?;
-    SQLOptions::new()
-        .with_allow_ddl(false)
-        .with_allow_dml(false)
-        .with_allow_statements(false)
-        .verify_plan(&plan)
+    env.count(reused);
+    // Optimized already (or bound into a plan optimized once for its shape).
+    let physical = state
+        .query_planner()
+        .create_physical_plan(&plan, &state)
+        .await
         .map_err(df_err)?;
-    let physical = state.create_physical_plan(&plan).await.map_err(df_err)?;
     datafusion::physical_plan::execute_stream(physical, state.task_ctx()).map_err(df_err)
 }
 

@@ -281,6 +281,29 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// Whether applying the command can change what a query plans against: databases,
+    /// tables, columns, indexes, leaves and where partitions live. A pipeline's progress
+    /// (batches, offsets, task assignments, errors, its state) does not, so the planning
+    /// environment and the plans kept in it outlive a running pipeline's commits; conservative
+    /// for everything else.
+    pub fn changes_tables(&self) -> bool {
+        match self {
+            Command::StartPipeline { .. }
+            | Command::StopPipeline { .. }
+            | Command::AssignTask { .. }
+            | Command::CommitBatch(_)
+            | Command::BatchesFinalized { .. }
+            | Command::FenceTask { .. }
+            | Command::PipelineFailure { .. }
+            | Command::ClearPipelineErrors { .. }
+            | Command::SetAggregatorAddress { .. } => false,
+            Command::Request { command, .. } => command.changes_tables(),
+            _ => true,
+        }
+    }
+}
+
 /// What applying a command produced.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Output {

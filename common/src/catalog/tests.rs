@@ -428,3 +428,26 @@ fn members_join_once_and_removed_ids_never_return() {
     );
     assert_eq!(join(4).member_change(), None);
 }
+
+#[test]
+fn a_pipelines_progress_does_not_change_what_queries_plan_against() {
+    let progress = Command::BatchesFinalized { batches: vec![] };
+    assert!(!progress.changes_tables());
+    assert!(!Command::Request {
+        id: 1,
+        command: Box::new(progress)
+    }
+    .changes_tables());
+    assert!(create("db", None).changes_tables());
+    assert!(Command::Request {
+        id: 2,
+        command: Box::new(create("db", None))
+    }
+    .changes_tables());
+    assert!(Command::SetLeafOnline {
+        id: LeafId(1),
+        online: false,
+        now_ms: 1
+    }
+    .changes_tables());
+}

@@ -659,3 +659,115 @@ fn json_filters_read_sub_columns_and_skip_segments() -> Result<()> {
     assert_eq!(by_subs[0][..3], ["0", &*per_task.to_string(), &*half]);
     Ok(())
 }
+
+/// SELECTs the aggregator (the first, the master here) bound from a kept plan, and planned in
+/// full.
+fn plan_counts(c: &Cluster) -> Result<(f64, f64)> {
+    let text = scrape(c.metrics_ports[0])?;
+    Ok((
+        metric_sum(&text, "shardline_select_plans_reused_total"),
+        metric_sum(&text, "shardline_select_plans_built_total"),
+    ))
+}
+
+#[test]
+fn statements_that_differ_in_literals_reuse_one_plan() -> Result<()> {
+    // Rows stay in the row segment, where an index answers a point filter by itself.
+    let (c, m) = cluster(vec![
+        ("SHARDLINE_SEGMENT_ROWS".into(), "1000000".into()),
+        ("SHARDLINE_FLUSH_INTERVAL_MS".into(), "3600000".into()),
+    ])?;
+    setup(&c, m, "pc")?;
+    let per_task = 2_000usize;
+    load_datagen(&c, m, "pc", &datagen_config(per_task))?;
+    let one = |sql: &str| -> Result<String> { Ok(c.sql(m, sql)?.rows[0][0].clone()) };
+    let point = |v: &str| {
+        format!("SELECT COUNT(*) FROM pc.gen WHERE JSON_EXTRACT_BIGINT(record, 'seq') = {v}")
+    };
+
+    // The first statement of a shape is planned; the others bind their values into its plan
+    // and get their own answers.
+    let start = plan_counts(&c)?;
+    for (seq, expected) in [
+        ("5", "2"),
+        ("17", "2"),
+        ("1999", "2"),
+        ("2000", "0"),
+        ("-3", "0"),
+    ] {
+        assert_eq!(one(&point(seq))?, expected, "seq = {seq}");
+    }
+    let after = plan_counts(&c)?;
+    // `-3` is an expression (a minus and a literal), so its own shape.
+    assert_eq!(
+        (after.0 - start.0, after.1 - start.1),
+        (3.0, 2.0),
+        "(reused, built)"
+    );
+    // Strings, IN lists and ranges alike; each shape planned once.
+    let msg = one("SELECT JSON_EXTRACT_STRING(record, 'msg') FROM pc.gen LIMIT 1")?;
+    let by_msg = |m: &str| {
+        format!("SELECT COUNT(*) FROM pc.gen WHERE JSON_EXTRACT_STRING(record, 'msg') = '{m}'")
+    };
+    assert_eq!(one(&by_msg(&msg))?, (2 * per_task).to_string());
+    assert_eq!(one(&by_msg("no such message"))?, "0");
+    let range = |a: u32, b: u32| {
+        format!("SELECT COUNT(*) FROM pc.gen WHERE JSON_EXTRACT_BIGINT(record, 'seq') BETWEEN {a} AND {b} AND JSON_EXTRACT_BIGINT(record, 'task') IN (0, 7)")
+    };
+    assert_eq!(one(&range(0, 9))?, "10");
+    assert_eq!(one(&range(100, 299))?, "200");
+    // A function whose value changes, and a session variable, are planned every time.
+    let volatile = "SELECT COUNT(*) FROM pc.gen WHERE JSON_EXTRACT_BIGINT(record, 'seq') = 1 AND now() IS NOT NULL";
+    let variable = "SELECT COUNT(*) FROM pc.gen WHERE JSON_EXTRACT_BIGINT(record, 'seq') < @@pipelines_batch_interval";
+    for _ in 0..2 {
+        assert_eq!(one(volatile)?, "2");
+        assert_eq!(one(variable)?, "200");
+    }
+    let before = after;
+    let after = plan_counts(&c)?;
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (2.0, 7.0),
+        "(reused, built)"
+    );
+
+    // information_schema follows every catalog change, also those that keep the plans
+    // (a pipeline's state and batches).
+    let state = "SELECT STATE FROM information_schema.PIPELINES WHERE DATABASE_NAME = 'pc' AND PIPELINE_NAME = 'gen'";
+    assert_eq!(one(state)?, "Stopped");
+    c.sql(m, "USE pc; START PIPELINE gen")?;
+    assert_eq!(one(state)?, "Running");
+    c.sql(m, "USE pc; STOP PIPELINE gen")?;
+    assert_eq!(one(state)?, "Stopped");
+    let before = plan_counts(&c)?;
+    assert_eq!(one(&point("6"))?, "2");
+    let after = plan_counts(&c)?;
+    assert_eq!(
+        after.0 - before.0,
+        1.0,
+        "the pipeline's runs kept the plans"
+    );
+
+    // A new column (a change to the tables) starts over with plans that know it; an index on
+    // it narrows the scan of a kept plan as it does the first one's: each reads its 2 rows.
+    c.sql(m, "USE pc; ALTER TABLE gen ADD COLUMN seq AS JSON_EXTRACT_BIGINT(record, 'seq') PERSISTED BIGINT")?;
+    c.sql(m, "USE pc; CREATE INDEX idx_seq ON gen (seq)")?;
+    let before = plan_counts(&c)?;
+    for seq in ["7", "8", "1500"] {
+        let (rows, w) = measured(
+            &c,
+            m,
+            &format!("SELECT COUNT(*), SUM(seq) FROM pc.gen WHERE seq = {seq}"),
+        )?;
+        let twice = (2 * seq.parse::<u64>()?).to_string();
+        assert_eq!(rows, vec![vec!["2".to_string(), twice]], "seq = {seq}");
+        assert_eq!(w.scanned, 2.0, "seq = {seq} read {w:?}");
+    }
+    let after = plan_counts(&c)?;
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (2.0, 1.0),
+        "(reused, built)"
+    );
+    Ok(())
+}

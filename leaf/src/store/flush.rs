@@ -322,8 +322,14 @@ impl Store {
         let (id, path) = fresh_segment(&dir, manifest.next_id);
         let inputs: Vec<std::path::PathBuf> =
             small.iter().map(|s| dir.join(s.file_name())).collect();
-        let source = || -> Result<_> { Ok(segment_rows(&inputs, columns, &compiled)) };
-        let merged = build::write_segment(&path, id, columns, source)?;
+        let with_metas: Vec<_> = inputs.iter().cloned().zip(small.iter().cloned()).collect();
+        let merged = match build::concat_segments(&path, id, columns, &with_metas)? {
+            Some(merged) => merged,
+            None => {
+                let source = || -> Result<_> { Ok(segment_rows(&inputs, columns, &compiled)) };
+                build::write_segment(&path, id, columns, source)?
+            }
+        };
         let expected: u64 = small.iter().map(|s| s.rows).sum();
         if merged.rows != expected {
             let _ = std::fs::remove_file(&path);

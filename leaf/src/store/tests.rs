@@ -405,3 +405,58 @@ async fn a_dropped_table_leaves_nothing_and_a_new_one_of_its_name_starts_empty()
     s.finalize(key(5)).unwrap();
     assert_eq!(s.scan(&again).unwrap(), vec!["[5]"]);
 }
+
+/// Flushes one segment per record of d.t (one JSON column `record`), eight in all, which
+/// merge into one; returns the merged segment's rows and sub-columns (path, rows present).
+async fn merged_json_segments(records: &[String]) -> (u64, Vec<(String, u64)>) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    s.note_columns(
+        &t(),
+        &columns(r#"[{"name":"record","ty":"Json","nullable":true,"computed":null}]"#),
+    )
+    .unwrap();
+    for (i, r) in records.iter().enumerate() {
+        let row = serde_json::json!([r]).to_string();
+        prepare(&s, i as u64 + 1, &[(0, row.as_str())]).await;
+        s.finalize(key(i as u64 + 1)).unwrap();
+        s.flush_segments(1).unwrap();
+    }
+    let parts = s.manifests();
+    let segments = &parts[0].manifest.segments;
+    assert_eq!(segments.len(), 1, "the segments merged: {segments:?}");
+    let subs = segments[0]
+        .json
+        .iter()
+        .map(|c| (c.path.join("."), c.present))
+        .collect();
+    (segments[0].rows, subs)
+}
+
+#[tokio::test]
+async fn a_merge_of_segments_with_the_same_sub_columns_keeps_them_and_their_counts() {
+    let records: Vec<String> = (0..8)
+        .map(|i| format!(r#"{{"seq":{i},"msg":"m{i}"}}"#))
+        .collect();
+    let (rows, mut subs) = merged_json_segments(&records).await;
+    subs.sort();
+    assert_eq!(rows, 8);
+    assert_eq!(subs, vec![("msg".to_string(), 8), ("seq".to_string(), 8)]);
+}
+
+#[tokio::test]
+async fn a_merge_of_segments_with_other_sub_columns_infers_them_again() {
+    // Five rows have `a`, three `b`: merged, only `a` is in at least half of the rows.
+    let records: Vec<String> = (0..8)
+        .map(|i| {
+            if i < 5 {
+                format!(r#"{{"a":{i}}}"#)
+            } else {
+                r#"{"b":"x"}"#.to_string()
+            }
+        })
+        .collect();
+    let (rows, subs) = merged_json_segments(&records).await;
+    assert_eq!(rows, 8);
+    assert_eq!(subs, vec![("a".to_string(), 5)]);
+}

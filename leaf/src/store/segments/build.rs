@@ -1,5 +1,6 @@
 //! Writing one segment from rows (a flush's from the row segment, a merge's from segments):
-//! one pass to infer the JSON sub-columns, one to write.
+//! one pass to infer the JSON sub-columns, one to write; or, for a merge of segments that have
+//! the same columns, from their record batches as they are ([`concat_segments`]).
 
 use super::{file, json, ColumnStats, SegmentMeta};
 use crate::store::{corrupt, Result};
@@ -7,7 +8,7 @@ use common::catalog::tables::{ColumnType, TableColumn};
 use datafusion::arrow::array::{Int64Array, RecordBatch};
 use datafusion::arrow::datatypes::{Schema, SchemaRef};
 use serde_json::Value as Json;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Rows per record batch a segment is written in.
@@ -56,6 +57,84 @@ where
         columns: stats,
         json: subs.into_iter().flat_map(|(_, s)| s).collect(),
     })
+}
+
+/// Writes segments that share one schema holding every column of the table (the same JSON
+/// sub-columns, no column added since) as segment `id` at `path`, their record batches copied
+/// as they are: no row is turned back into JSON values, no JSON text parsed again. `None`
+/// (nothing written) when their schemas differ: the merge then goes row by row
+/// ([`write_segment`]) and infers the sub-columns of the merged rows.
+pub fn concat_segments(
+    path: &Path,
+    id: u64,
+    columns: &[TableColumn],
+    inputs: &[(PathBuf, SegmentMeta)],
+) -> Result<Option<SegmentMeta>> {
+    let Some((first_path, first_meta)) = inputs.first() else {
+        return Ok(None);
+    };
+    let schema = file::Segment::open(first_path)?.schema().clone();
+    let table = file::segment_schema(&common::arrow::table_schema(columns));
+    let same_fields = |a: &SchemaRef| {
+        a.fields().len() == schema.fields().len()
+            && a.fields()
+                .iter()
+                .zip(schema.fields())
+                .all(|(x, y)| x.name() == y.name() && x.data_type() == y.data_type())
+    };
+    let has_table = table.fields().iter().all(|f| {
+        schema
+            .field_with_name(f.name())
+            .is_ok_and(|s| s.data_type() == f.data_type())
+    });
+    if !has_table
+        || inputs
+            .iter()
+            .any(|(_, m)| m.json.len() != first_meta.json.len())
+    {
+        return Ok(None);
+    }
+    let mut segments = Vec::with_capacity(inputs.len());
+    for (p, _) in inputs {
+        let segment = file::Segment::open(p)?;
+        if !same_fields(segment.schema()) {
+            return Ok(None);
+        }
+        segments.push(segment);
+    }
+    let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let batches = segments.into_iter().flat_map(|segment| {
+        let groups = segment.row_groups(None);
+        let reader = match segment.read(&names, groups, BATCH_BYTES, BATCH_ROWS, None) {
+            Ok(r) => r,
+            Err(e) => return Box::new(std::iter::once(Err(e))) as Box<dyn Iterator<Item = _>>,
+        };
+        Box::new(reader.map(|b| b.map_err(corrupt)))
+    });
+    let (rows, bytes, stats) = file::write(path, &schema, batches)?;
+    let mut json = first_meta.json.clone();
+    for sub in &mut json {
+        sub.present = inputs
+            .iter()
+            .flat_map(|(_, m)| &m.json)
+            .filter(|s| s.source == sub.source && s.path == sub.path && s.ty == sub.ty)
+            .map(|s| s.present)
+            .sum();
+    }
+    Ok(Some(SegmentMeta {
+        id,
+        rows,
+        bytes,
+        first_row_id: inputs
+            .iter()
+            .map(|(_, m)| m.first_row_id)
+            .min()
+            .unwrap_or(0),
+        last_row_id: inputs.iter().map(|(_, m)| m.last_row_id).max().unwrap_or(0),
+        columns: stats,
+        json,
+    }))
 }
 
 /// The sub-columns of each JSON column over the rows.
