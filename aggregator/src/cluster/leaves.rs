@@ -83,8 +83,11 @@ impl LeafMonitor {
 
     /// Marks leaves offline when they stay silent past the timeout, while this node is master.
     pub async fn run(&self, shutdown: CancellationToken) {
-        let mut ticker = tokio::time::interval(Duration::from_millis(100));
+        let tick = Duration::from_millis(100);
+        let mut ticker = tokio::time::interval(tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut was_leader = false;
+        let mut last_tick = Instant::now();
         // Each leaf's state at the previous tick.
         let mut was_online: HashMap<LeafId, bool> = HashMap::new();
         loop {
@@ -100,12 +103,21 @@ impl LeafMonitor {
                 continue;
             }
             let now = Instant::now();
+            // A node that did not run (frozen, starved, suspended) heard nothing meanwhile,
+            // whoever was silent: it cannot judge others by that time.
+            let paused = now.duration_since(last_tick) > tick + self.timeout / 2;
+            last_tick = now;
             let leaves: Vec<(LeafId, bool)> = self
                 .raft
                 .read_catalog(|c| c.leaves.values().map(|l| (l.id, l.online)).collect());
             let silent: Vec<LeafId> = {
                 let mut seen = self.seen();
-                if !was_leader {
+                if paused && was_leader {
+                    tracing::info!(
+                        "this node did not run for a while: leaf heartbeat clocks start again"
+                    );
+                }
+                if !was_leader || paused {
                     // A new master has no heartbeat history: start every clock now.
                     for (id, _) in &leaves {
                         seen.insert(*id, now);
@@ -130,9 +142,11 @@ impl LeafMonitor {
             was_leader = true;
             for id in silent {
                 tracing::warn!(leaf = %id, timeout = ?self.timeout, "leaf lost: no heartbeat");
+                // Judged by this master's clocks: never forwarded to another one, which
+                // may have heard from the leaf all along.
                 if let Err(e) = self
                     .raft
-                    .propose(Command::SetLeafOnline {
+                    .propose_as_leader(Command::SetLeafOnline {
                         id,
                         online: false,
                         now_ms: now_ms(),

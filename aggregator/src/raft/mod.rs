@@ -418,6 +418,24 @@ impl RaftHandle {
 
     /// Proposes on this node, which must be the leader; waits for the entry to be applied and
     /// returns its output and log index.
+    /// Proposes on this node only while it is the leader, once: no retry, no forwarding to
+    /// another leader. For a write whose reason holds only for this leader's term (a judgment
+    /// from what this master saw). Under a new leader it fails (`NotLeader`); an entry this
+    /// node appended before learning of one is dropped by Raft.
+    pub async fn propose_as_leader(&self, command: Command) -> Result<Output> {
+        if !self.is_leader() {
+            return Err(self.not_leader());
+        }
+        let command = Command::Request {
+            id: rand::random(),
+            command: Box::new(command),
+        };
+        let deadline = tokio::time::Instant::now() + self.inner.commit_timeout;
+        self.propose_local(command, deadline)
+            .await
+            .map(|(out, _)| out)
+    }
+
     pub async fn propose_local(
         &self,
         command: Command,

@@ -408,6 +408,14 @@ fn leaves_follow_the_new_master_while_the_old_one_is_frozen() -> Result<()> {
         c.wait_for_leaves_online(new, 2, Duration::from_secs(1))?;
         Ok(())
     })();
+    let old = m;
+    let judged_lost = |c: &crate::harness::Cluster| {
+        c.aggregators[old]
+            .log_text()
+            .matches("leaf lost: no heartbeat")
+            .count()
+    };
+    let lost_before = judged_lost(&c);
     crate::harness::signal(pid, "CONT")?;
     let resumed = std::time::Instant::now();
     result.inspect_err(|_| c.failed())?;
@@ -420,6 +428,26 @@ fn leaves_follow_the_new_master_while_the_old_one_is_frozen() -> Result<()> {
     println!(
         "full counts again {:?} after the old master resumed",
         resumed.elapsed()
+    );
+    // The leaves never stopped heartbeating to the new master: none may be judged lost now.
+    // Before, the old master, waking with heartbeat clocks from before its freeze, judged
+    // every leaf silent, and its write, forwarded once it learned of the new master, was
+    // committed: a live leaf went offline and queries failed until its next heartbeat.
+    let watch_until = resumed + Duration::from_secs(4);
+    while std::time::Instant::now() < watch_until {
+        if let Ok(states) = c.leaf_states(m) {
+            let offline: Vec<_> = states.iter().filter(|(_, s)| s != "online").collect();
+            assert!(
+                offline.is_empty(),
+                "leaves went offline after the old master resumed: {offline:?}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        judged_lost(&c),
+        lost_before,
+        "the resumed old master judged leaves by heartbeat clocks from before its freeze"
     );
     c.sql(m, "USE frozen; STOP PIPELINE gen")?;
     let rows = c
