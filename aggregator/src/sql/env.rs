@@ -10,7 +10,7 @@
 use super::distributed::{planning_context, ClusterTable};
 use super::plans::PlanCache;
 use super::query::{information_schema, table_schema, Vars};
-use crate::raft::RaftHandle;
+use crate::raft::{Generations, RaftHandle};
 use common::catalog::Catalog;
 use datafusion::catalog::{
     CatalogProvider, MemoryCatalogProvider, MemorySchemaProvider, SchemaProvider, TableProvider,
@@ -25,7 +25,6 @@ use std::sync::{Arc, Mutex};
 
 /// The planning environment of one tables generation.
 pub struct QueryEnv {
-    tables_generation: u64,
     state: SessionState,
     /// Optimized plans by statement shape.
     pub plans: PlanCache,
@@ -41,16 +40,15 @@ pub struct PlanCounts {
 
 impl QueryEnv {
     fn build(
-        ctx: datafusion::prelude::SessionContext,
-        tables_generation: u64,
         catalog: &Catalog,
         raft: &RaftHandle,
         counts: Arc<PlanCounts>,
     ) -> Result<Self, DataFusionError> {
+        let ctx = planning_context("information_schema");
         let def = MemoryCatalogProvider::new();
         let is: Arc<dyn SchemaProvider> = Arc::new(InformationSchema {
             raft: raft.clone(),
-            tables: Mutex::new(None),
+            tables: Kept::default(),
         });
         def.register_schema("information_schema", is.clone())?;
         def.register_schema("INFORMATION_SCHEMA", is)?;
@@ -86,7 +84,6 @@ impl QueryEnv {
         }
         ctx.register_catalog("def", Arc::new(def));
         Ok(Self {
-            tables_generation,
             state: ctx.state(),
             plans: PlanCache::default(),
             counts,
@@ -118,37 +115,18 @@ impl QueryEnv {
 /// The environment of the newest tables generation a query has seen on this aggregator.
 #[derive(Default)]
 pub struct QueryEnvs {
-    env: Mutex<Option<Arc<QueryEnv>>>,
+    env: Kept<QueryEnv>,
     counts: Arc<PlanCounts>,
 }
 
 impl QueryEnvs {
     /// The environment of the catalog as this node has applied it now.
     pub fn get(&self, raft: &RaftHandle) -> Result<Arc<QueryEnv>, DataFusionError> {
-        let cached = self.env.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let (generation, snapshot) = raft.read_catalog_generation(|c, g| match &cached {
-            Some(env) if env.tables_generation == g.tables => (g.tables, None),
-            _ => (g.tables, Some(c.clone())),
-        });
-        let Some(catalog) = snapshot else {
-            return Ok(cached.expect("a cached environment of this generation"));
-        };
-        let ctx = planning_context("information_schema");
-        let env = Arc::new(QueryEnv::build(
-            ctx,
-            generation,
-            &catalog,
+        self.env.get(
             raft,
-            self.counts.clone(),
-        )?);
-        let mut slot = self.env.lock().unwrap_or_else(|p| p.into_inner());
-        if slot
-            .as_ref()
-            .is_none_or(|e| e.tables_generation < generation)
-        {
-            *slot = Some(env.clone());
-        }
-        Ok(env)
+            |g| g.tables,
+            |catalog| QueryEnv::build(catalog, raft, self.counts.clone()),
+        )
     }
 
     /// SELECTs planned from a kept plan, and planned in full, since this node started.
@@ -160,14 +138,57 @@ impl QueryEnvs {
     }
 }
 
+/// A value derived from the catalog, kept until the generation it was built from moves on
+/// (one of [`Generations`], chosen by the keeper's user); built from a copy of the newest
+/// catalog, outside its lock, by the first reader that finds it out of date.
+struct Kept<T> {
+    slot: Mutex<Option<(u64, Arc<T>)>>,
+}
+
+impl<T> Default for Kept<T> {
+    fn default() -> Self {
+        Self {
+            slot: Mutex::new(None),
+        }
+    }
+}
+
+impl<T> Kept<T> {
+    fn get(
+        &self,
+        raft: &RaftHandle,
+        generation: impl FnOnce(Generations) -> u64,
+        build: impl FnOnce(&Catalog) -> Result<T, DataFusionError>,
+    ) -> Result<Arc<T>, DataFusionError> {
+        let lock = || self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        let cached = lock().clone();
+        let (generation, snapshot) = raft.read_catalog_generation(|c, g| {
+            let g = generation(g);
+            match &cached {
+                Some((built, _)) if *built == g => (g, None),
+                _ => (g, Some(c.clone())),
+            }
+        });
+        let Some(catalog) = snapshot else {
+            return Ok(cached.expect("a value of this generation").1);
+        };
+        let value = Arc::new(build(&catalog)?);
+        let mut slot = lock();
+        // Another reader may have built a newer one meanwhile.
+        if slot.as_ref().is_none_or(|(g, _)| *g < generation) {
+            *slot = Some((generation, value.clone()));
+        }
+        Ok(value)
+    }
+}
+
 type Tables = HashMap<String, Arc<dyn TableProvider>>;
 
 /// `information_schema`, built from the catalog when a query first reads one of its tables
 /// after the catalog changed (any change: a pipeline's state and batches are in it).
 struct InformationSchema {
     raft: RaftHandle,
-    /// The tables, and the catalog generation (`all`) they were built from.
-    tables: Mutex<Option<(u64, Arc<Tables>)>>,
+    tables: Kept<Tables>,
 }
 
 impl std::fmt::Debug for InformationSchema {
@@ -178,31 +199,18 @@ impl std::fmt::Debug for InformationSchema {
 
 impl InformationSchema {
     fn tables(&self) -> Result<Arc<Tables>, DataFusionError> {
-        let cached = self
-            .tables
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let (generation, snapshot) = self.raft.read_catalog_generation(|c, g| match &cached {
-            Some((built, _)) if *built == g.all => (g.all, None),
-            _ => (g.all, Some(c.clone())),
-        });
-        let Some(catalog) = snapshot else {
-            return Ok(cached.expect("tables of this generation").1);
-        };
-        let built = information_schema(&catalog)
-            .map_err(|e| DataFusionError::Execution(format!("information_schema: {e}")))?;
-        let tables: Arc<Tables> = Arc::new(
-            built
-                .into_iter()
-                .flat_map(|(n, t)| [(n.to_string(), t.clone()), (n.to_ascii_lowercase(), t)])
-                .collect(),
-        );
-        let mut slot = self.tables.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.as_ref().is_none_or(|(g, _)| *g < generation) {
-            *slot = Some((generation, tables.clone()));
-        }
-        Ok(tables)
+        self.tables.get(
+            &self.raft,
+            |g| g.all,
+            |catalog| {
+                let built = information_schema(catalog)
+                    .map_err(|e| DataFusionError::Execution(format!("information_schema: {e}")))?;
+                Ok(built
+                    .into_iter()
+                    .flat_map(|(n, t)| [(n.to_string(), t.clone()), (n.to_ascii_lowercase(), t)])
+                    .collect())
+            },
+        )
     }
 }
 

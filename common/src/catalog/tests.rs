@@ -1,4 +1,5 @@
 //! The catalog's commands, applied: placement, leaves, variables, batches, tables, requests.
+use super::pipelines::BatchCommit;
 use super::*;
 
 fn with_leaves(n: u64) -> Catalog {

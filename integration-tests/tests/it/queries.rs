@@ -500,15 +500,20 @@ fn records_of_a_mebibyte_go_through_the_spec_queries() -> Result<()> {
 
 /// Counters of the leaves' segment skipping, summed.
 /// Counters summed over the leaves.
-fn leaf_counters<const N: usize>(c: &Cluster, names: [&str; N]) -> Result<[f64; N]> {
+/// The sums over the nodes at `ports` of the named counters.
+fn counters<const N: usize>(ports: &[u16], names: [&str; N]) -> Result<[f64; N]> {
     let mut out = [0.0; N];
-    for port in c.leaf_metrics_ports() {
+    for port in ports {
         let text = scrape(*port)?;
         for (o, name) in out.iter_mut().zip(names) {
             *o += metric_sum(&text, name);
         }
     }
     Ok(out)
+}
+
+fn leaf_counters<const N: usize>(c: &Cluster, names: [&str; N]) -> Result<[f64; N]> {
+    counters(c.leaf_metrics_ports(), names)
 }
 
 fn skipped(c: &Cluster) -> Result<(f64, f64)> {
@@ -662,12 +667,16 @@ fn json_filters_read_sub_columns_and_skip_segments() -> Result<()> {
 
 /// SELECTs the aggregator (the first, the master here) bound from a kept plan, and planned in
 /// full.
+/// SELECTs the first aggregator planned from a kept plan, and planned in full.
 fn plan_counts(c: &Cluster) -> Result<(f64, f64)> {
-    let text = scrape(c.metrics_ports[0])?;
-    Ok((
-        metric_sum(&text, "shardline_select_plans_reused_total"),
-        metric_sum(&text, "shardline_select_plans_built_total"),
-    ))
+    let [reused, built] = counters(
+        &c.metrics_ports[..1],
+        [
+            "shardline_select_plans_reused_total",
+            "shardline_select_plans_built_total",
+        ],
+    )?;
+    Ok((reused, built))
 }
 
 #[test]
