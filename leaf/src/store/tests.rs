@@ -460,3 +460,94 @@ async fn a_merge_of_segments_with_other_sub_columns_infers_them_again() {
     assert_eq!(rows, 8);
     assert_eq!(subs, vec![("a".to_string(), 5)]);
 }
+
+/// Flushes `records` of d.t (one JSON column `record`), loaded as one batch, into one segment;
+/// returns its rows, its sub-columns (path, rows present) and the sub-columns its file holds.
+async fn flushed_json_segment(records: &[String]) -> (u64, Vec<(String, u64)>, Vec<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    s.note_columns(
+        &t(),
+        &columns(r#"[{"name":"record","ty":"Json","nullable":true,"computed":null}]"#),
+    )
+    .unwrap();
+    let rows: Vec<String> = records
+        .iter()
+        .map(|r| serde_json::json!([r]).to_string())
+        .collect();
+    let rows: Vec<(u32, &str)> = rows.iter().map(|r| (0, r.as_str())).collect();
+    prepare(&s, 1, &rows).await;
+    s.finalize(key(1)).unwrap();
+    assert_eq!(s.flush_segments(1).unwrap(), 1);
+    let snap = s.table_snapshot(&t());
+    let files = Store::snapshot_segments(&snap);
+    assert_eq!(files.len(), 1);
+    let file = segments::file::Segment::open(&files[0].0).unwrap();
+    let mut in_file: Vec<String> = segments::json::file_sub_columns(file.schema())
+        .into_keys()
+        .map(|(_, path, _)| path.join("."))
+        .collect();
+    in_file.sort();
+    let parts = s.manifests();
+    let segment = &parts[0].manifest.segments[0];
+    let mut subs: Vec<(String, u64)> = segment
+        .json
+        .iter()
+        .map(|c| (c.path.join("."), c.present))
+        .collect();
+    subs.sort();
+    (segment.rows, subs, in_file)
+}
+
+#[tokio::test]
+async fn a_flush_counts_sub_column_values_over_every_row() {
+    // More rows than the first batch the sub-columns are guessed from.
+    let records: Vec<String> = (0..10_000)
+        .map(|i| {
+            if i < 8_192 {
+                format!(r#"{{"seq":{i},"early":"x"}}"#)
+            } else {
+                format!(r#"{{"seq":{i}}}"#)
+            }
+        })
+        .collect();
+    let (rows, subs, in_file) = flushed_json_segment(&records).await;
+    assert_eq!(rows, 10_000);
+    assert_eq!(
+        subs,
+        vec![("early".to_string(), 8_192), ("seq".to_string(), 10_000)]
+    );
+    assert_eq!(in_file, vec!["early".to_string(), "seq".to_string()]);
+}
+
+#[tokio::test]
+async fn a_flush_whose_later_rows_do_not_fit_the_first_ones_infers_from_all() {
+    // `v` is an integer in the first rows and a string later: no sub-column holds it exactly.
+    // `late` is in half of all the rows but in too few of the first ones to be guessed.
+    let records: Vec<String> = (0..10_000)
+        .map(|i| {
+            let v = if i < 9_000 {
+                i.to_string()
+            } else {
+                format!("\"s{i}\"")
+            };
+            if i >= 5_000 {
+                format!(r#"{{"seq":{i},"v":{v},"late":{i}}}"#)
+            } else {
+                format!(r#"{{"seq":{i},"v":{v}}}"#)
+            }
+        })
+        .collect();
+    let (rows, subs, in_file) = flushed_json_segment(&records).await;
+    assert_eq!(rows, 10_000);
+    assert_eq!(
+        subs,
+        vec![("late".to_string(), 5_000), ("seq".to_string(), 10_000)],
+        "the sub-columns of all the rows, not of the first ones"
+    );
+    assert_eq!(
+        in_file,
+        vec!["late".to_string(), "seq".to_string()],
+        "the file holds exactly those"
+    );
+}

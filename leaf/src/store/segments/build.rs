@@ -1,5 +1,6 @@
 //! Writing one segment from rows (a flush's from the row segment, a merge's from segments):
-//! one pass to infer the JSON sub-columns, one to write; or, for a merge of segments that have
+//! in one pass that writes them and infers the JSON sub-columns (a second only when the first
+//! rows' guess was wrong, [`write_segment`]); or, for a merge of segments that have
 //! the same columns, from their record batches as they are ([`concat_segments`]).
 
 use super::{file, json, ColumnStats, SegmentMeta};
@@ -18,8 +19,16 @@ const BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// A row on its way into a segment: its id and its cells (every column of the table).
 pub type Row = (u64, Vec<Json>);
 
+/// The sub-columns of each JSON column that has any (its position among the table's columns).
+type SubColumns = Vec<(usize, Vec<json::SubColumn>)>;
+
 /// Writes the rows `source` yields (each call a fresh pass, in row id order) as segment `id`
-/// at `path`.
+/// at `path`, with the JSON sub-columns inferred over all of its rows.
+///
+/// One pass in the common case: the sub-columns are guessed from the first batch of rows,
+/// and the inference over every row is made while they are written; only if the later rows
+/// change the picture (a path that stops being of one type, keys that come or go) is the
+/// segment written again, with the sub-columns of all the rows (the second pass).
 pub fn write_segment<I>(
     path: &Path,
     id: u64,
@@ -29,7 +38,56 @@ pub fn write_segment<I>(
 where
     I: Iterator<Item = Result<Row>>,
 {
-    let subs = infer(source()?, columns)?;
+    let json_columns = json_columns(columns);
+    let mut rows = source()?;
+    let mut first = Vec::new();
+    let mut bytes = 0usize;
+    while first.len() < BATCH_ROWS && bytes < BATCH_BYTES {
+        let Some(row) = rows.next() else { break };
+        let row = row?;
+        bytes += row_bytes(&row.1);
+        first.push(row);
+    }
+    let mut guess = Inferred::new(&json_columns);
+    for (k, at) in json_columns.iter().enumerate() {
+        let values: Vec<Option<Json>> = first.iter().map(|(_, r)| json_value(r, *at)).collect();
+        guess.add(k, &values);
+    }
+    let guess = guess.sub_columns(&json_columns, columns);
+    let (meta, all) = write_with(
+        path,
+        id,
+        columns,
+        &guess,
+        first.into_iter().map(Ok).chain(rows),
+    )?;
+    let same = guess.len() == all.len()
+        && guess
+            .iter()
+            .zip(&all)
+            .all(|((a, x), (b, y))| a == b && json::same_columns(x, y));
+    if same {
+        // The counts over every row.
+        let json = all.into_iter().flat_map(|(_, s)| s).collect();
+        return Ok(SegmentMeta { json, ..meta });
+    }
+    tracing::debug!(
+        segment = id,
+        "sub-columns of the whole segment differ from its first rows'; writing it again"
+    );
+    let (meta, _) = write_with(path, id, columns, &all, source()?)?;
+    Ok(meta)
+}
+
+/// Writes `rows` with the sub-columns `subs`; also returns the sub-columns of these rows.
+fn write_with(
+    path: &Path,
+    id: u64,
+    columns: &[TableColumn],
+    subs: &[(usize, Vec<json::SubColumn>)],
+    rows: impl Iterator<Item = Result<Row>>,
+) -> Result<(SegmentMeta, SubColumns)> {
+    let json_columns = json_columns(columns);
     let table = file::segment_schema(&common::arrow::table_schema(columns));
     let mut fields: Vec<_> = table.fields().iter().map(|f| f.as_ref().clone()).collect();
     fields.extend(
@@ -38,9 +96,12 @@ where
     );
     let schema = Arc::new(Schema::new(fields));
     let (mut first, mut last) = (u64::MAX, 0u64);
+    let mut inferred = Inferred::new(&json_columns);
     let batches = Batches {
-        rows: source()?,
-        subs: &subs,
+        rows,
+        subs,
+        json_columns: &json_columns,
+        inferred: &mut inferred,
         schema: schema.clone(),
         width: columns.len(),
         done: false,
@@ -48,15 +109,26 @@ where
         last: &mut last,
     };
     let (rows, bytes, stats): (u64, u64, Vec<ColumnStats>) = file::write(path, &schema, batches)?;
-    Ok(SegmentMeta {
+    let meta = SegmentMeta {
         id,
         rows,
         bytes,
         first_row_id: first.min(last),
         last_row_id: last,
         columns: stats,
-        json: subs.into_iter().flat_map(|(_, s)| s).collect(),
-    })
+        json: subs.iter().flat_map(|(_, s)| s.clone()).collect(),
+    };
+    Ok((meta, inferred.sub_columns(&json_columns, columns)))
+}
+
+/// A row's value in the JSON column at `at`, parsed.
+fn json_value(row: &[Json], at: usize) -> Option<Json> {
+    json::parse(row.get(at).and_then(Json::as_str))
+}
+
+/// What a row's cells weigh in a batch.
+fn row_bytes(values: &[Json]) -> usize {
+    values.iter().map(|v| v.as_str().map_or(8, str::len)).sum()
 }
 
 /// Writes segments that share one schema holding every column of the table (the same JSON
@@ -137,36 +209,44 @@ pub fn concat_segments(
     }))
 }
 
-/// The sub-columns of each JSON column over the rows.
-fn infer(
-    rows: impl Iterator<Item = Result<Row>>,
-    columns: &[TableColumn],
-) -> Result<Vec<(usize, Vec<json::SubColumn>)>> {
-    let json_columns: Vec<usize> = columns
+/// The positions of the table's JSON columns that get sub-columns (stored, not computed).
+fn json_columns(columns: &[TableColumn]) -> Vec<usize> {
+    columns
         .iter()
         .enumerate()
         .filter(|(_, c)| c.ty == ColumnType::Json && c.computed.is_none())
         .map(|(i, _)| i)
-        .collect();
-    if json_columns.is_empty() {
-        return Ok(vec![]);
+        .collect()
+}
+
+/// The inference of each JSON column's sub-columns over rows.
+struct Inferred(Vec<json::Inference>);
+
+impl Inferred {
+    fn new(json_columns: &[usize]) -> Self {
+        Self(
+            json_columns
+                .iter()
+                .map(|_| json::Inference::default())
+                .collect(),
+        )
     }
-    let mut inference: Vec<json::Inference> = json_columns
-        .iter()
-        .map(|_| json::Inference::default())
-        .collect();
-    for row in rows {
-        let (_, values) = row?;
-        for (at, inf) in json_columns.iter().zip(inference.iter_mut()) {
-            inf.add(values.get(*at).and_then(Json::as_str));
+
+    /// Counts the values of the `k`-th JSON column over rows.
+    fn add(&mut self, k: usize, values: &[Option<Json>]) {
+        for v in values {
+            self.0[k].add_value(v.as_ref());
         }
     }
-    Ok(json_columns
-        .iter()
-        .zip(inference)
-        .map(|(at, inf)| (*at, inf.sub_columns(&columns[*at].name)))
-        .filter(|(_, subs)| !subs.is_empty())
-        .collect())
+
+    fn sub_columns(&self, json_columns: &[usize], columns: &[TableColumn]) -> SubColumns {
+        json_columns
+            .iter()
+            .zip(&self.0)
+            .map(|(at, inf)| (*at, inf.sub_columns(&columns[*at].name)))
+            .filter(|(_, subs)| !subs.is_empty())
+            .collect()
+    }
 }
 
 /// Rows as record batches of a segment's schema.
@@ -174,6 +254,9 @@ struct Batches<'a, I> {
     rows: I,
     /// Per JSON column (its position): the sub-columns to fill.
     subs: &'a [(usize, Vec<json::SubColumn>)],
+    /// The positions of every JSON column, and the inference over the rows written so far.
+    json_columns: &'a [usize],
+    inferred: &'a mut Inferred,
     schema: SchemaRef,
     width: usize,
     done: bool,
@@ -191,12 +274,13 @@ impl<I: Iterator<Item = Result<Row>>> Batches<'_, I> {
         let b = common::arrow::rows_to_batch(&table, &rows).map_err(corrupt)?;
         let mut cols = b.columns().to_vec();
         cols.push(Arc::new(Int64Array::from(ids)));
-        for (at, subs) in self.subs {
-            let texts: Vec<Option<&str>> = rows
-                .iter()
-                .map(|r| r.get(*at).and_then(Json::as_str))
-                .collect();
-            cols.extend(json::extract(subs, &texts));
+        // Each JSON text parsed once, for the inference and for the sub-columns.
+        for (k, at) in self.json_columns.iter().enumerate() {
+            let values: Vec<Option<Json>> = rows.iter().map(|r| json_value(r, *at)).collect();
+            self.inferred.add(k, &values);
+            if let Some((_, subs)) = self.subs.iter().find(|(a, _)| a == at) {
+                cols.extend(json::extract_values(subs, &values));
+            }
         }
         RecordBatch::try_new(self.schema.clone(), cols).map_err(corrupt)
     }
@@ -222,10 +306,7 @@ impl<I: Iterator<Item = Result<Row>>> Iterator for Batches<'_, I> {
                 }
                 Some(Ok((id, mut values))) => {
                     values.truncate(self.width);
-                    bytes += values
-                        .iter()
-                        .map(|v| v.as_str().map_or(8, str::len))
-                        .sum::<usize>();
+                    bytes += row_bytes(&values);
                     *self.first = (*self.first).min(id);
                     *self.last = (*self.last).max(id);
                     ids.push(id as i64);

@@ -161,12 +161,17 @@ fn walk(v: &Json, path: &mut Vec<String>, f: &mut impl FnMut(&[String], &Json)) 
 impl Inference {
     /// Counts one row's JSON text (invalid JSON counts as a row without paths).
     pub fn add(&mut self, text: Option<&str>) {
+        self.add_value(parse(text).as_ref());
+    }
+
+    /// Counts one row's JSON value, parsed ([`parse`]).
+    pub fn add_value(&mut self, v: Option<&Json>) {
         self.rows += 1;
-        let Some(Ok(v)) = text.map(serde_json::from_str::<Json>) else {
+        let Some(v) = v else {
             return;
         };
         let paths = &mut self.paths;
-        walk(&v, &mut Vec::new(), &mut |path, value| {
+        walk(v, &mut Vec::new(), &mut |path, value| {
             let c = paths.entry(path.to_vec()).or_default();
             match value {
                 Json::Null => {}
@@ -226,8 +231,28 @@ fn at<'a>(mut v: &'a Json, path: &[String]) -> Option<&'a Json> {
     Some(v)
 }
 
+/// A JSON text as a value (`None` for NULL and for invalid JSON).
+pub fn parse(text: Option<&str>) -> Option<Json> {
+    text.and_then(|t| serde_json::from_str::<Json>(t).ok())
+}
+
+/// Whether two lists of sub-columns are the same columns (their counts aside).
+pub fn same_columns(a: &[SubColumn], b: &[SubColumn]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(x, y)| x.source == y.source && x.path == y.path && x.ty == y.ty)
+}
+
 /// The arrays of `subs` (all of one JSON column) for rows' JSON texts.
+#[cfg(test)]
 pub fn extract(subs: &[SubColumn], texts: &[Option<&str>]) -> Vec<ArrayRef> {
+    let values: Vec<Option<Json>> = texts.iter().map(|t| parse(*t)).collect();
+    extract_values(subs, &values)
+}
+
+/// The arrays of `subs` (all of one JSON column) for rows' JSON values ([`parse`]).
+pub fn extract_values(subs: &[SubColumn], values: &[Option<Json>]) -> Vec<ArrayRef> {
     enum B {
         I(Int64Builder),
         F(Float64Builder),
@@ -236,13 +261,12 @@ pub fn extract(subs: &[SubColumn], texts: &[Option<&str>]) -> Vec<ArrayRef> {
     let mut builders: Vec<B> = subs
         .iter()
         .map(|s| match s.ty {
-            SubType::BigInt => B::I(Int64Builder::with_capacity(texts.len())),
-            SubType::Double => B::F(Float64Builder::with_capacity(texts.len())),
+            SubType::BigInt => B::I(Int64Builder::with_capacity(values.len())),
+            SubType::Double => B::F(Float64Builder::with_capacity(values.len())),
             SubType::String => B::S(StringBuilder::new()),
         })
         .collect();
-    for text in texts {
-        let v = text.and_then(|t| serde_json::from_str::<Json>(t).ok());
+    for v in values {
         for (s, b) in subs.iter().zip(builders.iter_mut()) {
             let value = v.as_ref().and_then(|v| at(v, &s.path));
             match b {
