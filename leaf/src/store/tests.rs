@@ -56,6 +56,15 @@ fn one_bigint_column(s: &Store, table: &TableRef) {
     .unwrap();
 }
 
+/// Tells the store d.t has one JSON column `record`.
+fn one_json_column(s: &Store) {
+    s.note_columns(
+        &t(),
+        &columns(r#"[{"name":"record","ty":"Json","nullable":true,"computed":null}]"#),
+    )
+    .unwrap();
+}
+
 /// The rows of d.t a reader sees now: in segments, and in the row segment above them.
 fn visible_rows(s: &Store) -> (Vec<i64>, Vec<String>) {
     let snap = s.table_snapshot(&t());
@@ -411,11 +420,7 @@ async fn a_dropped_table_leaves_nothing_and_a_new_one_of_its_name_starts_empty()
 async fn merged_json_segments(records: &[String]) -> (u64, Vec<(String, u64)>) {
     let dir = tempfile::tempdir().unwrap();
     let s = Store::open(dir.path()).unwrap();
-    s.note_columns(
-        &t(),
-        &columns(r#"[{"name":"record","ty":"Json","nullable":true,"computed":null}]"#),
-    )
-    .unwrap();
+    one_json_column(&s);
     for (i, r) in records.iter().enumerate() {
         let row = serde_json::json!([r]).to_string();
         prepare(&s, i as u64 + 1, &[(0, row.as_str())]).await;
@@ -466,11 +471,7 @@ async fn a_merge_of_segments_with_other_sub_columns_infers_them_again() {
 async fn flushed_json_segment(records: &[String]) -> (u64, Vec<(String, u64)>, Vec<String>) {
     let dir = tempfile::tempdir().unwrap();
     let s = Store::open(dir.path()).unwrap();
-    s.note_columns(
-        &t(),
-        &columns(r#"[{"name":"record","ty":"Json","nullable":true,"computed":null}]"#),
-    )
-    .unwrap();
+    one_json_column(&s);
     let rows: Vec<String> = records
         .iter()
         .map(|r| serde_json::json!([r]).to_string())
