@@ -416,8 +416,6 @@ impl RaftHandle {
         }
     }
 
-    /// Proposes on this node, which must be the leader; waits for the entry to be applied and
-    /// returns its output and log index.
     /// Proposes on this node only while it is the leader, once: no retry, no forwarding to
     /// another leader. For a write whose reason holds only for this leader's term (a judgment
     /// from what this master saw). Under a new leader it fails (`NotLeader`); an entry this
@@ -436,6 +434,8 @@ impl RaftHandle {
             .map(|(out, _)| out)
     }
 
+    /// Proposes on this node, which must be the leader; waits for the entry to be applied and
+    /// returns its output and log index.
     pub async fn propose_local(
         &self,
         command: Command,

@@ -84,7 +84,7 @@ fn write_with(
     path: &Path,
     id: u64,
     columns: &[TableColumn],
-    subs: &[(usize, Vec<json::SubColumn>)],
+    subs: &SubColumns,
     rows: impl Iterator<Item = Result<Row>>,
 ) -> Result<(SegmentMeta, SubColumns)> {
     let json_columns = json_columns(columns);
@@ -253,7 +253,7 @@ impl Inferred {
 struct Batches<'a, I> {
     rows: I,
     /// Per JSON column (its position): the sub-columns to fill.
-    subs: &'a [(usize, Vec<json::SubColumn>)],
+    subs: &'a SubColumns,
     /// The positions of every JSON column, and the inference over the rows written so far.
     json_columns: &'a [usize],
     inferred: &'a mut Inferred,

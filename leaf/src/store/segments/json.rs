@@ -244,13 +244,6 @@ pub fn same_columns(a: &[SubColumn], b: &[SubColumn]) -> bool {
             .all(|(x, y)| x.source == y.source && x.path == y.path && x.ty == y.ty)
 }
 
-/// The arrays of `subs` (all of one JSON column) for rows' JSON texts.
-#[cfg(test)]
-pub fn extract(subs: &[SubColumn], texts: &[Option<&str>]) -> Vec<ArrayRef> {
-    let values: Vec<Option<Json>> = texts.iter().map(|t| parse(*t)).collect();
-    extract_values(subs, &values)
-}
-
 /// The arrays of `subs` (all of one JSON column) for rows' JSON values ([`parse`]).
 pub fn extract_values(subs: &[SubColumn], values: &[Option<Json>]) -> Vec<ArrayRef> {
     enum B {
@@ -390,12 +383,13 @@ mod tests {
                 ("seq".to_string(), SubType::BigInt, 7),
             ]
         );
-        let texts = [
+        let values = [
             Some(r#"{"seq":5,"o":{"k":"a"}}"#),
             Some(r#"{"seq":null}"#),
             None,
-        ];
-        let arrays = extract(&subs, &texts);
+        ]
+        .map(parse);
+        let arrays = extract_values(&subs, &values);
         let seq = arrays[3]
             .as_any()
             .downcast_ref::<datafusion::arrow::array::Int64Array>()
