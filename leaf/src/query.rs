@@ -8,11 +8,10 @@ use crate::store::{Range, Store, TableRef};
 use datafusion::arrow::array::{RecordBatch, RecordBatchOptions};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::error::{DataFusionError, Result};
-use datafusion::execution::SendableRecordBatchStream;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_optimizer::pruning::{PruningPredicate, PruningPredicateBuilder};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
-use datafusion::prelude::SessionContext;
 use futures::StreamExt;
 use query::derive::Derived;
 use query::scan::ScanSource;
@@ -35,9 +34,14 @@ const AHEAD: usize = 2;
 /// The stream of result messages of a query.
 pub type Messages = ReceiverStream<Result<proto::QueryResponse, Status>>;
 
-fn context() -> &'static SessionContext {
-    static CONTEXT: std::sync::OnceLock<SessionContext> = std::sync::OnceLock::new();
-    CONTEXT.get_or_init(|| query::session::context(query::session::config("information_schema")))
+/// The context every fragment runs in: the leaf's functions, its configuration. Built once:
+/// a `TaskContext` copies every registered function's map, a cost per query otherwise.
+fn task_context() -> Arc<TaskContext> {
+    static TASK: std::sync::OnceLock<Arc<TaskContext>> = std::sync::OnceLock::new();
+    TASK.get_or_init(|| {
+        query::session::context(query::session::config("information_schema")).task_ctx()
+    })
+    .clone()
 }
 
 type Metrics = Arc<common::metrics::Metrics>;
@@ -85,7 +89,7 @@ pub fn describe_metrics(m: &common::metrics::Metrics) {
 
 /// Starts running a fragment over `store`; its result batches arrive on the returned stream.
 pub fn run(plan: &[u8], store: Store, metrics: Metrics) -> Result<Messages, Status> {
-    let task = context().task_ctx();
+    let task = task_context();
     let source: Arc<dyn ScanSource> = Arc::new(StoreSource {
         store,
         metrics: metrics.clone(),
@@ -118,7 +122,7 @@ pub fn run(plan: &[u8], store: Store, metrics: Metrics) -> Result<Messages, Stat
 /// Runs the fragment and sends its batches, then the end marker.
 async fn send_results(
     plan: Arc<dyn datafusion::physical_plan::ExecutionPlan>,
-    task: Arc<datafusion::execution::TaskContext>,
+    task: Arc<TaskContext>,
     tx: mpsc::Sender<Result<proto::QueryResponse, Status>>,
     metrics: Metrics,
 ) {
@@ -245,7 +249,23 @@ struct Reader {
     pruning: Option<Arc<PruningPredicate>>,
     /// The filter above the scan, for what segments' JSON sub-columns answer of it.
     predicate: Option<Arc<dyn PhysicalExpr>>,
+    /// How segments are read, per file schema met ([`Reader::segment_plan`]).
+    segment_plans: std::sync::Mutex<Vec<(SchemaRef, Arc<SegmentPlan>)>>,
     metrics: Metrics,
+}
+
+/// How a scan reads the segments of one file schema.
+struct SegmentPlan {
+    /// The part of the scan's filter the segment's JSON sub-columns answer (over the file's
+    /// columns), applied while reading; and as a pruning predicate over row groups.
+    sub_filter: Option<Arc<dyn PhysicalExpr>>,
+    by_subs: Option<Arc<PruningPredicate>>,
+    /// Per derived value, the sub-column holding it.
+    subs: Vec<Option<String>>,
+    /// The file columns read, and whether they are all the scan needs (otherwise: every
+    /// column, the missing computed ones computed).
+    columns: Vec<String>,
+    complete: bool,
 }
 
 fn plan_error(e: impl std::fmt::Display) -> DataFusionError {
@@ -307,6 +327,7 @@ impl Reader {
             limit: scan.limit.map_or(usize::MAX, |l| l as usize),
             index,
             predicate: predicate.clone(),
+            segment_plans: Default::default(),
             pruning: predicate.and_then(|p| {
                 PruningPredicateBuilder::new()
                     .with_file_schema(schema.clone())
@@ -395,21 +416,66 @@ impl Reader {
         Ok(())
     }
 
+    /// How this scan reads segments of `schema`: worked out once per file schema a scan
+    /// meets (a table's segments mostly share one), not once per segment.
+    fn segment_plan(&self, schema: &SchemaRef) -> Arc<SegmentPlan> {
+        let mut plans = self.segment_plans.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, plan)) = plans.iter().find(|(s, _)| s == schema) {
+            return plan.clone();
+        }
+        let file_subs = crate::store::segments::json::file_sub_columns(schema);
+        let sub_filter = self.sub_column_filter(&file_subs);
+        let by_subs = sub_filter.as_ref().and_then(|f| {
+            PruningPredicateBuilder::new()
+                .with_file_schema(schema.clone())
+                .build(f.clone())
+        });
+        let has = |n: &str| schema.column_with_name(n).is_some();
+        // Each derived value from its sub-column where the segment keeps one.
+        let subs: Vec<Option<String>> = self
+            .derived
+            .iter()
+            .map(|d| sub_column_of(&file_subs, d))
+            .collect();
+        let mut wanted: Vec<String> = self
+            .positions
+            .iter()
+            .map(|i| self.columns[*i].name.clone())
+            .collect();
+        for (d, sub) in self.derived.iter().zip(&subs) {
+            let n = sub.as_deref().unwrap_or(d.source.as_str());
+            if !wanted.iter().any(|w| w == n) {
+                wanted.push(n.to_string());
+            }
+        }
+        let complete = wanted.iter().all(|n| has(n));
+        // A segment written before a computed column was added: read the columns it has and
+        // compute the rest, as for such rows in the row segment.
+        let columns = if complete {
+            wanted
+        } else {
+            self.columns.iter().map(|c| c.name.clone()).collect()
+        };
+        let plan = Arc::new(SegmentPlan {
+            sub_filter,
+            by_subs,
+            subs,
+            columns,
+            complete,
+        });
+        plans.push((schema.clone(), plan.clone()));
+        plan
+    }
+
     /// Sends the rows of one segment the filter may keep; `false` once the reader is gone or
     /// the limit is reached.
     fn read_segment(&self, path: &std::path::Path, tx: &Sender, read: &mut usize) -> Result<bool> {
         let segment = Segment::open(path).map_err(store_error)?;
-        let file_subs = crate::store::segments::json::file_sub_columns(segment.schema());
-        let sub_filter = self.sub_column_filter(&file_subs);
+        let plan = self.segment_plan(segment.schema());
         let mut groups = segment.row_groups(self.pruning.as_deref());
-        if let Some(f) = &sub_filter {
-            let by_subs = PruningPredicateBuilder::new()
-                .with_file_schema(segment.schema().clone())
-                .build(f.clone());
-            if let Some(p) = by_subs {
-                let keep = segment.row_groups(Some(&p));
-                groups.retain(|g| keep.contains(g));
-            }
+        if let Some(p) = &plan.by_subs {
+            let keep = segment.row_groups(Some(p));
+            groups.retain(|g| keep.contains(g));
         }
         let skipped = segment_groups(&segment) - groups.len();
         if skipped > 0 {
@@ -421,40 +487,21 @@ impl Reader {
                 .add("shardline_leaf_segments_skipped_total", 1.0);
             return Ok(true);
         }
-        let file_schema = segment.schema().clone();
-        let has = |n: &str| file_schema.column_with_name(n).is_some();
-        // Each derived value from its sub-column where the segment keeps one.
-        let subs: Vec<Option<String>> = self
-            .derived
-            .iter()
-            .map(|d| sub_column_of(&file_subs, d))
-            .collect();
-        let mut wanted: Vec<&str> = self
-            .positions
-            .iter()
-            .map(|i| self.columns[*i].name.as_str())
-            .collect();
-        for (d, sub) in self.derived.iter().zip(&subs) {
-            let n = sub.as_deref().unwrap_or(d.source.as_str());
-            if !wanted.contains(&n) {
-                wanted.push(n);
-            }
-        }
-        let complete = wanted.iter().all(|n| has(n));
-        // A segment written before a computed column was added: read the columns it has and
-        // compute the rest, as for such rows in the row segment.
-        let columns: Vec<&str> = if complete {
-            wanted.clone()
-        } else {
-            self.columns.iter().map(|c| c.name.as_str()).collect()
-        };
+        let (subs, complete) = (&plan.subs, plan.complete);
+        let columns: Vec<&str> = plan.columns.iter().map(String::as_str).collect();
         let reader = segment
-            .read(&columns, groups, BATCH_BYTES, BATCH_ROWS, sub_filter)
+            .read(
+                &columns,
+                groups,
+                BATCH_BYTES,
+                BATCH_ROWS,
+                plan.sub_filter.clone(),
+            )
             .map_err(store_error)?;
         for b in reader {
             let b = b.map_err(|e| store_error(format!("reading {}: {e}", path.display())))?;
             let b = if complete {
-                self.finish(&b, &subs)?
+                self.finish(&b, subs)?
             } else {
                 let rows: Vec<Vec<Json>> = common::arrow::batch_to_rows(&b)
                     .into_iter()

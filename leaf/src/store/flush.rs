@@ -489,7 +489,7 @@ fn segment_rows<'a>(
 
 /// One segment's rows as a merge reads them.
 struct SegmentRows<'a> {
-    reader: Option<parquet::arrow::arrow_reader::ParquetRecordBatchReader>,
+    reader: Option<crate::store::segments::file::Batches>,
     /// How many of the table's columns the segment has (the first ones: columns are added
     /// at the end).
     present: usize,

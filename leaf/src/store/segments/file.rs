@@ -13,7 +13,7 @@ use datafusion::physical_optimizer::pruning::PruningPredicate;
 use parquet::arrow::arrow_reader::statistics::StatisticsConverter;
 use parquet::arrow::arrow_reader::{
     ArrowPredicate, ArrowPredicateFn, ArrowReaderMetadata, ArrowReaderOptions,
-    ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder, RowFilter,
+    ParquetRecordBatchReaderBuilder, RowFilter,
 };
 use parquet::arrow::{ArrowWriter, ProjectionMask};
 use parquet::basic::{Compression, Encoding, ZstdLevel};
@@ -255,8 +255,8 @@ impl Segment {
     }
 
     /// Reads `columns` (names present in the file) of `row_groups`, in batches of about
-    /// `batch_bytes`; with `filter` (over this file's columns, by index), the other columns
-    /// are decoded only for the rows it keeps.
+    /// `batch_bytes`; with `filter` (over this file's columns, by index), only the rows it
+    /// keeps, the other columns decoded only for those rows.
     pub fn read(
         self,
         columns: &[&str],
@@ -264,7 +264,7 @@ impl Segment {
         batch_bytes: usize,
         max_rows: usize,
         filter: Option<Arc<dyn PhysicalExpr>>,
-    ) -> Result<ParquetRecordBatchReader> {
+    ) -> Result<Batches> {
         let schema = self.builder.schema().clone();
         let wanted: HashSet<&str> = columns.iter().copied().collect();
         let indices: Vec<usize> = schema
@@ -289,27 +289,48 @@ impl Segment {
             1
         };
         let batch_rows = (batch_bytes / per_row).clamp(1, max_rows);
-        let mask = ProjectionMask::roots(self.builder.parquet_schema(), indices);
+        let mask = ProjectionMask::roots(self.builder.parquet_schema(), indices.clone());
         let mut builder = self.builder;
+        let mut after = None;
         if let Some(filter) = filter {
-            let predicate = row_predicate(filter, builder.parquet_schema());
-            builder = builder.with_row_filter(RowFilter::new(vec![Box::new(predicate)]));
+            let (read, filter) = over_own_columns(filter);
+            if read == indices {
+                // The filter reads every column the scan returns: a row filter would decode
+                // them twice (once to filter, once for the rows kept); filter the batches.
+                after = Some(filter);
+            } else {
+                let predicate = row_predicate(read, filter, builder.parquet_schema());
+                builder = builder.with_row_filter(RowFilter::new(vec![Box::new(predicate)]));
+            }
         }
-        builder
+        let reader = builder
             .with_projection(mask)
             .with_row_groups(row_groups)
             .with_batch_size(batch_rows)
             .build()
-            .map_err(parquet_error)
+            .map_err(parquet_error)?;
+        Ok(match after {
+            None => Box::new(reader),
+            Some(filter) => Box::new(reader.filter_map(move |b| {
+                let filtered = b.and_then(|b| {
+                    let kept = kept_rows(filter.as_ref(), &b)?;
+                    datafusion::arrow::compute::filter_record_batch(&b, &kept)
+                });
+                match filtered {
+                    Ok(b) if b.num_rows() == 0 => None,
+                    other => Some(other),
+                }
+            })),
+        })
     }
 }
 
-/// `filter` (over a file's columns) as a parquet row predicate: it reads just the columns the
-/// filter does; rows it leaves NULL are dropped like rows it rejects.
-fn row_predicate(
-    filter: Arc<dyn PhysicalExpr>,
-    parquet_schema: &parquet::schema::types::SchemaDescriptor,
-) -> impl ArrowPredicate {
+/// The record batches a segment read returns.
+pub type Batches = Box<dyn Iterator<Item = std::result::Result<RecordBatch, ArrowError>> + Send>;
+
+/// The file columns `filter` reads (in file order), and `filter` over a batch of just those
+/// columns.
+fn over_own_columns(filter: Arc<dyn PhysicalExpr>) -> (Vec<usize>, Arc<dyn PhysicalExpr>) {
     use datafusion::common::tree_node::{Transformed, TransformedResult, TreeNode};
     use datafusion::physical_expr::expressions::Column as ColumnExpr;
     let mut read: Vec<usize> = datafusion::physical_expr::utils::collect_columns(&filter)
@@ -318,33 +339,48 @@ fn row_predicate(
         .collect();
     read.sort_unstable();
     read.dedup();
-    // The predicate sees just the columns it reads, in file order.
-    let at = read.clone();
     let filter = filter
         .transform(|e| {
             let Some(c) = e.downcast_ref::<ColumnExpr>() else {
                 return Ok(Transformed::no(e));
             };
-            let i = at.iter().position(|i| *i == c.index()).unwrap_or(0);
+            let i = read.iter().position(|i| *i == c.index()).unwrap_or(0);
             Ok(Transformed::yes(Arc::new(ColumnExpr::new(c.name(), i)) as _))
         })
         .data()
         .unwrap_or_else(|_| datafusion::physical_expr::expressions::lit(true));
-    let mask = ProjectionMask::roots(parquet_schema, read);
-    ArrowPredicateFn::new(mask, move |batch| {
-        let n = batch.num_rows();
-        let kept = filter
-            .evaluate(&batch)
-            .and_then(|v| v.into_array(n))
-            .map_err(|e| ArrowError::ComputeError(e.to_string()))?;
-        let kept = kept
-            .as_boolean_opt()
-            .ok_or_else(|| ArrowError::ComputeError("the filter is not boolean".into()))?;
-        Ok(match kept.nulls() {
-            Some(_) => datafusion::arrow::compute::prep_null_mask_filter(kept),
-            None => kept.clone(),
-        })
+    (read, filter)
+}
+
+/// The rows of `batch` that `filter` keeps; rows it leaves NULL are dropped like rows it
+/// rejects.
+fn kept_rows(
+    filter: &dyn PhysicalExpr,
+    batch: &RecordBatch,
+) -> std::result::Result<datafusion::arrow::array::BooleanArray, ArrowError> {
+    let n = batch.num_rows();
+    let kept = filter
+        .evaluate(batch)
+        .and_then(|v| v.into_array(n))
+        .map_err(|e| ArrowError::ComputeError(e.to_string()))?;
+    let kept = kept
+        .as_boolean_opt()
+        .ok_or_else(|| ArrowError::ComputeError("the filter is not boolean".into()))?;
+    Ok(match kept.nulls() {
+        Some(_) => datafusion::arrow::compute::prep_null_mask_filter(kept),
+        None => kept.clone(),
     })
+}
+
+/// `filter` (over the file columns `read`, in file order) as a parquet row predicate: it
+/// decodes just those columns.
+fn row_predicate(
+    read: Vec<usize>,
+    filter: Arc<dyn PhysicalExpr>,
+    parquet_schema: &parquet::schema::types::SchemaDescriptor,
+) -> impl ArrowPredicate {
+    let mask = ProjectionMask::roots(parquet_schema, read);
+    ArrowPredicateFn::new(mask, move |batch| kept_rows(filter.as_ref(), &batch))
 }
 
 /// How many row groups a segment has.
