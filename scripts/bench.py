@@ -949,9 +949,12 @@ def concurrency(c: Cluster, report: Report, clients: int = 32, seconds: float = 
                            f"{percentile(latencies, 50):.0f} ms, p99 {percentile(latencies, 99):.0f} ms"))
 
 
-def point_filter_clients(c: Cluster, clients: int, seconds: float) -> tuple[list[float], float]:
+def point_filter_clients(c: Cluster, clients: int, seconds: float,
+                         shape_each: bool = False) -> tuple[list[float], float]:
     """`clients` threads, each on its own connection, running JSON point filters on table
-    small.g for `seconds`: every query's latency (ms), and the wall time."""
+    small.g for `seconds`: every query's latency (ms), and the wall time. With `shape_each`,
+    every statement has a shape of its own (a column alias numbered per query), so the
+    aggregator plans each one in full rather than binding its value into a kept plan."""
     latencies: list[float] = []
     lock = threading.Lock()
     stop = time.perf_counter() + seconds
@@ -963,7 +966,8 @@ def point_filter_clients(c: Cluster, clients: int, seconds: float) -> tuple[list
             n = i
             while time.perf_counter() < stop:
                 started = time.perf_counter()
-                query(k, f"SELECT COUNT(*) FROM g WHERE JSON_EXTRACT_BIGINT(record, 'seq') = {n % 5000}")
+                alias = f" AS c{n}" if shape_each else ""
+                query(k, f"SELECT COUNT(*){alias} FROM g WHERE JSON_EXTRACT_BIGINT(record, 'seq') = {n % 5000}")
                 mine.append((time.perf_counter() - started) * 1000)
                 n += clients
         finally:

@@ -26,6 +26,8 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=10)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--no-perf", action="store_true", help="only the CPU per query (perf's own cost is not in it)")
+    p.add_argument("--shape-each", action="store_true",
+                   help="every statement a shape of its own: planned in full, no kept plan (an A/B of plan keeping)")
     p.add_argument("--out", type=Path, default=Path("/tmp/shardline-perf"),
                    help="where perf's data stays (perf report -i <out>/<node>.data)")
     args = p.parse_args()
@@ -43,7 +45,10 @@ def main() -> None:
         time.sleep(0.5)
         before = {n: cpu_seconds(c.pid(n)) for n in nodes}
         client_before = time.process_time()
-        queries = run_clients(c, report, args.seconds)
+        plans_before = plan_counts(c)
+        queries = run_clients(c, report, args.seconds, shape_each=args.shape_each)
+        reused, built = (a - b for a, b in zip(plan_counts(c), plans_before))
+        print(f"aggregator plans: {reused:,.0f} bound into kept plans, {built:,.0f} planned in full")
         used = {n: cpu_seconds(c.pid(n)) - before[n] for n in nodes}
         used["clients (this process)"] = time.process_time() - client_before
         print("CPU per query: " + ", ".join(f"{n} {1e3 * v / max(queries, 1):.2f} ms"
@@ -68,8 +73,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_clients(c: bench.Cluster, report: bench.Report, seconds: float, clients: int = 32) -> int:
-    latencies, wall = bench.point_filter_clients(c, clients, seconds)
+def plan_counts(c: bench.Cluster) -> tuple[float, float]:
+    """The aggregator's SELECTs bound into kept plans and planned in full, so far."""
+    m = bench.LeafMetrics([c.metrics_port])  # the aggregator's /metrics, read the same way
+    try:
+        return (m.total("shardline_select_plans_reused_total"),
+                m.total("shardline_select_plans_built_total"))
+    finally:
+        m.close()
+
+
+def run_clients(c: bench.Cluster, report: bench.Report, seconds: float, clients: int = 32,
+                shape_each: bool = False) -> int:
+    latencies, wall = bench.point_filter_clients(c, clients, seconds, shape_each)
     print(f"{clients} clients: {len(latencies) / wall:,.0f} q/s, p50 "
           f"{bench.percentile(latencies, 50):.1f} ms, p99 {bench.percentile(latencies, 99):.1f} ms")
     return len(latencies)

@@ -79,6 +79,10 @@ pub async fn run(
         "SELECTs whose optimized plan was bound from one kept for their shape (the statement without its literals).",
     );
     metrics.describe(
+        "shardline_select_physical_plans_reused_total",
+        "Of the reused: SELECTs that ran a physical plan kept for their shape, their values bound in the leaves' fragments (no planning at all).",
+    );
+    metrics.describe(
         "shardline_select_plans_built_total",
         "SELECTs planned and optimized in full.",
     );
@@ -104,9 +108,13 @@ pub async fn run(
                 "shardline_raft_snapshot_encode_seconds",
                 st.snapshot_encode_ms as f64 / 1000.0,
             );
-            let (reused, built) = e.plan_counts();
+            let (reused, built, physical) = e.plan_counts();
             m.set("shardline_select_plans_reused_total", reused as f64);
             m.set("shardline_select_plans_built_total", built as f64);
+            m.set(
+                "shardline_select_physical_plans_reused_total",
+                physical as f64,
+            );
             m.set(
                 "shardline_mysql_connections",
                 c.load(std::sync::atomic::Ordering::Relaxed) as f64,

@@ -70,6 +70,19 @@ pub fn encode(plan: Arc<dyn ExecutionPlan>) -> Result<Vec<u8>> {
         .map(|b| b.to_vec())
 }
 
+/// [`encode`] through `converter`, which may write some expressions in another form.
+pub fn encode_with(
+    plan: Arc<dyn ExecutionPlan>,
+    converter: &dyn PhysicalProtoConverterExtension,
+) -> Result<Vec<u8>> {
+    datafusion_proto::bytes::physical_plan_to_bytes_with_proto_converter(
+        plan,
+        &Codec::default(),
+        converter,
+    )
+    .map(|b| b.to_vec())
+}
+
 /// A fragment from its bytes, reading from `source`; functions resolve in `ctx`'s registry.
 pub fn decode(
     bytes: &[u8],

@@ -206,6 +206,8 @@ pub struct ClusterScanExec {
     fragment: Arc<dyn ExecutionPlan>,
     leaves: Vec<String>,
     properties: Arc<PlanProperties>,
+    /// A statement's values, in a copy of a plan kept for its shape ([`super::params`]).
+    values: Option<Arc<Vec<ScalarValue>>>,
     encoded: OnceLock<Result<Arc<Vec<u8>>, String>>,
 }
 
@@ -224,6 +226,19 @@ impl ClusterScanExec {
             fragment,
             leaves,
             properties,
+            values: None,
+            encoded: OnceLock::new(),
+        }
+    }
+
+    /// This scan for one statement of a kept plan's shape: its fragment's parameters are
+    /// `values`.
+    pub fn with_values(&self, values: Arc<Vec<ScalarValue>>) -> Self {
+        Self {
+            fragment: self.fragment.clone(),
+            leaves: self.leaves.clone(),
+            properties: self.properties.clone(),
+            values: Some(values),
             encoded: OnceLock::new(),
         }
     }
@@ -232,7 +247,8 @@ impl ClusterScanExec {
     fn encoded(&self) -> Result<Arc<Vec<u8>>> {
         self.encoded
             .get_or_init(|| {
-                query::fragment::encode(self.fragment.clone())
+                let values = self.values.as_deref().map_or(&[][..], Vec::as_slice);
+                query::fragment::encode_with(self.fragment.clone(), &super::params::Bind { values })
                     .map(Arc::new)
                     .map_err(|e| e.to_string())
             })

@@ -17,6 +17,7 @@ use datafusion::catalog::{
 };
 use datafusion::error::DataFusionError;
 use datafusion::execution::session_state::SessionState;
+use datafusion::execution::TaskContext;
 use datafusion::scalar::ScalarValue;
 use datafusion::variable::VarType;
 use std::collections::HashMap;
@@ -26,6 +27,8 @@ use std::sync::{Arc, Mutex};
 /// The planning environment of one tables generation.
 pub struct QueryEnv {
     state: SessionState,
+    /// What kept physical plans run in (they need no session: no variable, no database).
+    task: std::sync::OnceLock<Arc<TaskContext>>,
     /// Optimized plans by statement shape.
     pub plans: PlanCache,
     counts: Arc<PlanCounts>,
@@ -36,6 +39,8 @@ pub struct QueryEnv {
 pub struct PlanCounts {
     pub reused: AtomicU64,
     pub built: AtomicU64,
+    /// Of the reused: those that ran a kept physical plan, planning nothing.
+    pub physical: AtomicU64,
 }
 
 impl QueryEnv {
@@ -85,6 +90,7 @@ impl QueryEnv {
         ctx.register_catalog("def", Arc::new(def));
         Ok(Self {
             state: ctx.state(),
+            task: Default::default(),
             plans: PlanCache::default(),
             counts,
         })
@@ -100,15 +106,57 @@ impl QueryEnv {
         c.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts a SELECT that ran a physical plan kept for its shape.
+    pub fn count_physical(&self) {
+        self.count(true);
+        self.counts.physical.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The context a kept physical plan runs in, made once per environment.
+    pub fn task_ctx(&self) -> Arc<TaskContext> {
+        self.task.get_or_init(|| self.state.task_ctx()).clone()
+    }
+
+    /// The state of one statement, made when first asked for.
+    pub fn statement_state<'a>(
+        &'a self,
+        default_db: &'a str,
+        vars: HashMap<String, ScalarValue>,
+    ) -> StatementState<'a> {
+        StatementState {
+            env: self,
+            default_db,
+            vars: Some(vars),
+            state: None,
+        }
+    }
+
     /// The state one query plans and runs in: the shared state (cloned once) with the
     /// session's database and variables.
-    pub fn state(&self, default_db: &str, vars: HashMap<String, ScalarValue>) -> SessionState {
+    fn state(&self, default_db: &str, vars: HashMap<String, ScalarValue>) -> SessionState {
         let mut state = self.state.clone();
         state.config_mut().options_mut().catalog.default_schema = default_db.to_string();
         state
             .execution_props_mut()
             .add_var_provider(VarType::System, Arc::new(Vars(vars)));
         state
+    }
+}
+
+/// A statement's planning state ([`QueryEnv::state`]), made the first time it is needed: a
+/// statement that runs a kept physical plan needs none.
+pub struct StatementState<'a> {
+    env: &'a QueryEnv,
+    default_db: &'a str,
+    vars: Option<HashMap<String, ScalarValue>>,
+    state: Option<SessionState>,
+}
+
+impl StatementState<'_> {
+    pub fn get(&mut self) -> &SessionState {
+        let (env, db, vars) = (self.env, self.default_db, &mut self.vars);
+        self.state
+            .get_or_insert_with(|| env.state(db, vars.take().unwrap_or_default()))
     }
 }
 
@@ -129,11 +177,13 @@ impl QueryEnvs {
         )
     }
 
-    /// SELECTs planned from a kept plan, and planned in full, since this node started.
-    pub fn plan_counts(&self) -> (u64, u64) {
+    /// SELECTs planned from a kept plan, planned in full, and (of the first) run from a kept
+    /// physical plan, since this node started.
+    pub fn plan_counts(&self) -> (u64, u64, u64) {
         (
             self.counts.reused.load(Ordering::Relaxed),
             self.counts.built.load(Ordering::Relaxed),
+            self.counts.physical.load(Ordering::Relaxed),
         )
     }
 }

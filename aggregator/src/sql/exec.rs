@@ -131,7 +131,7 @@ impl SqlEngine {
     }
 
     /// SELECTs whose plan was bound from a kept plan, and SELECTs planned in full.
-    pub fn plan_counts(&self) -> (u64, u64) {
+    pub fn plan_counts(&self) -> (u64, u64, u64) {
         self.query_envs.plan_counts()
     }
 

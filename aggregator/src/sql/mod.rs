@@ -7,6 +7,7 @@
 //! - `query`: SELECT on DataFusion (leaf scans, information_schema);
 //! - `env`: what a SELECT plans against, kept while the catalog's tables stay the same;
 //! - `plans`: optimized plans kept per statement shape (the statement without its literals);
+//! - `params`: physical plans kept per shape, the values bound in the leaves' fragments;
 //! - `functions`: SingleStore's JSON and base64 functions;
 //! - `result`: result sets, values and MySQL errors.
 
@@ -15,6 +16,7 @@ mod distributed;
 mod env;
 pub mod eval;
 pub mod exec;
+mod params;
 pub mod parse;
 mod pipelines;
 mod plans;

@@ -31,6 +31,9 @@ use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 
 use super::distributed::ClusterTable;
+use super::env::StatementState;
+use super::params;
+use datafusion::physical_plan::ExecutionPlan;
 
 /// How many shapes one environment keeps; when full it starts over (a workload with more
 /// distinct statements than this is not one a plan cache helps).
@@ -140,10 +143,22 @@ impl Shape {
 /// What is kept for one shape.
 #[derive(Debug)]
 enum Kept {
-    /// The optimized plan, with placeholders.
-    Plan(LogicalPlan),
+    /// The optimized plan, with placeholders, and its physical plan if one can be kept
+    /// ([`super::params`]).
+    Plan {
+        logical: LogicalPlan,
+        physical: Option<Arc<dyn ExecutionPlan>>,
+    },
     /// A shape whose plan depends on its values or its session: planned each time.
     PlannedEachTime,
+}
+
+/// A statement's plan as the cache gives it.
+pub enum Planned {
+    /// A copy of the shape's physical plan carrying the statement's values: ready to run.
+    Physical(Arc<dyn ExecutionPlan>),
+    /// An optimized logical plan, and whether it was bound from a kept one.
+    Logical(LogicalPlan, bool),
 }
 
 /// The plans of one planning environment, by shape.
@@ -153,31 +168,48 @@ pub struct PlanCache {
 }
 
 impl PlanCache {
-    /// The optimized logical plan of `query` in `state` (whose current database is
-    /// `default_db`), and whether it came from a kept plan.
+    /// The plan of `query` with `default_db` as the current database; `state` is made only
+    /// if the statement is planned (not for a kept physical plan).
     pub async fn plan(
         &self,
-        state: &SessionState,
+        state: &mut StatementState<'_>,
         default_db: &str,
         query: &Query,
-    ) -> Result<(LogicalPlan, bool), DataFusionError> {
+    ) -> Result<Planned, DataFusionError> {
         let shape = Shape::of(query);
         if shape.placeholders_of_its_own {
-            return Ok((optimized(state, query).await?, false));
+            return Ok(Planned::Logical(
+                optimized(state.get(), query).await?,
+                false,
+            ));
         }
         let key = shape.key(default_db);
         let kept = self.lock().get(&key).cloned();
         match kept.as_deref() {
-            Some(Kept::Plan(plan)) => return Ok((bind(plan, &shape.values)?, true)),
-            Some(Kept::PlannedEachTime) => return Ok((optimized(state, query).await?, false)),
+            Some(Kept::Plan {
+                physical: Some(p), ..
+            }) => return Ok(Planned::Physical(params::bind(p, &Arc::new(shape.values))?)),
+            Some(Kept::Plan { logical, .. }) => {
+                return Ok(Planned::Logical(bind(logical, &shape.values)?, true))
+            }
+            Some(Kept::PlannedEachTime) => {
+                return Ok(Planned::Logical(
+                    optimized(state.get(), query).await?,
+                    false,
+                ))
+            }
             None => {}
         }
+        let state = state.get();
         let kept = match keepable(state, &shape).await {
-            Some(plan) => Kept::Plan(plan),
+            Some(logical) => {
+                let physical = kept_physical(state, &logical).await;
+                Kept::Plan { logical, physical }
+            }
             None => Kept::PlannedEachTime,
         };
         let plan = match &kept {
-            Kept::Plan(plan) => bind(plan, &shape.values)?,
+            Kept::Plan { logical, .. } => bind(logical, &shape.values)?,
             Kept::PlannedEachTime => optimized(state, query).await?,
         };
         let mut shapes = self.lock();
@@ -185,12 +217,41 @@ impl PlanCache {
             shapes.clear();
         }
         shapes.insert(key, Arc::new(kept));
-        Ok((plan, false))
+        Ok(Planned::Logical(plan, false))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Kept>>> {
         self.shapes.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// The physical plan of a kept shape's plan, if it can be kept too: its parameters all in
+/// the leaves' fragments, and no scan of a table with an index (an index range is worked
+/// out from the values while planning).
+async fn kept_physical(
+    state: &SessionState,
+    logical: &LogicalPlan,
+) -> Option<Arc<dyn ExecutionPlan>> {
+    let mut indexed = false;
+    let _ = logical.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node {
+            indexed |= source_as_provider(&scan.source).is_ok_and(|p| {
+                p.downcast_ref::<ClusterTable>()
+                    .is_some_and(|t| !t.indexes.is_empty())
+            });
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    if indexed {
+        return None;
+    }
+    let with_params = params::with_params(logical)?;
+    let physical = state
+        .query_planner()
+        .create_physical_plan(&with_params, state)
+        .await
+        .ok()?;
+    params::only_in_fragments(&physical).then_some(physical)
 }
 
 /// Plans a SELECT (only a SELECT: no DDL, DML or other statements), not yet optimized.

@@ -3,6 +3,7 @@
 
 use super::env::QueryEnv;
 use super::exec::{Session, SqlEngine};
+use super::plans::Planned;
 use super::result::{codes, Column, ColumnKind, QueryOutput, RowStream, SqlError, Value};
 use common::catalog::tables::Table;
 use common::catalog::Catalog;
@@ -476,8 +477,6 @@ async fn execute(
     query: Query,
     vars: HashMap<String, ScalarValue>,
 ) -> Result<SendableRecordBatchStream, SqlError> {
-    let state = env.state(&default_db, vars);
-
     // MySQL names an unaliased expression column by its text.
     let mut query = query;
     if let SetExpr::Select(select) = query.body.as_mut() {
@@ -497,16 +496,26 @@ async fn execute(
             }
         }
     }
-    let (plan, reused) = env
+    let mut state = env.statement_state(&default_db, vars);
+    let planned = env
         .plans
-        .plan(&state, &default_db, &query)
+        .plan(&mut state, &default_db, &query)
         .await
         .map_err(df_err)?;
+    let (plan, reused) = match planned {
+        Planned::Physical(physical) => {
+            env.count_physical();
+            return datafusion::physical_plan::execute_stream(physical, env.task_ctx())
+                .map_err(df_err);
+        }
+        Planned::Logical(plan, reused) => (plan, reused),
+    };
     env.count(reused);
+    let state = state.get();
     // Optimized already (or bound into a plan optimized once for its shape).
     let physical = state
         .query_planner()
-        .create_physical_plan(&plan, &state)
+        .create_physical_plan(&plan, state)
         .await
         .map_err(df_err)?;
     datafusion::physical_plan::execute_stream(physical, state.task_ctx()).map_err(df_err)

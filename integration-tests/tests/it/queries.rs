@@ -665,18 +665,18 @@ fn json_filters_read_sub_columns_and_skip_segments() -> Result<()> {
     Ok(())
 }
 
-/// SELECTs the aggregator (the first, the master here) bound from a kept plan, and planned in
-/// full.
-/// SELECTs the first aggregator planned from a kept plan, and planned in full.
-fn plan_counts(c: &Cluster) -> Result<(f64, f64)> {
-    let [reused, built] = counters(
+/// SELECTs the first aggregator planned from a kept plan, planned in full, and (of the
+/// first) ran from a kept physical plan.
+fn plan_counts(c: &Cluster) -> Result<(f64, f64, f64)> {
+    let [reused, built, physical] = counters(
         &c.metrics_ports[..1],
         [
             "shardline_select_plans_reused_total",
             "shardline_select_plans_built_total",
+            "shardline_select_physical_plans_reused_total",
         ],
     )?;
-    Ok((reused, built))
+    Ok((reused, built, physical))
 }
 
 #[test]
@@ -707,11 +707,12 @@ fn statements_that_differ_in_literals_reuse_one_plan() -> Result<()> {
         assert_eq!(one(&point(seq))?, expected, "seq = {seq}");
     }
     let after = plan_counts(&c)?;
-    // `-3` is an expression (a minus and a literal), so its own shape.
+    // `-3` is an expression (a minus and a literal), so its own shape. The reused ones ran
+    // the shape's physical plan, their values bound in the leaves' fragments.
     assert_eq!(
-        (after.0 - start.0, after.1 - start.1),
-        (3.0, 2.0),
-        "(reused, built)"
+        (after.0 - start.0, after.1 - start.1, after.2 - start.2),
+        (3.0, 2.0, 3.0),
+        "(reused, built, physical)"
     );
     // Strings, IN lists and ranges alike; each shape planned once.
     let msg = one("SELECT JSON_EXTRACT_STRING(record, 'msg') FROM pc.gen LIMIT 1")?;
@@ -735,9 +736,24 @@ fn statements_that_differ_in_literals_reuse_one_plan() -> Result<()> {
     let before = after;
     let after = plan_counts(&c)?;
     assert_eq!(
-        (after.0 - before.0, after.1 - before.1),
-        (2.0, 7.0),
-        "(reused, built)"
+        (after.0 - before.0, after.1 - before.1, after.2 - before.2),
+        (2.0, 7.0, 2.0),
+        "(reused, built, physical)"
+    );
+
+    // A value the aggregator itself compares against (HAVING, above the merged aggregate)
+    // keeps the logical plan only: the physical one would have a parameter it cannot bind.
+    let having = |n: usize| {
+        format!("SELECT JSON_EXTRACT_BIGINT(record, 'task') AS task, COUNT(*) FROM pc.gen GROUP BY 1 HAVING COUNT(*) > {n} ORDER BY 1")
+    };
+    let before = after;
+    assert_eq!(c.sql(m, &having(per_task - 1))?.rows.len(), 2);
+    assert_eq!(c.sql(m, &having(per_task))?.rows.len(), 0);
+    let after = plan_counts(&c)?;
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1, after.2 - before.2),
+        (1.0, 1.0, 0.0),
+        "(reused, built, physical)"
     );
 
     // information_schema follows every catalog change, also those that keep the plans
@@ -773,10 +789,12 @@ fn statements_that_differ_in_literals_reuse_one_plan() -> Result<()> {
         assert_eq!(w.scanned, 2.0, "seq = {seq} read {w:?}");
     }
     let after = plan_counts(&c)?;
+    // An index range is worked out from the values while planning: the logical plan is
+    // kept, not the physical one.
     assert_eq!(
-        (after.0 - before.0, after.1 - before.1),
-        (2.0, 1.0),
-        "(reused, built)"
+        (after.0 - before.0, after.1 - before.1, after.2 - before.2),
+        (2.0, 1.0, 0.0),
+        "(reused, built, physical)"
     );
     Ok(())
 }
