@@ -155,8 +155,9 @@ enum Kept {
 
 /// A statement's plan as the cache gives it.
 pub enum Planned {
-    /// A copy of the shape's physical plan carrying the statement's values: ready to run.
-    Physical(Arc<dyn ExecutionPlan>),
+    /// A copy of the shape's physical plan carrying the statement's values: ready to run;
+    /// and whether the shape's plan was kept from an earlier statement (or made now).
+    Physical(Arc<dyn ExecutionPlan>, bool),
     /// An optimized logical plan, and whether it was bound from a kept one.
     Logical(LogicalPlan, bool),
 }
@@ -188,7 +189,12 @@ impl PlanCache {
         match kept.as_deref() {
             Some(Kept::Plan {
                 physical: Some(p), ..
-            }) => return Ok(Planned::Physical(params::bind(p, &Arc::new(shape.values))?)),
+            }) => {
+                return Ok(Planned::Physical(
+                    params::bind(p, &Arc::new(shape.values))?,
+                    true,
+                ))
+            }
             Some(Kept::Plan { logical, .. }) => {
                 return Ok(Planned::Logical(bind(logical, &shape.values)?, true))
             }
@@ -208,16 +214,20 @@ impl PlanCache {
             }
             None => Kept::PlannedEachTime,
         };
-        let plan = match &kept {
-            Kept::Plan { logical, .. } => bind(logical, &shape.values)?,
-            Kept::PlannedEachTime => optimized(state, query).await?,
+        // The first statement of a shape runs the physical plan just made for the shape.
+        let planned = match &kept {
+            Kept::Plan {
+                physical: Some(p), ..
+            } => Planned::Physical(params::bind(p, &Arc::new(shape.values))?, false),
+            Kept::Plan { logical, .. } => Planned::Logical(bind(logical, &shape.values)?, false),
+            Kept::PlannedEachTime => Planned::Logical(optimized(state, query).await?, false),
         };
         let mut shapes = self.lock();
         if shapes.len() >= MAX_SHAPES {
             shapes.clear();
         }
         shapes.insert(key, Arc::new(kept));
-        Ok(Planned::Logical(plan, false))
+        Ok(planned)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Kept>>> {

@@ -503,8 +503,12 @@ async fn execute(
         .await
         .map_err(df_err)?;
     let (plan, reused) = match planned {
-        Planned::Physical(physical) => {
-            env.count_physical();
+        Planned::Physical(physical, reused) => {
+            if reused {
+                env.count_physical();
+            } else {
+                env.count(false);
+            }
             return datafusion::physical_plan::execute_stream(physical, env.task_ctx())
                 .map_err(df_err);
         }

@@ -756,6 +756,44 @@ fn statements_that_differ_in_literals_reuse_one_plan() -> Result<()> {
         "(reused, built, physical)"
     );
 
+    // One kept physical plan serves statements running at once (each runs its own copy):
+    // every answer is its own statement's.
+    let grouped = |v: usize| {
+        format!("SELECT JSON_EXTRACT_BIGINT(record, 'task') AS task, COUNT(*) FROM pc.gen WHERE JSON_EXTRACT_BIGINT(record, 'seq') < {v} GROUP BY 1 ORDER BY 1")
+    };
+    let before = after;
+    std::thread::scope(|s| -> Result<()> {
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let grouped = &grouped;
+                let c = &c;
+                s.spawn(move || -> Result<()> {
+                    for i in 0..8 {
+                        let v = 1 + t * 100 + i * 7;
+                        let rows = c.sql(m, &grouped(v))?.rows;
+                        let want: Vec<Vec<String>> = (0..2)
+                            .map(|task| vec![task.to_string(), v.to_string()])
+                            .collect();
+                        anyhow::ensure!(rows == want, "seq < {v}: {rows:?}");
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join()
+                .map_err(|_| anyhow::anyhow!("a client thread panicked"))??;
+        }
+        Ok(())
+    })?;
+    let after = plan_counts(&c)?;
+    // The clients' first statements may each miss the shape (planned at once), never more.
+    let (built, physical) = (after.1 - before.1, after.2 - before.2);
+    assert!(
+        (1.0..=4.0).contains(&built) && physical == 32.0 - built,
+        "built {built}, physical {physical}"
+    );
+
     // information_schema follows every catalog change, also those that keep the plans
     // (a pipeline's state and batches).
     let state = "SELECT STATE FROM information_schema.PIPELINES WHERE DATABASE_NAME = 'pc' AND PIPELINE_NAME = 'gen'";
