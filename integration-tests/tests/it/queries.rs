@@ -665,6 +665,11 @@ fn json_filters_read_sub_columns_and_skip_segments() -> Result<()> {
     Ok(())
 }
 
+/// What [`plan_counts`] counted from `before` to `after`.
+fn since(before: (f64, f64, f64), after: (f64, f64, f64)) -> (f64, f64, f64) {
+    (after.0 - before.0, after.1 - before.1, after.2 - before.2)
+}
+
 /// SELECTs the first aggregator planned from a kept plan, planned in full, and (of the
 /// first) ran from a kept physical plan.
 fn plan_counts(c: &Cluster) -> Result<(f64, f64, f64)> {
@@ -710,7 +715,7 @@ fn statements_that_differ_in_literals_reuse_one_plan() -> Result<()> {
     // `-3` is an expression (a minus and a literal), so its own shape. The reused ones ran
     // the shape's physical plan, their values bound in the leaves' fragments.
     assert_eq!(
-        (after.0 - start.0, after.1 - start.1, after.2 - start.2),
+        since(start, after),
         (3.0, 2.0, 3.0),
         "(reused, built, physical)"
     );
@@ -736,7 +741,7 @@ fn statements_that_differ_in_literals_reuse_one_plan() -> Result<()> {
     let before = after;
     let after = plan_counts(&c)?;
     assert_eq!(
-        (after.0 - before.0, after.1 - before.1, after.2 - before.2),
+        since(before, after),
         (2.0, 7.0, 2.0),
         "(reused, built, physical)"
     );
@@ -751,7 +756,7 @@ fn statements_that_differ_in_literals_reuse_one_plan() -> Result<()> {
     assert_eq!(c.sql(m, &having(per_task))?.rows.len(), 0);
     let after = plan_counts(&c)?;
     assert_eq!(
-        (after.0 - before.0, after.1 - before.1, after.2 - before.2),
+        since(before, after),
         (1.0, 1.0, 0.0),
         "(reused, built, physical)"
     );
@@ -788,7 +793,7 @@ fn statements_that_differ_in_literals_reuse_one_plan() -> Result<()> {
     })?;
     let after = plan_counts(&c)?;
     // The clients' first statements may each miss the shape (planned at once), never more.
-    let (built, physical) = (after.1 - before.1, after.2 - before.2);
+    let (_, built, physical) = since(before, after);
     assert!(
         (1.0..=4.0).contains(&built) && physical == 32.0 - built,
         "built {built}, physical {physical}"
@@ -830,7 +835,7 @@ fn statements_that_differ_in_literals_reuse_one_plan() -> Result<()> {
     // An index range is worked out from the values while planning: the logical plan is
     // kept, not the physical one.
     assert_eq!(
-        (after.0 - before.0, after.1 - before.1, after.2 - before.2),
+        since(before, after),
         (2.0, 1.0, 0.0),
         "(reused, built, physical)"
     );
