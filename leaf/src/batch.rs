@@ -235,8 +235,8 @@ impl Load {
                 ));
             }
         }
-        let bytes = avro::encode_batch(&self.schema, self.records).map_err(|e| e.to_string())?;
-        let decoded = avro::decode_batch(&bytes).map_err(|e| e.to_string())?;
+        // In-process connectors' records go straight to rows, checked against the schema.
+        let decoded = avro::rows_of(&self.schema, self.records).map_err(|e| e.to_string())?;
         let empty = TableDef::default();
         let def = self.table.as_deref().unwrap_or(&empty);
         let (columns, compiled) = (&def.columns, &def.compiled);

@@ -67,6 +67,45 @@ pub fn encode_batch(
     writer.into_inner().map_err(err)
 }
 
+/// The static-schema rows of records a connector in the leaf made, each checked against the
+/// batch's envelope schema: what [`encode_batch`] then [`decode_batch`] would give, without
+/// writing and reading a container in between (that round trip was about 30% of a leaf's CPU
+/// during a datagen load). A record that does not match the schema is an error.
+pub fn rows_of(
+    schema: &Schema,
+    records: impl IntoIterator<Item = SourceRecord>,
+) -> Result<Vec<StaticRow>, ConnectError> {
+    records
+        .into_iter()
+        .map(|r| {
+            let envelope = Value::Record(vec![
+                ("topic".into(), Value::String(r.topic)),
+                ("key".into(), r.key),
+                ("value".into(), r.value),
+            ]);
+            if !envelope.validate(schema) {
+                return Err(ConnectError::Source(
+                    "avro: a record does not match the connector's schema".into(),
+                ));
+            }
+            let Value::Record(mut fields) = envelope else {
+                unreachable!("built as a record above")
+            };
+            let (value, key, topic) = (fields.pop(), fields.pop(), fields.pop());
+            match (topic, key, value) {
+                (Some((_, Value::String(topic))), Some((_, key)), Some((_, value))) => {
+                    Ok(StaticRow {
+                        topic,
+                        id: canonical_avro_json(&key),
+                        record: canonical_avro_json(&value),
+                    })
+                }
+                _ => unreachable!("built with these three fields above"),
+            }
+        })
+        .collect()
+}
+
 /// Decodes an Avro object container into static-schema rows.
 pub fn decode_batch(bytes: &[u8]) -> Result<Vec<StaticRow>, ConnectError> {
     let err = |e: apache_avro::Error| ConnectError::Source(format!("avro decode: {e}"));
@@ -292,8 +331,19 @@ mod tests {
             source_offset: Json::Null,
             size: 1,
         };
-        let bytes = encode_batch(&schema, [rec.clone(), rec]).unwrap();
+        let bytes = encode_batch(&schema, [rec.clone(), rec.clone()]).unwrap();
         let rows = decode_batch(&bytes).unwrap();
+        // The records straight to rows: what the container round trip gives.
+        assert_eq!(rows_of(&schema, [rec.clone(), rec.clone()]).unwrap(), rows);
+        // A record that does not match its schema (a string where a long belongs) is an error,
+        // also when it is not the batch's first.
+        let mut bad = rec.clone();
+        bad.value = Value::Record(vec![
+            ("zeta".into(), Value::String("not a long".into())),
+            ("data".into(), Value::Bytes(vec![])),
+        ]);
+        let err = rows_of(&schema, [rec, bad]).unwrap_err().to_string();
+        assert!(err.contains("does not match"), "{err}");
         assert_eq!(rows.len(), 2);
         assert_eq!(rows[0].topic, "t");
         assert_eq!(rows[0].id, r#"{"partitionKey":"user-c"}"#);
