@@ -761,6 +761,33 @@ fn statements_that_differ_in_literals_reuse_one_plan() -> Result<()> {
         "(reused, built, physical)"
     );
 
+    // A top-k (ORDER BY ... LIMIT) keeps its physical plan too, and each statement of the
+    // shape gets its own rows (no sort or limit state carried over from the one before).
+    let top = |v: usize| {
+        format!("SELECT JSON_EXTRACT_BIGINT(record, 'seq') AS s FROM pc.gen WHERE JSON_EXTRACT_BIGINT(record, 'seq') > {v} ORDER BY s LIMIT 3")
+    };
+    let before = plan_counts(&c)?;
+    for v in [10usize, 1500, 20, 1996] {
+        let got: Vec<String> = c
+            .sql(m, &top(v))?
+            .rows
+            .into_iter()
+            .map(|r| r[0].clone())
+            .collect();
+        let want: Vec<String> = [v + 1, v + 1, v + 2]
+            .into_iter()
+            .filter(|s| *s < per_task)
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(got, want, "seq > {v}");
+    }
+    let after = plan_counts(&c)?;
+    assert_eq!(
+        since(before, after),
+        (3.0, 1.0, 3.0),
+        "(reused, built, physical)"
+    );
+
     // One kept physical plan serves statements running at once (each runs its own copy):
     // every answer is its own statement's.
     let grouped = |v: usize| {
