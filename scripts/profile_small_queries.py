@@ -43,13 +43,13 @@ def main() -> None:
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                  for n in nodes]
         time.sleep(0.5)
-        before = {n: cpu_seconds(c.pid(n)) for n in nodes}
+        before = {n: bench.cpu_seconds(c.pid(n)) for n in nodes}
         client_before = time.process_time()
         plans_before = plan_counts(c)
         queries = run_clients(c, report, args.seconds, shape_each=args.shape_each)
         reused, built = (a - b for a, b in zip(plan_counts(c), plans_before))
         print(f"aggregator plans: {reused:,.0f} bound into kept plans, {built:,.0f} planned in full")
-        used = {n: cpu_seconds(c.pid(n)) - before[n] for n in nodes}
+        used = {n: bench.cpu_seconds(c.pid(n)) - before[n] for n in nodes}
         used["clients (this process)"] = time.process_time() - client_before
         print("CPU per query: " + ", ".join(f"{n} {1e3 * v / max(queries, 1):.2f} ms"
                                             for n, v in used.items()))
@@ -65,12 +65,6 @@ def main() -> None:
                                   capture_output=True, text=True).stdout
             lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
             print("\n".join(lines[:args.top]))
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def plan_counts(c: bench.Cluster) -> tuple[float, float]:

@@ -1,7 +1,7 @@
 //! The MySQL front door: accepts connections and runs each with an opensrv-mysql shim that
 //! hands queries to the [`SqlEngine`].
 
-use crate::sql::{ColumnKind, QueryOutput, Session, SqlEngine, SqlError, Value};
+use crate::sql::{ColumnKind, QueryOutput, Session, SqlEngine, SqlError};
 use async_trait::async_trait;
 use opensrv_mysql::{
     AsyncMysqlIntermediary, AsyncMysqlShim, Column, ColumnFlags, ColumnType, ErrorKind, InitWriter,
@@ -16,6 +16,9 @@ use tokio::io::AsyncWrite;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+mod text_rows;
+use text_rows::TextRows;
 
 /// The only MySQL user.
 pub const USER: &str = "root";
@@ -154,15 +157,16 @@ async fn write_output<W: AsyncWrite + Send + Unpin>(
         QueryOutput::Rows { columns, rows } => {
             let cols: Vec<Column> = columns.iter().map(column).collect();
             let mut w = results.start(&cols).await?;
+            let mut text = TextRows::new(cols.len());
             for row in rows {
-                write_row(&mut w, row)?;
-                w.end_row().await?;
+                text.write_values(&mut w, row).await?;
             }
             w.finish().await
         }
         QueryOutput::Stream(mut stream) => {
             let cols: Vec<Column> = stream.columns.iter().map(column).collect();
             let mut w = results.start(&cols).await?;
+            let mut text = TextRows::new(cols.len());
             while let Some(chunk) = stream.next().await {
                 // Rows have gone out: an error ends the result set.
                 let batch = match chunk {
@@ -174,10 +178,7 @@ async fn write_output<W: AsyncWrite + Send + Unpin>(
                     Err(e) => return w.finish_error(error_kind(&e), &e.message.as_bytes()).await,
                 };
                 for row in 0..cells.rows() {
-                    for col in 0..cells.width() {
-                        write_cell(&mut w, cells.cell(row, col))?;
-                    }
-                    w.end_row().await?;
+                    text.write_cells(&mut w, &cells, row).await?;
                 }
             }
             w.finish().await
@@ -191,37 +192,6 @@ fn column(c: &crate::sql::Column) -> Column {
         column: c.name.clone(),
         coltype: mysql_type(c.kind),
         colflags: ColumnFlags::empty(),
-    }
-}
-
-fn write_row<W: AsyncWrite + Send + Unpin>(
-    w: &mut opensrv_mysql::RowWriter<'_, W>,
-    row: Vec<Value>,
-) -> io::Result<()> {
-    for v in row {
-        match v {
-            Value::Null => w.write_col(None::<i64>)?,
-            Value::Int(i) => w.write_col(i)?,
-            Value::Double(d) => w.write_col(d)?,
-            Value::Text(s) => w.write_col(s)?,
-            Value::Bytes(b) => w.write_col(b)?,
-        }
-    }
-    Ok(())
-}
-
-fn write_cell<W: AsyncWrite + Send + Unpin>(
-    w: &mut opensrv_mysql::RowWriter<'_, W>,
-    cell: crate::sql::result::Cell<'_>,
-) -> io::Result<()> {
-    use crate::sql::result::Cell;
-    match cell {
-        Cell::Null => w.write_col(None::<i64>),
-        Cell::Int(i) => w.write_col(i),
-        Cell::Double(d) => w.write_col(d),
-        Cell::Text(s) => w.write_col(s),
-        Cell::Bytes(b) => w.write_col(b),
-        Cell::Formatted(s) => w.write_col(s),
     }
 }
 
