@@ -75,6 +75,14 @@ pub fn rows_of(
     schema: &Schema,
     records: impl IntoIterator<Item = SourceRecord>,
 ) -> Result<Vec<StaticRow>, ConnectError> {
+    // The schema's named types, resolved once per batch (`Value::validate` resolves them again
+    // for every record: a tenth of a leaf's CPU during a datagen load).
+    let resolved = apache_avro::schema::ResolvedSchema::try_from(schema).map_err(|e| {
+        ConnectError::Source(format!(
+            "avro: the connector's schema does not resolve: {e}"
+        ))
+    })?;
+    let names = resolved.get_names();
     records
         .into_iter()
         .map(|r| {
@@ -83,7 +91,7 @@ pub fn rows_of(
                 ("key".into(), r.key),
                 ("value".into(), r.value),
             ]);
-            if !envelope.validate(schema) {
+            if !envelope.validate_with_names(schema, names) {
                 return Err(ConnectError::Source(
                     "avro: a record does not match the connector's schema".into(),
                 ));
