@@ -46,8 +46,7 @@ pub fn value_at(json: &str, path: &[&str]) -> Option<Json> {
 
 /// The scalar semantics, on one row.
 pub fn extract(json: &str, path: &[&str], kind: JsonKind) -> Option<Extracted> {
-    let found = value_at(json, path)?;
-    let v = &found;
+    let v = &value_at(json, path)?;
     if v.is_null() {
         return None;
     }

@@ -23,11 +23,16 @@ impl ToMysqlValue for Encoded<'_> {
     }
 
     fn to_mysql_bin<W: Write>(&self, _: &mut W, _: &Column) -> io::Result<()> {
-        Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            "a text-protocol row in a binary result set",
-        ))
+        Err(not_binary())
     }
+}
+
+/// [`Encoded`] and [`Written`] belong to text-protocol result sets only.
+fn not_binary() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        "a text-protocol row in a binary result set",
+    )
 }
 
 /// A column whose bytes went out with the row's [`Encoded`] first column.
@@ -39,10 +44,7 @@ impl ToMysqlValue for Written {
     }
 
     fn to_mysql_bin<W: Write>(&self, _: &mut W, _: &Column) -> io::Result<()> {
-        Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            "a text-protocol row in a binary result set",
-        ))
+        Err(not_binary())
     }
 }
 
@@ -81,17 +83,8 @@ impl TextRows {
         row: Vec<Value>,
     ) -> io::Result<()> {
         self.row.clear();
-        for v in row {
-            encode(
-                &mut self.row,
-                match &v {
-                    Value::Null => Cell::Null,
-                    Value::Int(i) => Cell::Int(*i),
-                    Value::Double(d) => Cell::Double(*d),
-                    Value::Text(s) => Cell::Text(s),
-                    Value::Bytes(b) => Cell::Bytes(b),
-                },
-            )?;
+        for v in &row {
+            encode(&mut self.row, Cell::from(v))?;
         }
         self.send(w).await
     }

@@ -244,6 +244,18 @@ pub enum Cell<'a> {
     Formatted(String),
 }
 
+impl<'a> From<&'a Value> for Cell<'a> {
+    fn from(v: &'a Value) -> Self {
+        match v {
+            Value::Null => Cell::Null,
+            Value::Int(i) => Cell::Int(*i),
+            Value::Double(d) => Cell::Double(*d),
+            Value::Text(s) => Cell::Text(s),
+            Value::Bytes(b) => Cell::Bytes(b),
+        }
+    }
+}
+
 enum ColumnCells<'a> {
     Int(&'a Int64Array),
     Double(&'a Float64Array),

@@ -315,6 +315,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_schema_naming_an_undefined_type_is_an_error_not_a_panic() {
+        // Built, not parsed: the parser refuses it, a connector's code need not.
+        let schema = Schema::Ref {
+            name: apache_avro::schema::Name::new("Undefined").unwrap(),
+        };
+        let rec = SourceRecord {
+            topic: "t".into(),
+            key: Value::Null,
+            value: Value::Null,
+            source_partition: "{}".into(),
+            source_offset: Json::Null,
+            size: 1,
+        };
+        let err = rows_of(&schema, [rec]).unwrap_err().to_string();
+        assert!(err.contains("does not resolve"), "{err}");
+    }
+
+    #[test]
     fn roundtrip_sorts_keys_and_base64s_bytes() {
         let key = Schema::parse_str(
             r#"{"type":"record","name":"K","fields":[{"name":"partitionKey","type":"string"}]}"#,
