@@ -10,14 +10,14 @@ A developer's tool, not a test: perf must be installed (Debian's linux-perf)."""
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench  # noqa: E402
+import bench_common as bench  # noqa: E402
+import bench_storage  # noqa: E402
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
         out = args.out
         out.mkdir(parents=True, exist_ok=True)
         # The bench's own figure first: it loads the table, then runs its clients for 1 s.
-        bench.concurrency(c, report, seconds=1)
+        bench_storage.concurrency(c, report, seconds=1)
         perfs = [] if args.no_perf else [subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-F", "499", "--call-graph", "dwarf,16384", "-q",
                                    "-o", str(out / f"{n}.data"), "-p", str(c.pid(n))],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -79,7 +79,7 @@ def plan_counts(c: bench.Cluster) -> tuple[float, float]:
 
 def run_clients(c: bench.Cluster, report: bench.Report, seconds: float, clients: int = 32,
                 shape_each: bool = False) -> int:
-    latencies, wall = bench.point_filter_clients(c, clients, seconds, shape_each)
+    latencies, wall = bench_storage.point_filter_clients(c, clients, seconds, shape_each)
     print(f"{clients} clients: {len(latencies) / wall:,.0f} q/s, p50 "
           f"{bench.percentile(latencies, 50):.1f} ms, p99 {bench.percentile(latencies, 99):.1f} ms")
     return len(latencies)
